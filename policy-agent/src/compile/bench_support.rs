@@ -1,0 +1,180 @@
+//! A synthetic cluster for benchmarks (`examples/compile_bench.rs`, `cargo xtask bench`).
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use k8s_openapi::api::core::v1::{Container, ContainerPort, Namespace, Pod, PodIP, PodSpec, PodStatus};
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::NodeContext;
+use crate::state::ClusterState;
+
+/// Nodes the synthetic pods are spread over; [`synthetic_node`] is the first of them.
+pub const NODES: usize = 50;
+const PODS_PER_NAMESPACE: usize = 100;
+const APPS_PER_NAMESPACE: usize = 10;
+
+fn labels(pairs: &[(&str, String)]) -> Option<BTreeMap<String, String>> {
+    Some(pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect())
+}
+
+fn select(pairs: &[(&str, String)]) -> LabelSelector {
+    LabelSelector { match_labels: labels(pairs), match_expressions: None }
+}
+
+fn tcp(port: IntOrString, end_port: Option<i32>) -> NetworkPolicyPort {
+    NetworkPolicyPort { port: Some(port), end_port, protocol: Some("TCP".to_owned()) }
+}
+
+/// The node to compile for: holds `pods / NODES` of the pods.
+pub fn synthetic_node() -> NodeContext {
+    NodeContext { name: "node-0".to_owned(), ips: vec![Ipv4Addr::new(192, 168, 0, 1).into()] }
+}
+
+/// `pods` pods in namespaces of 100 (10 apps x 3 tiers each, dual-stack, spread over
+/// [`NODES`] nodes) and `policies` policies mixing the shapes real clusters use: default
+/// deny, pod and namespace selectors, matchExpressions, ipBlocks with except, numeric, named
+/// and ranged ports.
+pub fn synthetic_cluster(pods: usize, policies: usize) -> ClusterState {
+    let namespaces = pods.div_ceil(PODS_PER_NAMESPACE).max(1);
+    let mut state = ClusterState::default();
+    for n in 0..namespaces {
+        let name = format!("ns-{n}");
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: labels(&[("team", format!("team-{}", n % 7)), ("env", ["prod", "staging"][n % 2].to_owned())]),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        state.namespaces.insert(name, namespace);
+    }
+    for i in 0..pods {
+        let namespace = format!("ns-{}", i / PODS_PER_NAMESPACE);
+        let app = format!("app-{}", i % APPS_PER_NAMESPACE);
+        let tier = ["web", "api", "db"][i % 3].to_owned();
+        let index = u32::try_from(i).unwrap_or(u32::MAX);
+        let v4 = Ipv4Addr::from(0x0a00_0000 | index);
+        let v6 = Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0000_0000_u128 | u128::from(index));
+        let node = i % NODES;
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some(format!("pod-{i}")),
+                namespace: Some(namespace),
+                labels: labels(&[("app", app), ("tier", tier), ("version", format!("v{}", i % 2))]),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(format!("node-{node}")),
+                containers: vec![Container {
+                    name: "main".to_owned(),
+                    ports: Some(vec![
+                        ContainerPort { name: Some("http".to_owned()), container_port: 8080, ..ContainerPort::default() },
+                        ContainerPort { name: Some("metrics".to_owned()), container_port: 9090, ..ContainerPort::default() },
+                    ]),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".to_owned()),
+                host_ip: Some(format!("192.168.0.{}", node + 1)),
+                pod_ip: Some(v4.to_string()),
+                pod_ips: Some(vec![PodIP { ip: v4.to_string() }, PodIP { ip: v6.to_string() }]),
+                ..PodStatus::default()
+            }),
+        };
+        state.insert(crate::state::Object::Pod(Box::new(pod)));
+    }
+    for p in 0..policies {
+        let namespace = format!("ns-{}", p % namespaces);
+        let app = |k: usize| format!("app-{}", (p + k) % APPS_PER_NAMESPACE);
+        let spec = match p % 6 {
+            // Default deny for the namespace.
+            0 => NetworkPolicySpec {
+                pod_selector: Some(LabelSelector::default()),
+                policy_types: Some(vec!["Ingress".to_owned(), "Egress".to_owned()]),
+                ..NetworkPolicySpec::default()
+            },
+            // Web tier from its app's api tier on a port.
+            1 => NetworkPolicySpec {
+                pod_selector: Some(select(&[("app", app(0)), ("tier", "db".to_owned())])),
+                ingress: Some(vec![NetworkPolicyIngressRule {
+                    from: Some(vec![NetworkPolicyPeer { pod_selector: Some(select(&[("app", app(0)), ("tier", "api".to_owned())])), ..NetworkPolicyPeer::default() }]),
+                    ports: Some(vec![tcp(IntOrString::Int(5432), None)]),
+                }]),
+                ..NetworkPolicySpec::default()
+            },
+            // From a team's namespaces, named port.
+            2 => NetworkPolicySpec {
+                pod_selector: Some(select(&[("app", app(1))])),
+                ingress: Some(vec![NetworkPolicyIngressRule {
+                    from: Some(vec![NetworkPolicyPeer {
+                        namespace_selector: Some(select(&[("team", format!("team-{}", p % 7))])),
+                        pod_selector: Some(LabelSelector {
+                            match_labels: None,
+                            match_expressions: Some(vec![LabelSelectorRequirement {
+                                key: "tier".to_owned(),
+                                operator: "In".to_owned(),
+                                values: Some(vec!["web".to_owned(), "api".to_owned()]),
+                            }]),
+                        }),
+                        ..NetworkPolicyPeer::default()
+                    }]),
+                    ports: Some(vec![tcp(IntOrString::String("http".to_owned()), None)]),
+                }]),
+                ..NetworkPolicySpec::default()
+            },
+            // Egress to an external range with an exception.
+            3 => NetworkPolicySpec {
+                pod_selector: Some(select(&[("tier", "api".to_owned())])),
+                policy_types: Some(vec!["Egress".to_owned()]),
+                egress: Some(vec![NetworkPolicyEgressRule {
+                    to: Some(vec![NetworkPolicyPeer {
+                        ip_block: Some(IPBlock {
+                            cidr: format!("172.{}.0.0/16", 16 + p % 16),
+                            except: Some(vec![format!("172.{}.{}.0/24", 16 + p % 16, p % 256)]),
+                        }),
+                        ..NetworkPolicyPeer::default()
+                    }]),
+                    ports: Some(vec![tcp(IntOrString::Int(443), None)]),
+                }]),
+                ..NetworkPolicySpec::default()
+            },
+            // Egress to the metrics port of same-app pods anywhere, plus a port range.
+            4 => NetworkPolicySpec {
+                pod_selector: Some(select(&[("app", app(2))])),
+                egress: Some(vec![NetworkPolicyEgressRule {
+                    to: Some(vec![NetworkPolicyPeer {
+                        namespace_selector: Some(select(&[("env", "prod".to_owned())])),
+                        pod_selector: Some(select(&[("app", app(2))])),
+                        ..NetworkPolicyPeer::default()
+                    }]),
+                    ports: Some(vec![tcp(IntOrString::String("metrics".to_owned()), None), tcp(IntOrString::Int(30000), Some(32767))]),
+                }]),
+                ..NetworkPolicySpec::default()
+            },
+            // Monitoring from anywhere in the namespace, any port.
+            _ => NetworkPolicySpec {
+                pod_selector: Some(select(&[("version", format!("v{}", p % 2))])),
+                ingress: Some(vec![NetworkPolicyIngressRule {
+                    from: Some(vec![NetworkPolicyPeer { pod_selector: Some(LabelSelector::default()), ..NetworkPolicyPeer::default() }]),
+                    ports: None,
+                }]),
+                ..NetworkPolicySpec::default()
+            },
+        };
+        let policy = NetworkPolicy {
+            metadata: ObjectMeta { name: Some(format!("policy-{p}")), namespace: Some(namespace), ..ObjectMeta::default() },
+            spec: Some(spec),
+        };
+        state.insert(crate::state::Object::NetworkPolicy(Box::new(policy)));
+    }
+    state
+}

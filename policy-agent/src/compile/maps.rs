@@ -1,0 +1,266 @@
+//! Raw map contents as the kernel sees them, the diff between two versions, and a userspace
+//! model of the classifier's lookup (used by `explain` and the tests, so both judge traffic
+//! from the same bytes the kernel would).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use policy_common::Direction;
+use policy_common::endpoint::{
+    EndpointInfo, FLAG_AUDIT, FLAG_EGRESS_ISOLATED, FLAG_HAS_IPV4, FLAG_HAS_IPV6, FLAG_INGRESS_ISOLATED,
+};
+use policy_common::identity;
+use policy_common::ipcache::{IpcacheKey, IpcacheValue};
+use policy_common::policy::{PREFIX_ANY_PROTOCOL, PREFIX_FULL, PREFIX_PROTOCOL, PolicyKey, PolicyValue};
+
+use super::{Compiled, PodRef};
+use crate::resolve::IpPrefix;
+
+/// Where a local pod's classifier is attached and the endpoint id it was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointSlot {
+    pub ifindex: u32,
+    /// `1..endpoint::MAX_ENTRIES`: used in policy keys and as the counter slot.
+    pub id: u32,
+}
+
+/// The entries of the three maps the compiler owns. LPM keys carry their prefix length.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub ipcache: BTreeMap<(u32, IpcacheKey), IpcacheValue>,
+    pub endpoints: BTreeMap<u32, EndpointInfo>,
+    pub policy: BTreeMap<(u32, PolicyKey), PolicyValue>,
+}
+
+fn ipcache_key(prefix: &IpPrefix) -> (u32, IpcacheKey) {
+    let key = match prefix.addr() {
+        IpAddr::V4(v4) => IpcacheKey::v4(v4.octets()),
+        IpAddr::V6(v6) => IpcacheKey::v6(v6.octets()),
+    };
+    (IpcacheKey::lpm_prefix_len(prefix.len()), key)
+}
+
+/// Turns compiled state into map entries. Endpoints without a slot (no interface yet) are
+/// left out; `audit` sets [`FLAG_AUDIT`] on every endpoint.
+pub fn render(compiled: &Compiled, slots: &BTreeMap<PodRef, EndpointSlot>, audit: bool) -> MapContents {
+    let mut contents = MapContents::default();
+    for (prefix, identity) in &compiled.ipcache {
+        contents.ipcache.insert(ipcache_key(prefix), IpcacheValue { identity: *identity });
+    }
+    for (pod, endpoint) in &compiled.endpoints {
+        let Some(slot) = slots.get(pod) else { continue };
+        let mut flags = 0;
+        if endpoint.ingress_isolated {
+            flags |= FLAG_INGRESS_ISOLATED;
+        }
+        if endpoint.egress_isolated {
+            flags |= FLAG_EGRESS_ISOLATED;
+        }
+        if audit {
+            flags |= FLAG_AUDIT;
+        }
+        if endpoint.ipv4.is_some() {
+            flags |= FLAG_HAS_IPV4;
+        }
+        if endpoint.ipv6.is_some() {
+            flags |= FLAG_HAS_IPV6;
+        }
+        let info = EndpointInfo {
+            id: slot.id,
+            flags,
+            ipv4: endpoint.ipv4.map(|a| a.octets()).unwrap_or_default(),
+            ipv6: endpoint.ipv6.map(|a| a.octets()).unwrap_or_default(),
+        };
+        contents.endpoints.insert(slot.ifindex, info);
+        for (rule, cookie) in &endpoint.rules {
+            // Prefix lengths: any protocol 72, whole protocol 80, port blocks 80 + bits.
+            let (len, protocol, port) = match (rule.protocol, rule.port) {
+                (None, _) => (PREFIX_ANY_PROTOCOL, 0, 0),
+                (Some(protocol), None) => (PREFIX_PROTOCOL, protocol, 0),
+                (Some(protocol), Some(block)) => (block.lpm_prefix_len(), protocol, block.first()),
+            };
+            let key = PolicyKey::new(slot.id, rule.peer, rule.direction, protocol, port);
+            contents.policy.insert((len, key), PolicyValue { cookie: *cookie });
+        }
+    }
+    contents
+}
+
+/// Per-map changes that turn the loaded contents into the desired ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapUpdates {
+    pub policy_upserts: Vec<((u32, PolicyKey), PolicyValue)>,
+    pub ipcache_upserts: Vec<((u32, IpcacheKey), IpcacheValue)>,
+    pub endpoint_upserts: Vec<(u32, EndpointInfo)>,
+    pub endpoint_removals: Vec<u32>,
+    pub ipcache_removals: Vec<(u32, IpcacheKey)>,
+    pub policy_removals: Vec<(u32, PolicyKey)>,
+}
+
+/// One map write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PolicyUpsert { prefix_len: u32, key: PolicyKey, value: PolicyValue },
+    IpcacheUpsert { prefix_len: u32, key: IpcacheKey, value: IpcacheValue },
+    EndpointUpsert { ifindex: u32, info: EndpointInfo },
+    EndpointRemove { ifindex: u32 },
+    IpcacheRemove { prefix_len: u32, key: IpcacheKey },
+    PolicyRemove { prefix_len: u32, key: PolicyKey },
+}
+
+impl MapUpdates {
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.policy_upserts.len()
+            + self.ipcache_upserts.len()
+            + self.endpoint_upserts.len()
+            + self.endpoint_removals.len()
+            + self.ipcache_removals.len()
+            + self.policy_removals.len()
+    }
+
+    /// The writes in a safe order: new allow entries exist before any address or endpoint
+    /// starts to need them, and old ones go only after nothing needs them any more. So
+    /// traffic both versions allow stays allowed throughout, and traffic with an unchanged
+    /// peer identity and endpoint is never opened by a transient state. (The maps cannot be
+    /// swapped atomically: a peer whose identity changes is judged by the union of old and
+    /// new entries for its new identity until the policy removals run.)
+    pub fn ordered_ops(&self) -> Vec<MapOp> {
+        let mut ops = Vec::with_capacity(self.len());
+        ops.extend(self.policy_upserts.iter().map(|&((prefix_len, key), value)| MapOp::PolicyUpsert { prefix_len, key, value }));
+        ops.extend(self.ipcache_upserts.iter().map(|&((prefix_len, key), value)| MapOp::IpcacheUpsert { prefix_len, key, value }));
+        ops.extend(self.endpoint_upserts.iter().map(|&(ifindex, info)| MapOp::EndpointUpsert { ifindex, info }));
+        ops.extend(self.endpoint_removals.iter().map(|&ifindex| MapOp::EndpointRemove { ifindex }));
+        ops.extend(self.ipcache_removals.iter().map(|&(prefix_len, key)| MapOp::IpcacheRemove { prefix_len, key }));
+        ops.extend(self.policy_removals.iter().map(|&(prefix_len, key)| MapOp::PolicyRemove { prefix_len, key }));
+        ops
+    }
+}
+
+impl MapContents {
+    /// Applies one write (what the sync code does to the kernel maps).
+    pub fn apply(&mut self, op: &MapOp) {
+        match *op {
+            MapOp::PolicyUpsert { prefix_len, key, value } => {
+                self.policy.insert((prefix_len, key), value);
+            }
+            MapOp::IpcacheUpsert { prefix_len, key, value } => {
+                self.ipcache.insert((prefix_len, key), value);
+            }
+            MapOp::EndpointUpsert { ifindex, info } => {
+                self.endpoints.insert(ifindex, info);
+            }
+            MapOp::EndpointRemove { ifindex } => {
+                self.endpoints.remove(&ifindex);
+            }
+            MapOp::IpcacheRemove { prefix_len, key } => {
+                self.ipcache.remove(&(prefix_len, key));
+            }
+            MapOp::PolicyRemove { prefix_len, key } => {
+                self.policy.remove(&(prefix_len, key));
+            }
+        }
+    }
+}
+
+fn diff_map<K: Ord + Copy, V: PartialEq + Copy>(loaded: &BTreeMap<K, V>, desired: &BTreeMap<K, V>) -> (Vec<(K, V)>, Vec<K>) {
+    let upserts = desired.iter().filter(|(k, v)| loaded.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
+    let removals = loaded.keys().filter(|k| !desired.contains_key(k)).copied().collect();
+    (upserts, removals)
+}
+
+/// The minimal set of writes from `loaded` to `desired`.
+pub fn diff(loaded: &MapContents, desired: &MapContents) -> MapUpdates {
+    let (policy_upserts, policy_removals) = diff_map(&loaded.policy, &desired.policy);
+    let (ipcache_upserts, ipcache_removals) = diff_map(&loaded.ipcache, &desired.ipcache);
+    let (endpoint_upserts, endpoint_removals) = diff_map(&loaded.endpoints, &desired.endpoints);
+    MapUpdates { policy_upserts, ipcache_upserts, endpoint_upserts, endpoint_removals, ipcache_removals, policy_removals }
+}
+
+/// The ipcache's answer for an address: the identity of its longest matching prefix, or
+/// WORLD when no prefix covers it.
+pub fn ipcache_lookup(contents: &MapContents, addr: IpAddr) -> u32 {
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (0..=max)
+        .rev()
+        .find_map(|len| {
+            let prefix = IpPrefix::new(addr, len)?;
+            contents.ipcache.get(&ipcache_key(&prefix)).map(|v| v.identity)
+        })
+        .unwrap_or(identity::WORLD)
+}
+
+/// LPM lookup in the policy map for one identity: the longest entry whose prefix matches.
+fn policy_lpm(contents: &MapContents, endpoint: u32, peer: u32, direction: Direction, protocol: u8, port: u16) -> Option<u32> {
+    for len in (PREFIX_PROTOCOL..=PREFIX_FULL).rev() {
+        let bits = len - PREFIX_PROTOCOL;
+        let mask = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
+        let key = PolicyKey::new(endpoint, peer, direction, protocol, port & mask);
+        if let Some(value) = contents.policy.get(&(len, key)) {
+            return Some(value.cookie);
+        }
+    }
+    let key = PolicyKey::new(endpoint, peer, direction, 0, 0);
+    contents.policy.get(&(PREFIX_ANY_PROTOCOL, key)).map(|v| v.cookie)
+}
+
+/// The classifier's policy decision for a new flow at the endpoint on `ifindex`: ipcache
+/// lookup of the peer, then the policy map with the peer's identity, then with ANY. Returns
+/// the allowing cookie and the peer identity on a hit; `None` on a miss or for an unknown
+/// interface. Isolation is not consulted (see [`verdict`]).
+pub fn lookup(
+    contents: &MapContents,
+    ifindex: u32,
+    direction: Direction,
+    peer: IpAddr,
+    protocol: u8,
+    port: u16,
+) -> Option<(u32, u32)> {
+    let endpoint = contents.endpoints.get(&ifindex)?;
+    let peer_identity = ipcache_lookup(contents, peer);
+    policy_lpm(contents, endpoint.id, peer_identity, direction, protocol, port)
+        .or_else(|| policy_lpm(contents, endpoint.id, identity::ANY, direction, protocol, port))
+        .map(|cookie| (cookie, peer_identity))
+}
+
+/// Whether the endpoint on `ifindex` is isolated in `direction` (`None`: no such endpoint).
+pub fn isolated(contents: &MapContents, ifindex: u32, direction: Direction) -> Option<bool> {
+    let endpoint = contents.endpoints.get(&ifindex)?;
+    let flag = match direction {
+        Direction::Ingress => FLAG_INGRESS_ISOLATED,
+        Direction::Egress => FLAG_EGRESS_ISOLATED,
+    };
+    Some(endpoint.has(flag))
+}
+
+/// What the classifier does with the first packet of a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// No endpoint on this interface: the classifier lets traffic through untouched.
+    Unmanaged,
+    NotIsolated { peer_identity: u32 },
+    Allowed { cookie: u32, peer_identity: u32 },
+    Denied { peer_identity: u32 },
+}
+
+impl Verdict {
+    pub const fn allows(self) -> bool {
+        !matches!(self, Verdict::Denied { .. })
+    }
+}
+
+/// The full decision: isolation flag, then [`lookup`].
+pub fn verdict(contents: &MapContents, ifindex: u32, direction: Direction, peer: IpAddr, protocol: u8, port: u16) -> Verdict {
+    let peer_identity = ipcache_lookup(contents, peer);
+    match isolated(contents, ifindex, direction) {
+        None => Verdict::Unmanaged,
+        Some(false) => Verdict::NotIsolated { peer_identity },
+        Some(true) => match lookup(contents, ifindex, direction, peer, protocol, port) {
+            Some((cookie, peer_identity)) => Verdict::Allowed { cookie, peer_identity },
+            None => Verdict::Denied { peer_identity },
+        },
+    }
+}

@@ -1,0 +1,413 @@
+//! The policy compiler: from cluster state and a node to the desired contents of every BPF
+//! map. [`compile`] is pure and deterministic (`BTreeMap`s throughout, identities and cookies
+//! derived from stable hashes); [`render`] turns its result into raw map entries, [`diff`]
+//! into ordered updates, and [`verdict`] models the classifier's lookup for `explain` and the
+//! tests.
+
+mod maps;
+mod policy;
+
+pub mod bench_support;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use k8s_openapi::api::core::v1::Pod;
+use policy_common::Direction;
+use policy_common::identity;
+use policy_common::policy::{COOKIE_NODE, FIRST_RULE_COOKIE, PortPrefix, PortRangePrefixes};
+
+pub use maps::{EndpointSlot, MapContents, MapOp, MapUpdates, Verdict, diff, ipcache_lookup, isolated, lookup, render, verdict};
+use policy::{ParsedPeer, ParsedPolicy, ParsedPort, ParsedRule, parse_policy};
+
+pub use crate::resolve::{IdentityInfo, IpPrefix};
+use crate::resolve::{
+    self, IdentityInputs, IdentityTable, Labels, fnv1a64, is_host_network, is_terminated, node_name, pod_ips,
+    pod_labels, resolve_named_port,
+};
+pub use crate::state::{NamespacedName, PodRef, Problem};
+use crate::state::ClusterState;
+
+/// The node being compiled for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// Matches the pods' `spec.nodeName`.
+    pub name: String,
+    /// The node's own addresses (the pods' `status.hostIPs` on this node are added to them).
+    pub ips: Vec<IpAddr>,
+}
+
+/// One allow entry of an endpoint, before it becomes a policy map key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleKey {
+    pub direction: Direction,
+    /// The peer's identity, or [`identity::ANY`].
+    pub peer: u32,
+    /// `None`: every protocol.
+    pub protocol: Option<u8>,
+    /// `None`: every port of the protocol.
+    pub port: Option<PortPrefix>,
+}
+
+/// What one local pod is allowed to do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    pub ingress_isolated: bool,
+    pub egress_isolated: bool,
+    /// The policies that select the pod for ingress (and so isolate it), sorted.
+    pub ingress_policies: Vec<NamespacedName>,
+    pub egress_policies: Vec<NamespacedName>,
+    /// Allow entries, each with the cookie of the rule that produced it.
+    pub rules: BTreeMap<RuleKey, u32>,
+}
+
+impl EndpointPolicy {
+    pub fn isolated(&self, direction: Direction) -> bool {
+        match direction {
+            Direction::Ingress => self.ingress_isolated,
+            Direction::Egress => self.egress_isolated,
+        }
+    }
+
+    pub fn policies(&self, direction: Direction) -> &[NamespacedName] {
+        match direction {
+            Direction::Ingress => &self.ingress_policies,
+            Direction::Egress => &self.egress_policies,
+        }
+    }
+}
+
+/// Names one rule of one policy: what a cookie stands for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleRef {
+    pub namespace: String,
+    pub policy: String,
+    pub direction: Direction,
+    /// Index in `spec.ingress` or `spec.egress`.
+    pub index: usize,
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = match self.direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        write!(f, "{}/{} spec.{list}[{}]", self.namespace, self.policy, self.index)
+    }
+}
+
+/// The desired state of the node's maps, with what is needed to explain it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// Pod addresses cluster-wide (/32, /128), ipBlock prefixes and the node's addresses.
+    pub ipcache: BTreeMap<IpPrefix, u32>,
+    /// Local pods (on this node, with an IP, not hostNetwork, not terminated).
+    pub endpoints: BTreeMap<PodRef, EndpointPolicy>,
+    pub identities: BTreeMap<u32, IdentityInfo>,
+    /// Every rule cookie, including [`COOKIE_NODE`] (as a `RuleRef` it has no policy, so it
+    /// is not listed here; see [`Compiled::describe_cookie`]).
+    pub cookies: BTreeMap<u32, RuleRef>,
+    pub problems: Vec<Problem>,
+}
+
+impl Compiled {
+    /// A cookie in words, for explain and flow logs.
+    pub fn describe_cookie(&self, cookie: u32) -> String {
+        if cookie == COOKIE_NODE {
+            "node traffic (always allowed)".to_owned()
+        } else if let Some(rule) = self.cookies.get(&cookie) {
+            rule.to_string()
+        } else {
+            format!("unknown cookie {cookie}")
+        }
+    }
+}
+
+/// Whether a pod is enforced on its node: scheduled there, with an IP, not in the host
+/// network, not terminated.
+pub fn is_local_endpoint(pod: &Pod, node: &str) -> bool {
+    node_name(pod) == Some(node) && !is_host_network(pod) && !is_terminated(pod)
+}
+
+/// Compiles the state for one node. Pure: the same state and node give the same result.
+pub fn compile(state: &ClusterState, node: &NodeContext) -> Compiled {
+    let mut problems = Vec::new();
+    let policies: Vec<ParsedPolicy> = state.policies.values().map(|p| parse_policy(p, &mut problems)).collect();
+
+    let mut blocks: BTreeSet<resolve::CidrBlock> = BTreeSet::new();
+    let mut egress_named_ports: BTreeSet<(String, u8)> = BTreeSet::new();
+    let mut ingress_named_ports: BTreeSet<(String, u8)> = BTreeSet::new();
+    for policy in &policies {
+        for (direction, rules) in [(Direction::Ingress, &policy.ingress), (Direction::Egress, &policy.egress)] {
+            for rule in rules.iter().flatten() {
+                for peer in rule.peers.iter().flatten() {
+                    if let ParsedPeer::Block(block) = peer {
+                        blocks.insert(block.clone());
+                    }
+                }
+                for port in rule.ports.iter().flatten() {
+                    if let ParsedPort::Named(protocol, name) = port {
+                        let set = if direction == Direction::Egress { &mut egress_named_ports } else { &mut ingress_named_ports };
+                        set.insert((name.clone(), *protocol));
+                    }
+                }
+            }
+        }
+    }
+    let blocks: Vec<resolve::CidrBlock> = blocks.into_iter().collect();
+    let table = resolve::resolve_identities(
+        state,
+        &node.name,
+        &node.ips,
+        &IdentityInputs { blocks: &blocks, egress_named_ports: &egress_named_ports },
+        &mut problems,
+    );
+
+    let rule_refs: BTreeSet<RuleRef> = policies
+        .iter()
+        .flat_map(|policy| {
+            [Direction::Ingress, Direction::Egress].into_iter().flat_map(move |direction| {
+                policy.rules(direction).into_iter().flatten().map(move |rule| RuleRef {
+                    namespace: policy.name.namespace.clone(),
+                    policy: policy.name.name.clone(),
+                    direction,
+                    index: rule.index,
+                })
+            })
+        })
+        .collect();
+    let cookie_numbers = resolve::allocate(
+        rule_refs.iter(),
+        |rule| fnv1a64(format!("{}\0{}\0{}\0{}", rule.namespace, rule.policy, rule.direction as u8, rule.index).as_bytes()),
+        FIRST_RULE_COOKIE,
+        1 << 32,
+    );
+    let cookie_of = |policy: &ParsedPolicy, direction: Direction, rule: &ParsedRule| -> u32 {
+        let key = RuleRef { namespace: policy.name.namespace.clone(), policy: policy.name.name.clone(), direction, index: rule.index };
+        cookie_numbers.get(&key).copied().unwrap_or(COOKIE_NODE)
+    };
+
+    // Peers do not depend on the selected pod: resolve each rule's peers once.
+    let mut namespace_labels: BTreeMap<&str, Labels> = BTreeMap::new();
+    for namespace in table.groups.keys() {
+        namespace_labels.insert(namespace, state.namespace_labels(namespace));
+    }
+    let peer_sets: Vec<BTreeMap<(Direction, usize), PeerSet>> = policies
+        .iter()
+        .map(|policy| {
+            let mut sets = BTreeMap::new();
+            for direction in [Direction::Ingress, Direction::Egress] {
+                for rule in policy.rules(direction).into_iter().flatten() {
+                    sets.insert((direction, rule.index), resolve_peers(policy, rule, &table, &namespace_labels));
+                }
+            }
+            sets
+        })
+        .collect();
+
+    let mut policies_by_namespace: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (index, policy) in policies.iter().enumerate() {
+        policies_by_namespace.entry(policy.name.namespace.as_str()).or_default().push(index);
+    }
+
+    // Endpoints with the same namespace, labels and ingress named ports get the same rules.
+    let mut memo: BTreeMap<(String, Labels, BTreeMap<(String, u8), u16>), EndpointPolicy> = BTreeMap::new();
+    let mut endpoints = BTreeMap::new();
+    let mut scratch_problems = Vec::new();
+    for (pod_ref, pod) in &state.pods {
+        if !is_local_endpoint(pod, &node.name) {
+            continue;
+        }
+        // Problems with these addresses were reported during identity resolution.
+        let ips = pod_ips(pod, &mut scratch_problems);
+        let ipv4 = ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        });
+        let ipv6 = ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        });
+        if ipv4.is_none() && ipv6.is_none() {
+            continue;
+        }
+        let labels = pod_labels(pod);
+        let own_ports: BTreeMap<(String, u8), u16> = ingress_named_ports
+            .iter()
+            .filter_map(|(name, protocol)| resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port)))
+            .collect();
+        let memo_key = (pod_ref.namespace.clone(), labels, own_ports);
+        let template = memo.entry(memo_key).or_insert_with_key(|(namespace, labels, own_ports)| {
+            let selecting = policies_by_namespace
+                .get(namespace.as_str())
+                .into_iter()
+                .flatten()
+                .filter(|index| policies[**index].selector.as_ref().is_some_and(|s| s.matches(labels)));
+            let mut endpoint = EndpointPolicy::default();
+            for &index in selecting {
+                let policy = &policies[index];
+                for direction in [Direction::Ingress, Direction::Egress] {
+                    let Some(rules) = policy.rules(direction) else { continue };
+                    match direction {
+                        Direction::Ingress => {
+                            endpoint.ingress_isolated = true;
+                            endpoint.ingress_policies.push(policy.name.clone());
+                        }
+                        Direction::Egress => {
+                            endpoint.egress_isolated = true;
+                            endpoint.egress_policies.push(policy.name.clone());
+                        }
+                    }
+                    for rule in rules {
+                        let Some(peers) = peer_sets[index].get(&(direction, rule.index)) else { continue };
+                        let cookie = cookie_of(policy, direction, rule);
+                        emit_rule(&mut endpoint.rules, direction, rule, peers, own_ports, &table, cookie);
+                    }
+                }
+            }
+            if endpoint.ingress_isolated {
+                // The node reaches its pods for probes whatever the policies say.
+                for &host in &table.host_identities {
+                    let key = RuleKey { direction: Direction::Ingress, peer: host, protocol: None, port: None };
+                    endpoint.rules.insert(key, COOKIE_NODE);
+                }
+            }
+            endpoint
+        });
+        let mut endpoint = template.clone();
+        endpoint.ipv4 = ipv4;
+        endpoint.ipv6 = ipv6;
+        endpoints.insert(pod_ref.clone(), endpoint);
+    }
+
+    problems.sort();
+    problems.dedup();
+    Compiled {
+        ipcache: table.ipcache,
+        endpoints,
+        identities: table.info,
+        cookies: cookie_numbers.into_iter().map(|(rule, cookie)| (cookie, rule.clone())).collect(),
+        problems,
+    }
+}
+
+/// The identities one rule's peer list matches.
+#[derive(Clone, Debug, Default)]
+struct PeerSet {
+    /// Every peer (no `from`/`to`): the wildcard identity.
+    any: bool,
+    identities: BTreeSet<u32>,
+}
+
+fn resolve_peers(
+    policy: &ParsedPolicy,
+    rule: &ParsedRule,
+    table: &IdentityTable,
+    namespace_labels: &BTreeMap<&str, Labels>,
+) -> PeerSet {
+    let Some(peers) = &rule.peers else {
+        return PeerSet { any: true, identities: BTreeSet::new() };
+    };
+    let mut identities = BTreeSet::new();
+    for peer in peers {
+        match peer {
+            ParsedPeer::Block(block) => {
+                if let Ok(index) = table.blocks.binary_search(block) {
+                    identities.extend(table.block_members[index].iter().copied());
+                }
+            }
+            ParsedPeer::Pods { namespaces: None, pods } => {
+                for group in table.groups.get(&policy.name.namespace).into_iter().flatten() {
+                    if pods.matches(&group.pod_labels) {
+                        identities.extend(group.identities.iter().copied());
+                    }
+                }
+            }
+            ParsedPeer::Pods { namespaces: Some(namespaces), pods } => {
+                for (namespace, groups) in &table.groups {
+                    if !namespace_labels.get(namespace.as_str()).is_some_and(|labels| namespaces.matches(labels)) {
+                        continue;
+                    }
+                    for group in groups {
+                        if pods.matches(&group.pod_labels) {
+                            identities.extend(group.identities.iter().copied());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    PeerSet { any: false, identities }
+}
+
+/// Adds the entries of one rule for one endpoint. The first rule (in policy name, direction,
+/// rule order) to produce a key names it.
+fn emit_rule(
+    rules: &mut BTreeMap<RuleKey, u32>,
+    direction: Direction,
+    rule: &ParsedRule,
+    peers: &PeerSet,
+    own_ports: &BTreeMap<(String, u8), u16>,
+    table: &IdentityTable,
+    cookie: u32,
+) {
+    let peer_ids: Vec<u32> =
+        if peers.any { vec![identity::ANY] } else { peers.identities.iter().copied().collect() };
+    let mut add = |peer: u32, protocol: Option<u8>, port: Option<PortPrefix>| {
+        rules.entry(RuleKey { direction, peer, protocol, port }).or_insert(cookie);
+    };
+    let Some(ports) = &rule.ports else {
+        for &peer in &peer_ids {
+            add(peer, None, None);
+        }
+        return;
+    };
+    for port in ports {
+        match port {
+            ParsedPort::Protocol(protocol) => {
+                for &peer in &peer_ids {
+                    add(peer, Some(*protocol), None);
+                }
+            }
+            ParsedPort::Range(protocol, first, last) => {
+                for prefix in PortRangePrefixes::new(*first, *last) {
+                    // A block of all 65536 ports is the same entry as "any port".
+                    let prefix = (prefix.bits > 0).then_some(prefix);
+                    for &peer in &peer_ids {
+                        add(peer, Some(*protocol), prefix);
+                    }
+                }
+            }
+            ParsedPort::Named(protocol, name) => {
+                let key = (name.clone(), *protocol);
+                match direction {
+                    // Ingress: the destination is the endpoint itself.
+                    Direction::Ingress => {
+                        if let Some(port) = own_ports.get(&key) {
+                            for &peer in &peer_ids {
+                                add(peer, Some(*protocol), Some(PortPrefix { port: *port, bits: 16 }));
+                            }
+                        }
+                    }
+                    // Egress: each peer pod resolves the name; its identity pins the number.
+                    Direction::Egress => {
+                        let candidates: Box<dyn Iterator<Item = u32>> =
+                            if peers.any { Box::new(table.pod_identities()) } else { Box::new(peers.identities.iter().copied()) };
+                        for peer in candidates {
+                            if let Some(port) = table.named_ports.get(&peer).and_then(|ports| ports.get(&key)) {
+                                add(peer, Some(*protocol), Some(PortPrefix { port: *port, bits: 16 }));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! Loading the classifier, pinning its maps and links under one bpffs directory, and
+//! attaching it to interfaces. Everything lives under the pin root so that a restarted agent
+//! adopts what is there and `cleanup` can remove all of it.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use policy_common::{
+    Direction,
+    conntrack::{CtKey, CtValue},
+    counters::Counter,
+    endpoint::{EndpointInfo, EndpointKey},
+    event::Config,
+    ipcache::{IpcacheKey, IpcacheValue},
+    policy::{PolicyKey, PolicyValue},
+};
+
+use crate::AgentError;
+
+/// Where the agent pins everything unless told otherwise.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/policy";
+
+/// The classifier object, built by build.rs with aya-build.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy-ebpf"));
+
+/// Map names, as declared in policy-ebpf/src/maps.rs (the kernel keeps 15 characters).
+pub mod map_name {
+    pub const IPCACHE: &str = "IPCACHE_V1";
+    pub const ENDPOINTS: &str = "ENDPOINTS_V1";
+    pub const POLICY: &str = "POLICY_V1";
+    pub const CONNTRACK: &str = "CONNTRACK_V1";
+    pub const FRAGMENTS: &str = "FRAGMENTS_V1";
+    pub const COUNTERS: &str = "COUNTERS_V1";
+    pub const EVENTS: &str = "EVENTS_V1";
+    pub const CONFIG: &str = "CONFIG_V1";
+    pub const EVENT_RATE: &str = "EVENT_RATE_V1";
+    pub const ALL: [&str; 9] = [IPCACHE, ENDPOINTS, POLICY, CONNTRACK, FRAGMENTS, COUNTERS, EVENTS, CONFIG, EVENT_RATE];
+}
+
+/// The two attachment points on a pod's host-side veth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    /// TC ingress of the host-side veth: traffic leaving the pod (its egress).
+    FromPod,
+    /// TC egress of the host-side veth: traffic entering the pod (its ingress).
+    ToPod,
+}
+
+impl Hook {
+    pub const BOTH: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
+
+    pub const fn program(self) -> &'static str {
+        match self {
+            Hook::FromPod => "from_pod",
+            Hook::ToPod => "to_pod",
+        }
+    }
+
+    const fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::FromPod => TcAttachType::Ingress,
+            Hook::ToPod => TcAttachType::Egress,
+        }
+    }
+
+    pub const fn pod_direction(self) -> Direction {
+        match self {
+            Hook::FromPod => Direction::Egress,
+            Hook::ToPod => Direction::Ingress,
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [Hook::FromPod, Hook::ToPod].into_iter().find(|h| h.program() == name)
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.program())
+    }
+}
+
+/// Every path under the pin root, in one place.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// Links are named after the interface and hook: `links/<ifname>@<hook>`.
+    pub fn link(&self, ifname: &str, hook: Hook) -> PathBuf {
+        self.links_dir().join(format!("{ifname}@{hook}"))
+    }
+
+    /// The (interface, hook) pairs that have a pinned link.
+    pub fn pinned_links(&self) -> Vec<(String, Hook)> {
+        let Ok(entries) = std::fs::read_dir(self.links_dir()) else { return Vec::new() };
+        let mut links: Vec<_> = entries
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                let (ifname, hook) = name.rsplit_once('@')?;
+                Some((ifname.to_owned(), Hook::parse(hook)?))
+            })
+            .collect();
+        links.sort();
+        links
+    }
+}
+
+fn ebpf_error(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> AgentError {
+    AgentError::Ebpf { what: what.into(), source: Box::new(source) }
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Makes sure `root` is a directory on a bpffs, mounting one there if it is not (for example
+/// under `ip netns exec`, which remounts /sys).
+pub fn ensure_bpffs(root: &Path) -> Result<(), AgentError> {
+    std::fs::create_dir_all(root).map_err(|source| AgentError::Read { path: root.to_owned(), source })?;
+    if is_bpffs(root)? {
+        return Ok(());
+    }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(root)
+        .status()
+        .map_err(|source| AgentError::Read { path: root.to_owned(), source })?;
+    if !status.success() || !is_bpffs(root)? {
+        return Err(AgentError::Usage {
+            flag: "--bpffs",
+            what: format!("{} is not on a bpffs and mounting one there failed", root.display()),
+        });
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> Result<bool, AgentError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| AgentError::Usage { flag: "--bpffs", what: e.to_string() })?;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: a valid NUL-terminated path and a buffer of the right type.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(AgentError::Read { path: path.to_owned(), source: std::io::Error::last_os_error() });
+    }
+    // SAFETY: statfs succeeded and filled the struct.
+    #[allow(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
+    Ok(unsafe { stat.assume_init() }.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// The loaded classifier: both programs, their maps (pinned, shared with every earlier
+/// instance) and the links this process attached.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: PinLayout,
+}
+
+/// What one attachment did.
+#[derive(Debug)]
+pub struct Attached {
+    pub hook: Hook,
+    pub program_id: u32,
+    pub link: PathBuf,
+    /// An existing pinned link had its program replaced atomically (agent restart).
+    pub replaced: bool,
+}
+
+impl Datapath {
+    /// Loads the programs; maps already pinned under `pins` are reused, the rest created
+    /// and pinned.
+    pub fn load(pins: PinLayout) -> Result<Self, AgentError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(AgentError::Usage {
+                flag: "AYA_BUILD_SKIP",
+                what: "this binary was built without the eBPF object; rebuild without AYA_BUILD_SKIP".into(),
+            });
+        }
+        ensure_bpffs(pins.root())?;
+        check_pinned_layouts(&pins)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.root())
+            .load(EBPF_OBJECT)
+            .map_err(|e| ebpf_error("load object", e))?;
+        for hook in Hook::BOTH {
+            program_mut(&mut ebpf, hook)?.load().map_err(|e| ebpf_error(format!("load program {hook}"), e))?;
+        }
+        Ok(Self { ebpf, pins })
+    }
+
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
+    pub fn program_id(&self, hook: Hook) -> Result<u32, AgentError> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(hook.program())
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| AgentError::Usage { flag: "program", what: format!("{hook} missing from object") })?;
+        Ok(program.info().map_err(|e| ebpf_error(format!("info of {hook}"), e))?.id())
+    }
+
+    /// Attaches `hook` on `ifname` through TCX and pins the link. If a link is already pinned
+    /// there (an earlier agent), its program is replaced atomically: no packet goes unjudged.
+    pub fn attach(&mut self, ifname: &str, hook: Hook) -> Result<Attached, AgentError> {
+        let path = self.pins.link(ifname, hook);
+        let program_id = self.program_id(hook)?;
+        let program = program_mut(&mut self.ebpf, hook)?;
+        if path.exists() {
+            match adopt_link(&path) {
+                Ok(link) => {
+                    let id = program
+                        .attach_to_link(link)
+                        .map_err(|e| ebpf_error(format!("replace program on {ifname} {hook}"), e))?;
+                    // The pin keeps the link alive; this process lets go of its handle.
+                    let link = program.take_link(id).map_err(|e| ebpf_error("take link", e))?;
+                    drop_without_detach(link);
+                    return Ok(Attached { hook, program_id, link: path, replaced: true });
+                }
+                Err(_) => {
+                    // A stale pin (interface gone and re-created): remove it and attach anew.
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        std::fs::create_dir_all(self.pins.links_dir())
+            .map_err(|source| AgentError::Read { path: self.pins.links_dir(), source })?;
+        let id = program
+            .attach_with_options(ifname, hook.attach_type(), TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .map_err(|e| ebpf_error(format!("attach {hook} to {ifname}"), e))?;
+        let link = program.take_link(id).map_err(|e| ebpf_error("take link", e))?;
+        let fd_link: FdLink = link.try_into().map_err(|e| ebpf_error("TCX link", e))?;
+        let pinned = fd_link.pin(&path).map_err(|e| ebpf_error(format!("pin link {}", path.display()), e))?;
+        drop(pinned);
+        Ok(Attached { hook, program_id, link: path, replaced: false })
+    }
+
+    /// Takes the maps out of the loaded object, for the sync layer.
+    pub fn take_maps(&mut self) -> Result<Maps, AgentError> {
+        let mut take = |name: &str| {
+            self.ebpf
+                .take_map(name)
+                .ok_or_else(|| AgentError::Usage { flag: "map", what: format!("{name} missing from object") })
+        };
+        Maps::from_maps(&mut take)
+    }
+}
+
+/// Removes the pinned link of `hook` on `ifname`, which detaches it. Returns whether there was
+/// one.
+pub fn detach(pins: &PinLayout, ifname: &str, hook: Hook) -> Result<bool, AgentError> {
+    let path = pins.link(ifname, hook);
+    if !path.exists() {
+        return Ok(false);
+    }
+    match PinnedLink::from_pin(&path) {
+        Ok(link) => {
+            let link = link.unpin().map_err(|source| AgentError::Read { path: path.clone(), source })?;
+            drop(link);
+        }
+        Err(_) => std::fs::remove_file(&path).map_err(|source| AgentError::Read { path: path.clone(), source })?,
+    }
+    Ok(true)
+}
+
+fn adopt_link(path: &Path) -> Result<SchedClassifierLink, AgentError> {
+    let pinned = PinnedLink::from_pin(path).map_err(|e| ebpf_error(format!("open {}", path.display()), e))?;
+    let fd_link: FdLink = pinned.into();
+    SchedClassifierLink::try_from(fd_link).map_err(|e| ebpf_error("not a TC link", e))
+}
+
+/// Drops a link handle whose pin keeps the attachment alive. For a TCX link, closing our fd
+/// does not detach while the pin holds a reference.
+fn drop_without_detach(link: SchedClassifierLink) {
+    drop(link);
+}
+
+fn program_mut(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, AgentError> {
+    ebpf.program_mut(hook.program())
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| AgentError::Usage { flag: "program", what: format!("{hook} missing from object") })
+}
+
+/// A map pinned by an older agent with another key or value size would be reused blindly by
+/// the loader; refuse instead (names carry a version suffix, so this means a corrupt pin).
+fn check_pinned_layouts(pins: &PinLayout) -> Result<(), AgentError> {
+    let expected: [(&str, usize, usize); 5] = [
+        (map_name::IPCACHE, 4 + size_of::<IpcacheKey>(), size_of::<IpcacheValue>()),
+        (map_name::ENDPOINTS, size_of::<EndpointKey>(), size_of::<EndpointInfo>()),
+        (map_name::POLICY, 4 + size_of::<PolicyKey>(), size_of::<PolicyValue>()),
+        (map_name::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>()),
+        (map_name::COUNTERS, 4, size_of::<Counter>()),
+    ];
+    for (name, key_size, value_size) in expected {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let data = MapData::from_pin(&path).map_err(|e| ebpf_error(format!("open {}", path.display()), e))?;
+        let info = data.info().map_err(|e| ebpf_error(format!("info of {name}"), e))?;
+        if info.key_size() as usize != key_size || info.value_size() as usize != value_size {
+            return Err(AgentError::Usage {
+                flag: "--bpffs",
+                what: format!(
+                    "pinned map {} has key/value size {}/{}, expected {key_size}/{value_size}; run `policy-agent cleanup`",
+                    path.display(),
+                    info.key_size(),
+                    info.value_size()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Typed handles on every map the agent reads or writes.
+pub struct Maps {
+    pub ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
+    pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub counters: PerCpuArray<MapData, Counter>,
+    pub config: Array<MapData, Config>,
+    pub events: RingBuf<MapData>,
+}
+
+impl Maps {
+    /// Opens the maps an agent pinned, without loading anything (status, tests).
+    pub fn open_pinned(pins: &PinLayout) -> Result<Self, AgentError> {
+        let mut open = |name: &str| -> Result<Map, AgentError> {
+            let path = pins.map(name);
+            let data = MapData::from_pin(&path).map_err(|e| ebpf_error(format!("open {}", path.display()), e))?;
+            Map::from_map_data(data).map_err(|e| ebpf_error(format!("map type of {name}"), e))
+        };
+        Self::from_maps(&mut open)
+    }
+
+    fn from_maps(take: &mut impl FnMut(&str) -> Result<Map, AgentError>) -> Result<Self, AgentError> {
+        fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Map, name: &str) -> Result<T, AgentError> {
+            T::try_from(map).map_err(|e| ebpf_error(format!("map {name}"), e))
+        }
+        Ok(Self {
+            ipcache: typed(take(map_name::IPCACHE)?, map_name::IPCACHE)?,
+            endpoints: typed(take(map_name::ENDPOINTS)?, map_name::ENDPOINTS)?,
+            policy: typed(take(map_name::POLICY)?, map_name::POLICY)?,
+            conntrack: typed(take(map_name::CONNTRACK)?, map_name::CONNTRACK)?,
+            counters: typed(take(map_name::COUNTERS)?, map_name::COUNTERS)?,
+            config: typed(take(map_name::CONFIG)?, map_name::CONFIG)?,
+            events: typed(take(map_name::EVENTS)?, map_name::EVENTS)?,
+        })
+    }
+}
+
+/// Removes every link and map pinned under `pins` and the directory itself if it is empty.
+pub fn cleanup(pins: &PinLayout) -> Result<Vec<PathBuf>, AgentError> {
+    let mut removed = Vec::new();
+    for (ifname, hook) in pins.pinned_links() {
+        if detach(pins, &ifname, hook)? {
+            removed.push(pins.link(&ifname, hook));
+        }
+    }
+    let _ = std::fs::remove_dir(pins.links_dir());
+    for name in map_name::ALL {
+        let path = pins.map(name);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|source| AgentError::Read { path: path.clone(), source })?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,34 @@
+//! The agent's one error type.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Reading a manifest file or directory failed.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A manifest document could not be parsed; names the file and the object.
+    #[error("{path}: {what}")]
+    Manifest { path: PathBuf, what: String },
+
+    /// Bad command-line input (names the flag).
+    #[error("{flag}: {what}")]
+    Usage { flag: &'static str, what: String },
+
+    /// Loading, pinning or attaching the eBPF program, or touching its maps.
+    #[error("eBPF {what}: {source}")]
+    Ebpf {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// A BPF map is full: the endpoint it was written for fails closed.
+    #[error("map {map} is full ({max} entries) while writing {what}")]
+    MapFull { map: &'static str, max: u32, what: String },
+}

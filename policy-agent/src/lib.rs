@@ -1,0 +1,13 @@
+//! The node agent. Data flows through the modules in this order:
+//! `state` (cluster objects from the API server or a manifest directory) ->
+//! `resolve` (selectors, identities) -> `compile` (desired map contents, pure) ->
+//! `sync` (diff and write the BPF maps) -> `datapath` (load, pin, attach the classifier).
+
+pub mod compile;
+pub mod datapath;
+pub mod error;
+pub mod explain;
+pub mod resolve;
+pub mod state;
+
+pub use error::AgentError;

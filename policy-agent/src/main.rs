@@ -1,0 +1,112 @@
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use policy_agent::datapath::{self, DEFAULT_BPFFS, Datapath, Hook, PinLayout};
+
+/// eBPF NetworkPolicy enforcer: node agent and tools.
+#[derive(Parser)]
+#[command(name = "policy-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Explain whether a connection is allowed, and which policy decides it.
+    Explain(policy_agent::explain::ExplainArgs),
+    /// Load the classifier, pin its maps and attach it to one interface (plumbing for
+    /// `cargo xtask build-and-load` and tests; the agent attaches by itself).
+    Attach(AttachArgs),
+    /// Detach the classifier from one interface.
+    Detach(AttachArgs),
+    /// Remove every link and map pinned under the bpffs directory.
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct AttachArgs {
+    #[arg(long)]
+    iface: String,
+    #[arg(long, value_enum, default_value_t = Which::Both)]
+    direction: Which,
+    #[arg(long, alias = "pin-dir", default_value = DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+}
+
+/// `ingress` and `egress` are the interface's TC hooks (host-side veth: ingress = from pod).
+#[derive(Clone, Copy, ValueEnum)]
+enum Which {
+    Ingress,
+    Egress,
+    Both,
+}
+
+impl Which {
+    fn hooks(self) -> &'static [Hook] {
+        match self {
+            Which::Ingress => &[Hook::FromPod],
+            Which::Egress => &[Hook::ToPod],
+            Which::Both => &Hook::BOTH,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Explain(args) => return policy_agent::explain::main(&args),
+        Command::Attach(args) => attach(&args),
+        Command::Detach(args) => detach(&args),
+        Command::Cleanup { bpffs } => cleanup(&bpffs),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn attach(args: &AttachArgs) -> anyhow::Result<()> {
+    let mut datapath = Datapath::load(PinLayout::new(&args.bpffs))?;
+    for &hook in args.direction.hooks() {
+        let attached = datapath.attach(&args.iface, hook)?;
+        println!(
+            "attached {} to {} ({}) program id {} link {}{}",
+            hook,
+            args.iface,
+            match hook {
+                Hook::FromPod => "tc ingress",
+                Hook::ToPod => "tc egress",
+            },
+            attached.program_id,
+            attached.link.display(),
+            if attached.replaced { " (replaced)" } else { "" }
+        );
+    }
+    for name in datapath::map_name::ALL {
+        println!("map {}", datapath.pins().map(name).display());
+    }
+    Ok(())
+}
+
+fn detach(args: &AttachArgs) -> anyhow::Result<()> {
+    let pins = PinLayout::new(&args.bpffs);
+    for &hook in args.direction.hooks() {
+        let what = if datapath::detach(&pins, &args.iface, hook)? { "detached" } else { "was not attached:" };
+        println!("{what} {hook} on {}", args.iface);
+    }
+    Ok(())
+}
+
+fn cleanup(bpffs: &std::path::Path) -> anyhow::Result<()> {
+    for path in datapath::cleanup(&PinLayout::new(bpffs))? {
+        println!("removed {}", path.display());
+    }
+    Ok(())
+}

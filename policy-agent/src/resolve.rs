@@ -1,0 +1,766 @@
+//! Label selectors, CIDR blocks and security identities.
+//!
+//! An address's identity is derived from a canonical key that holds everything a policy can
+//! tell apart about it:
+//! - a pod address: (namespace, namespace labels, pod labels, the ipBlocks that match this
+//!   very address, and the ports that the egress rules' named ports resolve to on the pod);
+//! - any other prefix in the ipcache: the set of ipBlocks an address whose longest match is
+//!   that prefix falls in (a CIDR identity), or WORLD when none;
+//! - an address of this node: HOST, or a host identity keyed by its ipBlocks.
+//!
+//! So pods with equal labels share an identity and policy entries scale with identities, yet
+//! ipBlocks and egress named ports stay exact per address. Derived numbers are a hash of the
+//! key (FNV-1a 64) with linear probing in sorted key order: the same state gives the same
+//! numbers on every run, with no map iteration order or randomness involved.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::IPBlock;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use policy_common::identity;
+use policy_common::proto;
+
+use crate::state::{ClusterState, PodRef, Problem, pod_ref};
+
+pub type Labels = BTreeMap<String, String>;
+
+// ---------------------------------------------------------------------------------------
+// Label selectors
+
+/// A validated label selector; every requirement must hold (an empty selector matches all).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Selector {
+    requirements: Vec<Requirement>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Requirement {
+    In(String, BTreeSet<String>),
+    NotIn(String, BTreeSet<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+impl Selector {
+    /// The selector that matches everything (`{}`, or an absent selector).
+    pub const fn everything() -> Self {
+        Self { requirements: Vec::new() }
+    }
+
+    /// Validates a selector. Errors are (field path below the selector, message); an invalid
+    /// selector must match nothing, so the caller drops it.
+    pub fn parse(selector: &LabelSelector) -> Result<Self, Vec<(String, String)>> {
+        let mut requirements = Vec::new();
+        let mut errors = Vec::new();
+        for (key, value) in selector.match_labels.iter().flatten() {
+            requirements.push(Requirement::In(key.clone(), BTreeSet::from([value.clone()])));
+        }
+        for (index, expression) in selector.match_expressions.iter().flatten().enumerate() {
+            let field = format!("matchExpressions[{index}]");
+            let key = expression.key.clone();
+            let values: BTreeSet<String> = expression.values.iter().flatten().cloned().collect();
+            if key.is_empty() {
+                errors.push((format!("{field}.key"), "must not be empty".to_owned()));
+                continue;
+            }
+            let requirement = match expression.operator.as_str() {
+                "In" | "NotIn" if values.is_empty() => {
+                    errors.push((format!("{field}.values"), format!("operator {} needs at least one value", expression.operator)));
+                    continue;
+                }
+                "In" => Requirement::In(key, values),
+                "NotIn" => Requirement::NotIn(key, values),
+                "Exists" | "DoesNotExist" if !values.is_empty() => {
+                    errors.push((format!("{field}.values"), format!("must be empty for operator {}", expression.operator)));
+                    continue;
+                }
+                "Exists" => Requirement::Exists(key),
+                "DoesNotExist" => Requirement::DoesNotExist(key),
+                other => {
+                    errors.push((
+                        format!("{field}.operator"),
+                        format!("unknown operator {other:?} (In, NotIn, Exists, DoesNotExist)"),
+                    ));
+                    continue;
+                }
+            };
+            requirements.push(requirement);
+        }
+        if errors.is_empty() {
+            requirements.sort();
+            requirements.dedup();
+            Ok(Self { requirements })
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.requirements.iter().all(|requirement| match requirement {
+            Requirement::In(key, values) => labels.get(key).is_some_and(|v| values.contains(v)),
+            // NotIn holds when the key is absent.
+            Requirement::NotIn(key, values) => labels.get(key).is_none_or(|v| !values.contains(v)),
+            Requirement::Exists(key) => labels.contains_key(key),
+            Requirement::DoesNotExist(key) => !labels.contains_key(key),
+        })
+    }
+
+    pub fn is_everything(&self) -> bool {
+        self.requirements.is_empty()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Prefixes and ipBlocks
+
+/// An IPv4 or IPv6 prefix with its host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IpPrefix {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl IpPrefix {
+    /// `addr/len`, host bits cleared; `None` if `len` is too long for the family.
+    pub fn new(addr: IpAddr, len: u8) -> Option<Self> {
+        let max = max_len(addr);
+        (len <= max).then(|| Self { addr: mask(addr, len), len })
+    }
+
+    /// The /32 or /128 of one address.
+    pub fn host(addr: IpAddr) -> Self {
+        Self { addr, len: max_len(addr) }
+    }
+
+    /// Parses `a.b.c.d/n` or `x::y/n`; host bits set below the prefix are cleared, as Go's
+    /// `net.ParseCIDR` does.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, len) = text.split_once('/').ok_or_else(|| format!("{text:?} is not in CIDR notation (address/length)"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| format!("{text:?}: invalid IP address"))?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= max_len(addr))
+            .ok_or_else(|| format!("{text:?}: invalid prefix length"))?;
+        Ok(Self { addr: mask(addr, len), len })
+    }
+
+    pub const fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub const fn len(&self) -> u8 {
+        self.len
+    }
+
+    pub const fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        addr.is_ipv4() == self.addr.is_ipv4() && mask(addr, self.len) == self.addr
+    }
+
+    /// Whether `other` lies inside this prefix (equal counts).
+    pub fn covers(&self, other: &IpPrefix) -> bool {
+        other.len >= self.len && self.contains(other.addr)
+    }
+}
+
+impl fmt::Display for IpPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+const fn max_len(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() { 32 } else { 128 }
+}
+
+fn mask(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            let masked = if len == 0 { 0 } else { bits & (u32::MAX << (32 - u32::from(len.min(32)))) };
+            IpAddr::V4(Ipv4Addr::from(masked))
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let masked = if len == 0 { 0 } else { bits & (u128::MAX << (128 - u32::from(len.min(128)))) };
+            IpAddr::V6(Ipv6Addr::from(masked))
+        }
+    }
+}
+
+/// A validated ipBlock in canonical form (except list sorted, duplicates dropped), so equal
+/// blocks from different policies are one block.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CidrBlock {
+    pub cidr: IpPrefix,
+    pub except: Vec<IpPrefix>,
+}
+
+impl CidrBlock {
+    /// Validates an ipBlock; errors are (field below the ipBlock, message).
+    pub fn parse(block: &IPBlock) -> Result<Self, Vec<(String, String)>> {
+        let mut errors = Vec::new();
+        let cidr = IpPrefix::parse(&block.cidr).map_err(|m| vec![("cidr".to_owned(), m)])?;
+        let mut except = Vec::new();
+        for (index, text) in block.except.iter().flatten().enumerate() {
+            match IpPrefix::parse(text) {
+                // Equal to the cidr is allowed (the block then matches nothing), as upstream.
+                Ok(prefix) if cidr.covers(&prefix) => except.push(prefix),
+                Ok(_) => errors.push((format!("except[{index}]"), format!("{text} is not inside cidr {cidr}"))),
+                Err(message) => errors.push((format!("except[{index}]"), message)),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        except.sort();
+        except.dedup();
+        Ok(Self { cidr, except })
+    }
+
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        self.cidr.contains(addr) && !self.except.iter().any(|e| e.contains(addr))
+    }
+
+    /// Whether every address whose longest ipcache match is `prefix` is in the block (see
+    /// the module comment: prefixes in the ipcache are nested or disjoint).
+    fn matches_lpm_prefix(&self, prefix: &IpPrefix) -> bool {
+        self.cidr.covers(prefix) && !self.except.iter().any(|e| e.covers(prefix))
+    }
+}
+
+impl fmt::Display for CidrBlock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.cidr)?;
+        if !self.except.is_empty() {
+            let except: Vec<String> = self.except.iter().map(ToString::to_string).collect();
+            write!(f, " except {}", except.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Pods
+
+/// Whether the pod has finished and so holds no IP any more.
+pub fn is_terminated(pod: &Pod) -> bool {
+    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+}
+
+pub fn is_host_network(pod: &Pod) -> bool {
+    pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
+}
+
+pub fn node_name(pod: &Pod) -> Option<&str> {
+    pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+}
+
+pub fn pod_labels(pod: &Pod) -> Labels {
+    pod.metadata.labels.clone().unwrap_or_default()
+}
+
+/// The pod's IPs (`podIPs`, then `podIP`), deduplicated; unparsable ones are reported.
+pub fn pod_ips(pod: &Pod, problems: &mut Vec<Problem>) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else { return Vec::new() };
+    let texts = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, p)| (format!("status.podIPs[{i}].ip"), &p.ip))
+        .chain(status.pod_ip.iter().map(|ip| ("status.podIP".to_owned(), ip)));
+    parse_ips(texts, &format!("Pod {}", pod_ref(pod)), problems)
+}
+
+/// The node address a pod reports (`hostIPs`, then `hostIP`).
+pub fn host_ips(pod: &Pod, problems: &mut Vec<Problem>) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else { return Vec::new() };
+    let texts = status
+        .host_ips
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, p)| (format!("status.hostIPs[{i}].ip"), &p.ip))
+        .chain(status.host_ip.iter().map(|ip| ("status.hostIP".to_owned(), ip)));
+    parse_ips(texts, &format!("Pod {}", pod_ref(pod)), problems)
+}
+
+fn parse_ips<'a>(texts: impl Iterator<Item = (String, &'a String)>, object: &str, problems: &mut Vec<Problem>) -> Vec<IpAddr> {
+    let mut ips = Vec::new();
+    for (field, text) in texts {
+        if text.is_empty() {
+            continue;
+        }
+        match text.parse::<IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) => problems.push(Problem::new(object, field, format!("{text:?} is not an IP address; ignored"))),
+        }
+    }
+    ips
+}
+
+/// Protocol names NetworkPolicy and container ports accept, as IP protocol numbers.
+pub fn protocol_number(name: &str) -> Option<u8> {
+    match name {
+        "TCP" => Some(proto::TCP),
+        "UDP" => Some(proto::UDP),
+        "SCTP" => Some(proto::SCTP),
+        _ => None,
+    }
+}
+
+pub fn protocol_name(number: u8) -> &'static str {
+    match number {
+        proto::TCP => "TCP",
+        proto::UDP => "UDP",
+        proto::SCTP => "SCTP",
+        _ => "other",
+    }
+}
+
+/// The container port a named port resolves to on `pod` for `protocol`, if the pod declares
+/// that name with that protocol.
+pub fn resolve_named_port(pod: &Pod, name: &str, protocol: u8) -> Option<u16> {
+    let spec = pod.spec.as_ref()?;
+    spec.containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| {
+            p.name.as_deref() == Some(name) && protocol_number(p.protocol.as_deref().unwrap_or("TCP")) == Some(protocol)
+        })
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .filter(|port| *port != 0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Identities
+
+/// What an identity stands for, for explain, status and flow logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentityInfo {
+    /// HOST or WORLD.
+    Reserved(&'static str),
+    /// Pod addresses of one namespace with these labels (and these ipBlocks matching them).
+    Pod { namespace: String, labels: Labels, blocks: Vec<CidrBlock>, named_ports: BTreeMap<(String, u8), u16> },
+    /// Addresses outside the pods and the node that fall in exactly these ipBlocks.
+    Cidr { blocks: Vec<CidrBlock> },
+    /// Addresses of this node that fall in these ipBlocks.
+    Host { blocks: Vec<CidrBlock> },
+}
+
+impl fmt::Display for IdentityInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let blocks = |blocks: &[CidrBlock]| blocks.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        match self {
+            IdentityInfo::Reserved(name) => f.write_str(name),
+            IdentityInfo::Pod { namespace, labels, blocks: b, .. } => {
+                let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                write!(f, "pods in {namespace} with labels {{{}}}", labels.join(","))?;
+                if !b.is_empty() {
+                    write!(f, " in ipBlocks [{}]", blocks(b))?;
+                }
+                Ok(())
+            }
+            IdentityInfo::Cidr { blocks: b } => write!(f, "addresses in ipBlocks [{}]", blocks(b)),
+            IdentityInfo::Host { blocks: b } => write!(f, "this node, in ipBlocks [{}]", blocks(b)),
+        }
+    }
+}
+
+/// The canonical key an identity is derived from. Blocks are indices into the sorted block
+/// list (so index order is content order); the hash uses the block text.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum IdentityKey {
+    Pod {
+        namespace: String,
+        namespace_labels: Labels,
+        pod_labels: Labels,
+        blocks: BTreeSet<usize>,
+        named_ports: BTreeMap<(String, u8), u16>,
+    },
+    Cidr(BTreeSet<usize>),
+    Host(BTreeSet<usize>),
+}
+
+/// Pods of one namespace with the same labels: selectors are evaluated once per group.
+#[derive(Clone, Debug)]
+pub struct LabelGroup {
+    pub namespace: String,
+    pub pod_labels: Labels,
+    /// The identities of the group's addresses (several when ipBlocks or named ports split it).
+    pub identities: BTreeSet<u32>,
+}
+
+/// The result of identity resolution for one node.
+#[derive(Clone, Debug, Default)]
+pub struct IdentityTable {
+    /// Every prefix the datapath needs, with its identity.
+    pub ipcache: BTreeMap<IpPrefix, u32>,
+    pub info: BTreeMap<u32, IdentityInfo>,
+    /// Label groups by namespace, for pod selectors.
+    pub groups: BTreeMap<String, Vec<LabelGroup>>,
+    /// For each block (index into `blocks`), the identities whose addresses it matches.
+    pub block_members: Vec<BTreeSet<u32>>,
+    pub blocks: Vec<CidrBlock>,
+    /// Identities of this node's addresses (HOST and derived host identities).
+    pub host_identities: BTreeSet<u32>,
+    /// Named-port resolutions of pod identities (only names the egress rules refer to).
+    pub named_ports: BTreeMap<u32, BTreeMap<(String, u8), u16>>,
+    /// Identity of each pod address (cluster-wide), for explain and status.
+    pub pod_addresses: BTreeMap<IpAddr, (PodRef, u32)>,
+}
+
+impl IdentityTable {
+    /// Every pod identity (the peers of an egress rule with no `to` and a named port).
+    pub fn pod_identities(&self) -> impl Iterator<Item = u32> + '_ {
+        self.named_ports.keys().copied()
+    }
+}
+
+/// What the identity resolution needs from the compiled policies.
+pub struct IdentityInputs<'a> {
+    /// Valid ipBlocks of all policies, sorted and distinct.
+    pub blocks: &'a [CidrBlock],
+    /// (name, protocol) of every named port in an egress rule.
+    pub egress_named_ports: &'a BTreeSet<(String, u8)>,
+}
+
+/// Assigns identities to every address the datapath of `node_name` may see.
+pub fn resolve_identities(
+    state: &ClusterState,
+    node_name: &str,
+    node_ips: &[IpAddr],
+    inputs: &IdentityInputs<'_>,
+    problems: &mut Vec<Problem>,
+) -> IdentityTable {
+    let blocks = inputs.blocks;
+    let blocks_matching = |addr: IpAddr| -> BTreeSet<usize> {
+        blocks.iter().enumerate().filter(|(_, b)| b.contains(addr)).map(|(i, _)| i).collect()
+    };
+
+    // Node addresses first: they win over a pod claiming the same address.
+    let mut node_addresses: BTreeSet<IpAddr> = node_ips.iter().copied().collect();
+    for pod in state.pods.values().filter(|p| node_name_is(p, node_name)) {
+        node_addresses.extend(host_ips(pod, problems));
+        if is_host_network(pod) && !is_terminated(pod) {
+            node_addresses.extend(pod_ips(pod, problems));
+        }
+    }
+
+    let mut keys: BTreeMap<IdentityKey, Vec<IpPrefix>> = BTreeMap::new();
+    let mut claimed: BTreeMap<IpAddr, PodRef> = BTreeMap::new();
+    for addr in &node_addresses {
+        keys.entry(IdentityKey::Host(blocks_matching(*addr))).or_default().push(IpPrefix::host(*addr));
+    }
+
+    let mut namespace_labels: BTreeMap<String, Labels> = BTreeMap::new();
+    let mut pod_keys: Vec<(PodRef, IpAddr, IdentityKey)> = Vec::new();
+    for (pod_ref, pod) in &state.pods {
+        if is_host_network(pod) || is_terminated(pod) {
+            continue;
+        }
+        let ips = pod_ips(pod, problems);
+        if ips.is_empty() {
+            continue;
+        }
+        let ns_labels =
+            namespace_labels.entry(pod_ref.namespace.clone()).or_insert_with(|| state.namespace_labels(&pod_ref.namespace)).clone();
+        let labels = pod_labels(pod);
+        let named_ports: BTreeMap<(String, u8), u16> = inputs
+            .egress_named_ports
+            .iter()
+            .filter_map(|(name, protocol)| resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port)))
+            .collect();
+        for ip in ips {
+            if node_addresses.contains(&ip) {
+                problems.push(Problem::new(format!("Pod {pod_ref}"), "status.podIPs", format!("{ip} is an address of node {node_name}; treated as the node")));
+                continue;
+            }
+            if let Some(owner) = claimed.get(&ip) {
+                problems.push(Problem::new(format!("Pod {pod_ref}"), "status.podIPs", format!("{ip} is also the address of pod {owner}; ignored here")));
+                continue;
+            }
+            claimed.insert(ip, pod_ref.clone());
+            let key = IdentityKey::Pod {
+                namespace: pod_ref.namespace.clone(),
+                namespace_labels: ns_labels.clone(),
+                pod_labels: labels.clone(),
+                blocks: blocks_matching(ip),
+                named_ports: named_ports.clone(),
+            };
+            keys.entry(key.clone()).or_default().push(IpPrefix::host(ip));
+            pod_keys.push((pod_ref.clone(), ip, key));
+        }
+    }
+
+    // Every cidr and except prefix, for addresses that are neither pods nor the node.
+    let mut cidr_prefixes: BTreeSet<IpPrefix> = BTreeSet::new();
+    for block in blocks {
+        cidr_prefixes.insert(block.cidr);
+        cidr_prefixes.extend(block.except.iter().copied());
+    }
+    let mut world_prefixes = Vec::new();
+    for prefix in cidr_prefixes {
+        let host = IpPrefix::host(prefix.addr());
+        if prefix == host && (claimed.contains_key(&prefix.addr()) || node_addresses.contains(&prefix.addr())) {
+            continue; // the pod or node entry already says everything about this address
+        }
+        let matching: BTreeSet<usize> =
+            blocks.iter().enumerate().filter(|(_, b)| b.matches_lpm_prefix(&prefix)).map(|(i, _)| i).collect();
+        if matching.is_empty() {
+            // Needed only where a shorter prefix would otherwise capture these addresses.
+            if blocks.iter().any(|b| b.cidr.covers(&prefix) && b.cidr != prefix) {
+                world_prefixes.push(prefix);
+            }
+        } else {
+            keys.entry(IdentityKey::Cidr(matching)).or_default().push(prefix);
+        }
+    }
+
+    let numbers = allocate(
+        keys.keys().filter(|k| !matches!(k, IdentityKey::Host(b) if b.is_empty())),
+        |key| fnv1a64(&canonical_bytes(key, blocks)),
+        identity::FIRST_DERIVED,
+        u64::from(identity::MAX_DERIVED),
+    );
+    let number_of = |key: &IdentityKey| -> u32 {
+        match key {
+            IdentityKey::Host(b) if b.is_empty() => identity::HOST,
+            _ => numbers.get(key).copied().unwrap_or(identity::WORLD),
+        }
+    };
+
+    let mut table = IdentityTable {
+        blocks: blocks.to_vec(),
+        block_members: vec![BTreeSet::new(); blocks.len()],
+        ..IdentityTable::default()
+    };
+    table.info.insert(identity::HOST, IdentityInfo::Reserved("host"));
+    table.info.insert(identity::WORLD, IdentityInfo::Reserved("world"));
+    table.host_identities.insert(identity::HOST);
+    for prefix in world_prefixes {
+        table.ipcache.insert(prefix, identity::WORLD);
+    }
+    let block_list = |set: &BTreeSet<usize>| set.iter().filter_map(|i| blocks.get(*i).cloned()).collect::<Vec<_>>();
+    let mut groups: BTreeMap<(String, Labels), BTreeSet<u32>> = BTreeMap::new();
+    for (key, prefixes) in &keys {
+        let number = number_of(key);
+        for prefix in prefixes {
+            table.ipcache.insert(*prefix, number);
+        }
+        let block_set = match key {
+            IdentityKey::Pod { namespace, pod_labels, blocks: b, named_ports, .. } => {
+                groups.entry((namespace.clone(), pod_labels.clone())).or_default().insert(number);
+                table.named_ports.insert(number, named_ports.clone());
+                table.info.insert(
+                    number,
+                    IdentityInfo::Pod {
+                        namespace: namespace.clone(),
+                        labels: pod_labels.clone(),
+                        blocks: block_list(b),
+                        named_ports: named_ports.clone(),
+                    },
+                );
+                b
+            }
+            IdentityKey::Cidr(b) => {
+                table.info.insert(number, IdentityInfo::Cidr { blocks: block_list(b) });
+                b
+            }
+            IdentityKey::Host(b) => {
+                table.host_identities.insert(number);
+                if !b.is_empty() {
+                    table.info.insert(number, IdentityInfo::Host { blocks: block_list(b) });
+                }
+                b
+            }
+        };
+        for index in block_set {
+            if let Some(members) = table.block_members.get_mut(*index) {
+                members.insert(number);
+            }
+        }
+    }
+    for ((namespace, pod_labels), identities) in groups {
+        table.groups.entry(namespace.clone()).or_default().push(LabelGroup { namespace, pod_labels, identities });
+    }
+    for (pod_ref, ip, key) in pod_keys {
+        table.pod_addresses.insert(ip, (pod_ref, number_of(&key)));
+    }
+    table
+}
+
+fn node_name_is(pod: &Pod, node: &str) -> bool {
+    node_name(pod) == Some(node)
+}
+
+/// Length-prefixed encoding of a key, so that no two keys share bytes.
+fn canonical_bytes(key: &IdentityKey, blocks: &[CidrBlock]) -> Vec<u8> {
+    fn put(out: &mut Vec<u8>, text: &str) {
+        out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
+    fn put_labels(out: &mut Vec<u8>, labels: &Labels) {
+        out.extend_from_slice(&(labels.len() as u64).to_le_bytes());
+        for (k, v) in labels {
+            put(out, k);
+            put(out, v);
+        }
+    }
+    let put_blocks = |out: &mut Vec<u8>, set: &BTreeSet<usize>| {
+        out.extend_from_slice(&(set.len() as u64).to_le_bytes());
+        for block in set.iter().filter_map(|i| blocks.get(*i)) {
+            put(out, &block.to_string());
+        }
+    };
+    let mut out = Vec::with_capacity(128);
+    match key {
+        IdentityKey::Pod { namespace, namespace_labels, pod_labels, blocks: b, named_ports } => {
+            put(&mut out, "pod");
+            put(&mut out, namespace);
+            put_labels(&mut out, namespace_labels);
+            put_labels(&mut out, pod_labels);
+            put_blocks(&mut out, b);
+            out.extend_from_slice(&(named_ports.len() as u64).to_le_bytes());
+            for ((name, protocol), port) in named_ports {
+                put(&mut out, name);
+                out.push(*protocol);
+                out.extend_from_slice(&port.to_le_bytes());
+            }
+        }
+        IdentityKey::Cidr(b) => {
+            put(&mut out, "cidr");
+            put_blocks(&mut out, b);
+        }
+        IdentityKey::Host(b) => {
+            put(&mut out, "host");
+            put_blocks(&mut out, b);
+        }
+    }
+    out
+}
+
+/// FNV-1a, 64 bits: a stable hash (std's hashers may change between releases).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// Gives each key a number in `first..end` from its hash, probing linearly (wrapping) on a
+/// collision. Keys are taken in the iterator's order, which callers keep sorted, so the
+/// result depends only on the set of keys.
+pub fn allocate<'k, K: Ord + 'k>(
+    keys: impl Iterator<Item = &'k K>,
+    hash: impl Fn(&K) -> u64,
+    first: u32,
+    end: u64,
+) -> BTreeMap<&'k K, u32> {
+    let span = end.saturating_sub(u64::from(first)).max(1);
+    let mut taken: BTreeSet<u64> = BTreeSet::new();
+    let mut numbers = BTreeMap::new();
+    for key in keys {
+        let mut slot = hash(key) % span;
+        // Bounded: the key count is far below the span.
+        while !taken.insert(slot) {
+            slot = (slot + 1) % span;
+        }
+        // `slot < span <= end - first`, and `end <= 2^32`, so this fits in a u32.
+        numbers.insert(key, u32::try_from(u64::from(first) + slot).unwrap_or(u32::MAX));
+    }
+    numbers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    fn expression(key: &str, operator: &str, values: &[&str]) -> LabelSelector {
+        LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: key.to_owned(),
+                operator: operator.to_owned(),
+                values: (!values.is_empty()).then(|| values.iter().map(|v| (*v).to_owned()).collect()),
+            }]),
+            match_labels: None,
+        }
+    }
+
+    #[test]
+    fn selector_operators() {
+        let web = labels(&[("app", "web")]);
+        let none = labels(&[]);
+        let cases: &[(LabelSelector, &Labels, bool)] = &[
+            (expression("app", "In", &["web", "api"]), &web, true),
+            (expression("app", "In", &["api"]), &web, false),
+            (expression("app", "NotIn", &["api"]), &web, true),
+            (expression("app", "NotIn", &["web"]), &web, false),
+            (expression("app", "NotIn", &["web"]), &none, true),
+            (expression("app", "Exists", &[]), &web, true),
+            (expression("app", "Exists", &[]), &none, false),
+            (expression("app", "DoesNotExist", &[]), &none, true),
+            (expression("app", "DoesNotExist", &[]), &web, false),
+            (LabelSelector::default(), &none, true),
+        ];
+        for (selector, labels, expected) in cases {
+            assert_eq!(Selector::parse(selector).unwrap().matches(labels), *expected, "{selector:?} on {labels:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_selectors_are_rejected() {
+        for selector in [
+            expression("app", "in", &["web"]),
+            expression("app", "In", &[]),
+            expression("app", "NotIn", &[]),
+            expression("app", "Exists", &["x"]),
+            expression("", "Exists", &[]),
+        ] {
+            assert!(Selector::parse(&selector).is_err(), "{selector:?}");
+        }
+    }
+
+    #[test]
+    fn prefixes_and_blocks() {
+        let p = IpPrefix::parse("10.1.2.3/8").unwrap();
+        assert_eq!(p.to_string(), "10.0.0.0/8");
+        assert!(IpPrefix::parse("10.0.0.0").is_err());
+        assert!(IpPrefix::parse("10.0.0.0/33").is_err());
+        assert!(IpPrefix::parse("2001:db8::/129").is_err());
+        assert!(IpPrefix::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
+        assert!(!IpPrefix::parse("0.0.0.0/0").unwrap().contains("::1".parse().unwrap()));
+        let block = CidrBlock::parse(&IPBlock { cidr: "10.0.0.0/8".into(), except: Some(vec!["10.1.0.0/16".into()]) }).unwrap();
+        assert!(block.contains("10.2.0.1".parse().unwrap()));
+        assert!(!block.contains("10.1.0.1".parse().unwrap()));
+        assert!(CidrBlock::parse(&IPBlock { cidr: "10.0.0.0/16".into(), except: Some(vec!["10.1.0.0/24".into()]) }).is_err());
+        assert!(CidrBlock::parse(&IPBlock { cidr: "10.0.0.0/16".into(), except: Some(vec!["::/64".into()]) }).is_err());
+    }
+
+    #[test]
+    fn allocation_is_stable_and_probes() {
+        let keys: BTreeSet<u32> = (0..100).collect();
+        // A constant hash forces every key through the probe.
+        let a = allocate(keys.iter(), |_| 7, 256, 1 << 30);
+        let b = allocate(keys.iter().rev().collect::<BTreeSet<_>>().into_iter(), |_| 7, 256, 1 << 30);
+        assert_eq!(a.values().copied().collect::<BTreeSet<_>>().len(), 100);
+        assert_eq!(a.iter().map(|(k, v)| (**k, *v)).collect::<Vec<_>>(), b.iter().map(|(k, v)| (**k, *v)).collect::<Vec<_>>());
+        assert_eq!(a[&0], 263);
+    }
+}

@@ -1,0 +1,115 @@
+//! Connection tracking: one LRU hash of flows that a policy (or a non-isolated direction)
+//! let through, so that later packets and replies pass without a policy lookup.
+//!
+//! The key is normalised to the pod's side (pod address and port first, the peer second), so
+//! a packet in either direction finds the same entry with one lookup; `origin` in the value
+//! says which way the connection was opened.
+
+use bytemuck::{Pod, Zeroable};
+
+pub const MAX_ENTRIES: u32 = 131_072;
+
+/// Lifetimes, in nanoseconds, refreshed on every packet of the flow.
+pub const LIFETIME_TCP_OPENING_NS: u64 = 60 * NS_PER_SEC;
+pub const LIFETIME_TCP_ESTABLISHED_NS: u64 = 6 * 3_600 * NS_PER_SEC;
+/// After a FIN or RST: long enough for the last ACKs, short enough to free the slot.
+pub const LIFETIME_TCP_CLOSING_NS: u64 = 10 * NS_PER_SEC;
+pub const LIFETIME_UDP_NS: u64 = 60 * NS_PER_SEC;
+pub const LIFETIME_SCTP_NS: u64 = 3_600 * NS_PER_SEC;
+pub const LIFETIME_ICMP_NS: u64 = 30 * NS_PER_SEC;
+pub const LIFETIME_OTHER_NS: u64 = 60 * NS_PER_SEC;
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// TCP flags recorded in [`CtValue::tcp_flags`].
+pub const TCP_SEEN_FIN: u8 = 1 << 0;
+pub const TCP_SEEN_RST: u8 = 1 << 1;
+pub const TCP_SEEN_ACK: u8 = 1 << 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtKey {
+    pub endpoint: u32,
+    pub family: u8,
+    pub protocol: u8,
+    pod_port: [u8; 2],
+    peer_port: [u8; 2],
+    _pad: [u8; 2],
+    /// IPv4 addresses use the first four bytes, the rest stays zero.
+    pub pod_addr: [u8; 16],
+    pub peer_addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
+
+impl CtKey {
+    pub const fn new(
+        endpoint: u32,
+        family: u8,
+        protocol: u8,
+        pod_addr: [u8; 16],
+        pod_port: u16,
+        peer_addr: [u8; 16],
+        peer_port: u16,
+    ) -> Self {
+        Self {
+            endpoint,
+            family,
+            protocol,
+            pod_port: pod_port.to_be_bytes(),
+            peer_port: peer_port.to_be_bytes(),
+            _pad: [0; 2],
+            pod_addr,
+            peer_addr,
+        }
+    }
+
+    pub const fn pod_port(&self) -> u16 {
+        u16::from_be_bytes(self.pod_port)
+    }
+
+    pub const fn peer_port(&self) -> u16 {
+        u16::from_be_bytes(self.peer_port)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns` after which the entry no longer counts.
+    pub expires_ns: u64,
+    /// Cookie of the rule that allowed the first packet (0 when not isolated).
+    pub cookie: u32,
+    /// The [`Direction`](crate::Direction) of the first packet.
+    pub origin: u8,
+    pub tcp_flags: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
+
+/// Non-first fragments of a datagram whose first fragment passed; keyed like the IP
+/// reassembly id. Only the first fragment carries ports, so this is how the rest are judged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey {
+    pub endpoint: u32,
+    pub id: u32,
+    pub family: u8,
+    pub protocol: u8,
+    pub direction: u8,
+    pub _pad: u8,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 44);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragValue {
+    pub expires_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<FragValue>() == 8);
+
+pub const FRAG_MAX_ENTRIES: u32 = 8_192;
+/// Reassembly gives up after 30 s (ipfrag_time); so do we.
+pub const LIFETIME_FRAGMENT_NS: u64 = 30 * NS_PER_SEC;
+
+crate::user_pod!(CtKey, CtValue, FragKey, FragValue);

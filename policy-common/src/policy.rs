@@ -1,0 +1,181 @@
+//! The policy map: one node-wide LPM trie of allow entries, keyed by
+//! (endpoint, peer identity, direction, protocol, port).
+//!
+//! Protocol and port come last so that "any port of a protocol" and port ranges are prefixes
+//! (as in Cilium's `policy.h`): a full key is 96 bits, a whole protocol is 80, any protocol 72.
+//! The classifier looks up the peer's identity first, then the wildcard identity [`ANY`].
+//! Entries only ever allow: a pod with no matching entry in an isolated direction is dropped.
+//!
+//! [`ANY`]: crate::identity::ANY
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::Direction;
+
+pub const MAX_ENTRIES: u32 = 65_536;
+/// Prefix length of a key that matches one port exactly.
+pub const PREFIX_FULL: u32 = 96;
+/// Prefix length of a key that matches every port of its protocol.
+pub const PREFIX_PROTOCOL: u32 = 80;
+/// Prefix length of a key that matches every protocol and port.
+pub const PREFIX_ANY_PROTOCOL: u32 = 72;
+
+/// Data part of the policy LPM key; integers are big-endian so ranges are bit prefixes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct PolicyKey {
+    endpoint: [u8; 4],
+    identity: [u8; 4],
+    direction: u8,
+    protocol: u8,
+    port: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+
+impl PolicyKey {
+    pub const fn new(endpoint: u32, identity: u32, direction: Direction, protocol: u8, port: u16) -> Self {
+        Self {
+            endpoint: endpoint.to_be_bytes(),
+            identity: identity.to_be_bytes(),
+            direction: direction as u8,
+            protocol,
+            port: port.to_be_bytes(),
+        }
+    }
+
+    pub const fn endpoint(&self) -> u32 {
+        u32::from_be_bytes(self.endpoint)
+    }
+
+    pub const fn identity(&self) -> u32 {
+        u32::from_be_bytes(self.identity)
+    }
+
+    pub const fn direction(&self) -> Option<Direction> {
+        Direction::from_u8(self.direction)
+    }
+
+    pub const fn protocol(&self) -> u8 {
+        self.protocol
+    }
+
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// What an allow entry carries: the cookie of the rule that produced it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct PolicyValue {
+    /// Names the policy rule that allowed the traffic; the agent maps it back to a name.
+    pub cookie: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 4);
+
+/// Cookie of the entries that let the node reach its pods (kubelet probes).
+pub const COOKIE_NODE: u32 = 1;
+/// Cookies at or above this name a (policy, direction, rule) of the cluster.
+pub const FIRST_RULE_COOKIE: u32 = 16;
+
+/// A port range as an LPM block: `port` with its top `bits` bits significant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortPrefix {
+    pub port: u16,
+    /// 0..=16 significant bits of `port`.
+    pub bits: u8,
+}
+
+impl PortPrefix {
+    /// The LPM prefix length of a key for this port block.
+    pub const fn lpm_prefix_len(&self) -> u32 {
+        PREFIX_PROTOCOL + self.bits as u32
+    }
+
+    pub const fn first(&self) -> u16 {
+        self.port
+    }
+
+    pub const fn last(&self) -> u16 {
+        let span = if self.bits == 0 { u16::MAX } else { (1u16 << (16 - self.bits)).wrapping_sub(1) };
+        self.port | span
+    }
+}
+
+/// Splits the inclusive range `first..=last` into the fewest aligned power-of-two blocks
+/// (at most 30 for a 16-bit range), so that `endPort` never expands to one entry per port.
+pub struct PortRangePrefixes {
+    next: u32,
+    last: u32,
+}
+
+impl PortRangePrefixes {
+    pub const fn new(first: u16, last: u16) -> Self {
+        if first > last {
+            // An empty range yields nothing.
+            Self { next: 1, last: 0 }
+        } else {
+            Self { next: first as u32, last: last as u32 }
+        }
+    }
+}
+
+impl Iterator for PortRangePrefixes {
+    type Item = PortPrefix;
+
+    fn next(&mut self) -> Option<PortPrefix> {
+        if self.next > self.last {
+            return None;
+        }
+        let start = self.next;
+        // The largest block aligned at `start` that stays inside the range.
+        let mut size_log2 = if start == 0 { 16 } else { start.trailing_zeros().min(16) };
+        while size_log2 > 0 && start + (1 << size_log2) - 1 > self.last {
+            size_log2 -= 1;
+        }
+        self.next = start + (1 << size_log2);
+        Some(PortPrefix { port: start as u16, bits: (16 - size_log2) as u8 })
+    }
+}
+
+crate::user_pod!(PolicyKey, PolicyValue);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn covered(first: u16, last: u16) -> (u32, usize) {
+        let mut total = 0u32;
+        let mut count = 0;
+        let mut expect = first as u32;
+        for p in PortRangePrefixes::new(first, last) {
+            assert_eq!(p.first() as u32, expect, "blocks are contiguous");
+            assert!(p.first() <= p.last());
+            total += p.last() as u32 - p.first() as u32 + 1;
+            expect = p.last() as u32 + 1;
+            count += 1;
+        }
+        (total, count)
+    }
+
+    #[test]
+    fn ranges_split_into_exact_blocks() {
+        for (first, last) in [(0, 65535), (1, 65535), (80, 80), (1000, 2000), (32000, 32768), (65535, 65535), (0, 0)] {
+            let (total, count) = covered(first, last);
+            assert_eq!(total, last as u32 - first as u32 + 1, "{first}..={last}");
+            assert!(count <= 30, "{first}..={last} took {count} blocks");
+        }
+        assert_eq!(PortRangePrefixes::new(0, 65535).collect::<std::vec::Vec<_>>(), [PortPrefix { port: 0, bits: 0 }]);
+        assert_eq!(PortRangePrefixes::new(80, 80).next().unwrap().lpm_prefix_len(), PREFIX_FULL);
+        assert_eq!(PortRangePrefixes::new(5, 4).count(), 0);
+    }
+
+    #[test]
+    fn policy_key_layout_is_big_endian() {
+        let key = PolicyKey::new(0x0102_0304, 0x0506_0708, Direction::Egress, 6, 0x1f90);
+        let bytes: &[u8] = bytemuck::bytes_of(&key);
+        assert_eq!(bytes, [1, 2, 3, 4, 5, 6, 7, 8, 1, 6, 0x1f, 0x90]);
+        assert_eq!((key.endpoint(), key.identity(), key.port()), (0x0102_0304, 0x0506_0708, 0x1f90));
+        assert_eq!(key.direction(), Some(Direction::Egress));
+    }
+}

@@ -1,0 +1,146 @@
+//! Connection tracking: flows that were let through once pass without a policy lookup,
+//! in both directions, until their lifetime runs out.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use policy_common::{
+    Direction, proto,
+    conntrack::*,
+};
+
+use crate::{
+    maps::{CONNTRACK, FRAGMENTS},
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple},
+};
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: a helper with no arguments and no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The key of `tuple` on `endpoint`, normalised to the pod's side so that both directions of
+/// a flow find the same entry.
+#[inline(always)]
+pub fn key(endpoint: u32, family: u8, tuple: &Tuple, direction: Direction) -> CtKey {
+    match direction {
+        // Leaving the pod: the pod is the source.
+        Direction::Egress => CtKey::new(endpoint, family, tuple.protocol, tuple.src, tuple.sport, tuple.dst, tuple.dport),
+        Direction::Ingress => CtKey::new(endpoint, family, tuple.protocol, tuple.dst, tuple.dport, tuple.src, tuple.sport),
+    }
+}
+
+#[inline(always)]
+fn lifetime(protocol: u8, tcp_flags_seen: u8) -> u64 {
+    match protocol {
+        proto::TCP => {
+            if tcp_flags_seen & (TCP_SEEN_FIN | TCP_SEEN_RST) != 0 {
+                LIFETIME_TCP_CLOSING_NS
+            } else if tcp_flags_seen & TCP_SEEN_ACK != 0 {
+                LIFETIME_TCP_ESTABLISHED_NS
+            } else {
+                LIFETIME_TCP_OPENING_NS
+            }
+        }
+        proto::UDP => LIFETIME_UDP_NS,
+        proto::SCTP => LIFETIME_SCTP_NS,
+        proto::ICMP | proto::ICMPV6 => LIFETIME_ICMP_NS,
+        _ => LIFETIME_OTHER_NS,
+    }
+}
+
+/// What a conntrack hit says about the packet.
+pub enum Tracked {
+    /// Same direction as the first packet.
+    Established,
+    Reply,
+}
+
+/// Looks the packet's flow up and, on a live entry, refreshes its lifetime in place (no map
+/// update on the fast path).
+#[inline(always)]
+pub fn lookup(key: &CtKey, packet: &Packet, direction: Direction, time: u64) -> Option<Tracked> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: the pointer from a successful lookup is valid for this program run; concurrent
+    // writers on other CPUs only store whole aligned words, which is benign for a lifetime.
+    let entry = unsafe { &mut *entry };
+    if entry.expires_ns < time {
+        return None;
+    }
+    let origin = entry.origin;
+    let mut seen = entry.tcp_flags;
+    if packet.tuple.protocol == proto::TCP {
+        if packet.tcp_flags & TCP_RST != 0 {
+            seen |= TCP_SEEN_RST;
+        }
+        if packet.tcp_flags & TCP_FIN != 0 {
+            seen |= TCP_SEEN_FIN;
+        }
+        // The handshake is complete once the side that did not open has answered.
+        if origin != direction as u8 && packet.tcp_flags & TCP_ACK != 0 {
+            seen |= TCP_SEEN_ACK;
+        }
+        // A new SYN on a closing tuple reopens it.
+        if packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && origin == direction as u8 {
+            seen = 0;
+        }
+    }
+    let expires = time + lifetime(packet.tuple.protocol, seen);
+    // Write only when something changed by more than a second, to keep the cache line
+    // shared between CPUs on the established path.
+    if seen != entry.tcp_flags || expires > entry.expires_ns + 1_000_000_000 || expires < entry.expires_ns {
+        entry.tcp_flags = seen;
+        entry.expires_ns = expires;
+    }
+    Some(if origin == direction as u8 { Tracked::Established } else { Tracked::Reply })
+}
+
+/// Looks up the flow an ICMP error is about (its reversed tuple); no refresh.
+#[inline(always)]
+pub fn related(key: &CtKey, time: u64) -> bool {
+    // SAFETY: as in `lookup`; read only.
+    CONNTRACK.get_ptr(key).is_some_and(|entry| unsafe { (*entry).expires_ns >= time })
+}
+
+/// Records a flow that was let through. A failed insert (never for an LRU map short of
+/// memory pressure) only costs a policy lookup on the next packet.
+#[inline(always)]
+pub fn create(key: &CtKey, packet: &Packet, direction: Direction, cookie: u32, time: u64) {
+    let mut seen = 0;
+    if packet.tuple.protocol == proto::TCP && packet.tcp_flags & TCP_RST != 0 {
+        seen = TCP_SEEN_RST;
+    }
+    let value = CtValue {
+        expires_ns: time + lifetime(packet.tuple.protocol, seen),
+        cookie,
+        origin: direction as u8,
+        tcp_flags: seen,
+        _pad: [0; 2],
+    };
+    let _ = CONNTRACK.insert(key, &value, 0);
+}
+
+#[inline(always)]
+pub fn fragment_key(endpoint: u32, packet: &Packet, direction: Direction) -> FragKey {
+    FragKey {
+        endpoint,
+        id: packet.fragment_id,
+        family: packet.family,
+        protocol: packet.tuple.protocol,
+        direction: direction as u8,
+        _pad: 0,
+        src_addr: packet.tuple.src,
+        dst_addr: packet.tuple.dst,
+    }
+}
+
+/// Remembers that the first fragment of a datagram passed, so its later fragments may too.
+#[inline(always)]
+pub fn allow_fragments(key: &FragKey, time: u64) {
+    let _ = FRAGMENTS.insert(key, &FragValue { expires_ns: time + LIFETIME_FRAGMENT_NS }, 0);
+}
+
+#[inline(always)]
+pub fn fragments_allowed(key: &FragKey, time: u64) -> bool {
+    // SAFETY: a value pointer from a successful lookup, read once.
+    FRAGMENTS.get_ptr(key).is_some_and(|entry| unsafe { (*entry).expires_ns >= time })
+}

@@ -1,0 +1,42 @@
+//! Every map of the classifier, pinned by name (under the agent's bpffs directory) so that a
+//! restarted agent adopts them. Names carry a layout version and stay under 16 characters.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use policy_common::{
+    conntrack::{self, CtKey, CtValue, FragKey, FragValue},
+    counters::{self, Counter},
+    endpoint::{self, EndpointInfo, EndpointKey},
+    event::{self, Config, RateState},
+    ipcache::{self, IpcacheKey, IpcacheValue},
+    policy::{self, PolicyKey, PolicyValue},
+};
+
+#[map(name = "IPCACHE_V1")]
+pub static IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(ipcache::MAX_ENTRIES, 0);
+
+#[map(name = "ENDPOINTS_V1")]
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(endpoint::MAX_ENTRIES, 0);
+
+#[map(name = "POLICY_V1")]
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(policy::MAX_ENTRIES, 0);
+
+#[map(name = "CONNTRACK_V1")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(conntrack::MAX_ENTRIES, 0);
+
+#[map(name = "FRAGMENTS_V1")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(conntrack::FRAG_MAX_ENTRIES, 0);
+
+#[map(name = "COUNTERS_V1")]
+pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(counters::MAX_ENTRIES, 0);
+
+#[map(name = "EVENTS_V1")]
+pub static EVENTS: RingBuf = RingBuf::pinned(event::RING_BYTES, 0);
+
+#[map(name = "CONFIG_V1")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map(name = "EVENT_RATE_V1")]
+pub static EVENT_RATE: PerCpuArray<RateState> = PerCpuArray::pinned(1, 0);
