@@ -220,12 +220,16 @@ impl Datapath {
         &self.pins
     }
 
-    pub fn program_id(&self, hook: Hook) -> Result<u32, AgentError> {
-        let program: &SchedClassifier = self
-            .ebpf
+    /// The loaded program of `hook` (for BPF_PROG_TEST_RUN).
+    pub fn program(&self, hook: Hook) -> Result<&SchedClassifier, AgentError> {
+        self.ebpf
             .program(hook.program())
             .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| AgentError::Usage { flag: "program", what: format!("{hook} missing from object") })?;
+            .ok_or_else(|| AgentError::Usage { flag: "program", what: format!("{hook} missing from object") })
+    }
+
+    pub fn program_id(&self, hook: Hook) -> Result<u32, AgentError> {
+        let program = self.program(hook)?;
         Ok(program.info().map_err(|e| ebpf_error(format!("info of {hook}"), e))?.id())
     }
 

@@ -1,1 +1,126 @@
-fn main(){}
+//! Developer and CI tasks: `cargo xtask <setup|build-and-load|test|demo|bench>`.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: rust-src for nightly, bpf-linker, Debian packages.
+    Setup,
+    /// Build the classifier and agent, load and attach it to an interface, pin its maps.
+    BuildAndLoad {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, value_enum, default_value_t = HookChoice::Both)]
+        direction: HookChoice,
+        /// bpffs directory for maps and links.
+        #[arg(long, default_value = "/sys/fs/bpf/policy")]
+        pin_dir: PathBuf,
+        /// Remove the classifier from the interface instead.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Run every test suite: unit tests, the proptest oracle, the privileged datapath tests.
+    Test {
+        /// Only run tests whose name contains this (passed to the test binaries).
+        filter: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum HookChoice {
+    Ingress,
+    Egress,
+    Both,
+}
+
+impl HookChoice {
+    fn as_str(self) -> &'static str {
+        match self {
+            HookChoice::Ingress => "ingress",
+            HookChoice::Egress => "egress",
+            HookChoice::Both => "both",
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Task::Setup => setup::run(),
+        Task::BuildAndLoad { iface, direction, pin_dir, detach } => {
+            setup::run()?;
+            let agent = build_agent()?;
+            let verb = if detach { "detach" } else { "attach" };
+            run(Command::new(agent)
+                .args([verb, "--iface", &iface, "--direction", direction.as_str(), "--bpffs"])
+                .arg(&pin_dir))
+        }
+        Task::Test { filter } => test(filter.as_deref()),
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Runs a command from the workspace root and fails with its command line if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.current_dir(workspace_root()).status().with_context(|| format!("spawn {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Builds the agent (and through its build.rs the classifier); returns the binary.
+fn build_agent() -> Result<PathBuf> {
+    run(cargo().args(["build", "--package", "policy-agent", "--bins"]))?;
+    Ok(workspace_root().join("target/debug/policy-agent"))
+}
+
+fn test(filter: Option<&str>) -> Result<()> {
+    setup::run()?;
+    if !nix_is_root() {
+        bail!("the privileged test suites need root (network namespaces, BPF)");
+    }
+    let filter: Vec<&str> = filter.into_iter().collect();
+    // Unit tests, layout tests and the proptest oracle: no privileges needed.
+    run(cargo().args(["test", "--workspace", "--"]).args(&filter))?;
+    // Privileged suites share kernel state (bpffs, namespaces): one test thread each.
+    for suite in PRIVILEGED_SUITES {
+        run(cargo()
+            .args(["test", "--package", "policy-agent", "--test", suite, "--", "--ignored", "--test-threads=1"])
+            .args(&filter))?;
+    }
+    Ok(())
+}
+
+/// Integration test files of policy-agent whose tests are `#[ignore]`d in a plain `cargo test`
+/// because they need root.
+const PRIVILEGED_SUITES: &[&str] = &["datapath"];
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}

@@ -1,0 +1,193 @@
+//! Crafted frames for BPF_PROG_TEST_RUN and raw sockets.
+
+use std::net::IpAddr;
+
+#[derive(Clone, Debug)]
+pub enum L4 {
+    Tcp { sport: u16, dport: u16, flags: u8 },
+    Udp { sport: u16, dport: u16 },
+    Sctp { sport: u16, dport: u16 },
+    /// ICMP or ICMPv6 (chosen by the address family) with type, code and identifier.
+    Icmp { kind: u8, code: u8, id: u16 },
+    /// An ICMP error quoting `inner` (built without its Ethernet header).
+    IcmpError { kind: u8, inner: Box<Frame> },
+}
+
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+pub const RST: u8 = 0x04;
+pub const FIN: u8 = 0x01;
+
+/// An Ethernet frame carrying IPv4 or IPv6.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub l4: L4,
+    /// IPv4 options (padded to a multiple of four bytes).
+    pub ipv4_options: Vec<u8>,
+    /// IPv6 extension headers to insert, by type (hop-by-hop 0, routing 43, dest opts 60).
+    pub ipv6_ext: Vec<u8>,
+    /// (id, more fragments, offset in 8-byte units).
+    pub fragment: Option<(u32, bool, u16)>,
+    /// Cut the frame to this many bytes.
+    pub truncate: Option<usize>,
+}
+
+impl Frame {
+    pub fn new(src: IpAddr, dst: IpAddr, l4: L4) -> Self {
+        Self { src, dst, l4, ipv4_options: Vec::new(), ipv6_ext: Vec::new(), fragment: None, truncate: None }
+    }
+
+    pub fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Self {
+        Self::new(src, dst, L4::Tcp { sport, dport, flags })
+    }
+
+    pub fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Self {
+        Self::new(src, dst, L4::Udp { sport, dport })
+    }
+
+    pub fn sctp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Self {
+        Self::new(src, dst, L4::Sctp { sport, dport })
+    }
+
+    /// The Ethernet frame.
+    pub fn build(&self) -> Vec<u8> {
+        let mut frame = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
+        frame.extend_from_slice(if self.src.is_ipv6() { &[0x86, 0xdd] } else { &[0x08, 0x00] });
+        frame.extend(self.ip());
+        if let Some(n) = self.truncate {
+            frame.truncate(n);
+        }
+        frame
+    }
+
+    /// The IP packet (no Ethernet header).
+    pub fn ip(&self) -> Vec<u8> {
+        let v6 = self.src.is_ipv6();
+        let (protocol, l4) = self.transport(v6);
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut options = self.ipv4_options.clone();
+                while options.len() % 4 != 0 {
+                    options.push(0);
+                }
+                let ihl = 5 + options.len() / 4;
+                let total = ihl * 4 + l4.len();
+                let (id, flags) = match self.fragment {
+                    Some((id, more, offset)) => (id as u16, (u16::from(more) << 13) | offset),
+                    None => (0x1234, 0x4000),
+                };
+                let mut p = vec![0x40 | ihl as u8, 0];
+                p.extend((total as u16).to_be_bytes());
+                p.extend(id.to_be_bytes());
+                p.extend(flags.to_be_bytes());
+                p.extend([64, protocol, 0, 0]);
+                p.extend(s.octets());
+                p.extend(d.octets());
+                p.extend(options);
+                p.extend(l4);
+                p
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let mut types = self.ipv6_ext.clone();
+                if self.fragment.is_some() {
+                    types.push(44);
+                }
+                let mut ext = Vec::new();
+                for (i, &t) in types.iter().enumerate() {
+                    let next = types.get(i + 1).copied().unwrap_or(protocol);
+                    if t == 44 {
+                        let (id, more, offset) = self.fragment.expect("fragment header");
+                        ext.extend([next, 0]);
+                        ext.extend(((offset << 3) | u16::from(more)).to_be_bytes());
+                        ext.extend(id.to_be_bytes());
+                    } else {
+                        // Eight bytes: next header, length 0, PadN option of four bytes.
+                        ext.extend([next, 0, 1, 4, 0, 0, 0, 0]);
+                    }
+                }
+                let first = types.first().copied().unwrap_or(protocol);
+                let mut p = vec![0x60, 0, 0, 0];
+                p.extend(((ext.len() + l4.len()) as u16).to_be_bytes());
+                p.extend([first, 64]);
+                p.extend(s.octets());
+                p.extend(d.octets());
+                p.extend(ext);
+                p.extend(l4);
+                p
+            }
+            _ => panic!("mixed address families"),
+        }
+    }
+
+    fn transport(&self, v6: bool) -> (u8, Vec<u8>) {
+        match &self.l4 {
+            L4::Tcp { sport, dport, flags } => {
+                let mut t = Vec::new();
+                t.extend(sport.to_be_bytes());
+                t.extend(dport.to_be_bytes());
+                t.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, *flags, 0xff, 0xff, 0, 0, 0, 0]);
+                (6, t)
+            }
+            L4::Udp { sport, dport } => {
+                let mut t = Vec::new();
+                t.extend(sport.to_be_bytes());
+                t.extend(dport.to_be_bytes());
+                t.extend([0, 12, 0, 0, b'p', b'i', b'n', b'g']);
+                (17, t)
+            }
+            L4::Sctp { sport, dport } => (132, sctp_init(*sport, *dport)),
+            L4::Icmp { kind, code, id } => {
+                let mut t = vec![*kind, *code, 0, 0];
+                t.extend(id.to_be_bytes());
+                t.extend([0, 1]);
+                (if v6 { 58 } else { 1 }, t)
+            }
+            L4::IcmpError { kind, inner } => {
+                let mut t = vec![*kind, 0, 0, 0, 0, 0, 0, 0];
+                t.extend(inner.ip());
+                (if v6 { 58 } else { 1 }, t)
+            }
+        }
+    }
+}
+
+/// An SCTP common header and an INIT chunk, with its CRC32c checksum.
+pub fn sctp_init(sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend(sport.to_be_bytes());
+    p.extend(dport.to_be_bytes());
+    p.extend([0u8; 8]); // verification tag 0 (INIT), checksum below
+    // INIT: type 1, flags 0, length 20, initiate tag, a_rwnd, streams, initial TSN.
+    p.extend([1, 0, 0, 20]);
+    p.extend(0x0102_0304u32.to_be_bytes());
+    p.extend(65_535u32.to_be_bytes());
+    p.extend([0, 1, 0, 1]);
+    p.extend(1u32.to_be_bytes());
+    let crc = crc32c(&p);
+    p[8..12].copy_from_slice(&crc.to_le_bytes());
+    p
+}
+
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// An ARP request frame.
+pub fn arp() -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend([0x02, 0, 0, 0, 0, 0x01, 0x08, 0x06]);
+    f.extend([0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend([0x02, 0, 0, 0, 0, 0x01, 198, 18, 0, 1]);
+    f.extend([0, 0, 0, 0, 0, 0, 198, 18, 0, 2]);
+    f.resize(60, 0);
+    f
+}
