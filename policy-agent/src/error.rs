@@ -31,4 +31,20 @@ pub enum AgentError {
     /// A BPF map is full: the endpoint it was written for fails closed.
     #[error("map {map} is full ({max} entries) while writing {what}")]
     MapFull { map: &'static str, max: u32, what: String },
+
+    /// Talking to the Kubernetes API server.
+    #[error("kubernetes: {what}: {source}")]
+    Kube {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// Serving metrics or status.
+    #[error("serve {addr}: {source}")]
+    Serve {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
 }

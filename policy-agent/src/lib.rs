@@ -3,11 +3,19 @@
 //! `resolve` (selectors, identities) -> `compile` (desired map contents, pure) ->
 //! `sync` (diff and write the BPF maps) -> `datapath` (load, pin, attach the classifier).
 
+pub mod agent;
 pub mod compile;
 pub mod datapath;
 pub mod error;
 pub mod explain;
+pub mod flowlog;
+pub mod metrics;
+pub mod netif;
 pub mod resolve;
 pub mod state;
+pub mod status;
+pub mod sync;
+pub mod testbed;
+pub mod watch;
 
 pub use error::AgentError;

@@ -13,6 +13,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node agent: watch the cluster (or a manifest directory) and enforce.
+    Run(policy_agent::agent::RunArgs),
+    /// Show the local endpoints, their isolation, attachment and map fill.
+    Status(policy_agent::status::StatusArgs),
     /// Explain whether a connection is allowed, and which policy decides it.
     Explain(policy_agent::explain::ExplainArgs),
     /// Load the classifier, pin its maps and attach it to one interface (plumbing for
@@ -58,6 +62,8 @@ impl Which {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Status(args) => policy_agent::status::main(&args).map_err(Into::into),
         Command::Explain(args) => return policy_agent::explain::main(&args),
         Command::Attach(args) => attach(&args),
         Command::Detach(args) => detach(&args),
@@ -70,6 +76,17 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn run(args: policy_agent::agent::RunArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(policy_agent::agent::run(args))?;
+    Ok(())
 }
 
 fn attach(args: &AttachArgs) -> anyhow::Result<()> {

@@ -2,7 +2,7 @@
 //! packets through BPF_PROG_TEST_RUN, and with real TCP, UDP and SCTP traffic between pods
 //! in network namespaces. Run by `cargo xtask test` (root, one test thread).
 
-mod support;
+mod packet;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -24,9 +24,9 @@ use policy_common::{
     policy::{PREFIX_ANY_PROTOCOL, PREFIX_FULL, PREFIX_PROTOCOL, PolicyKey, PolicyValue, PortRangePrefixes},
     proto,
 };
-use support::{
+use packet::{ACK, FIN, Frame, L4, SYN, arp};
+use policy_agent::testbed::{
     Bpffs, Node,
-    packet::{ACK, FIN, Frame, L4, SYN, arp},
     probe::{SctpSink, Servers, sctp_send_init, tcp_ok, udp_ok},
 };
 
@@ -100,10 +100,12 @@ impl Fixture {
         program.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
     }
 
-    /// Packets counted for `reason` on `endpoint`, over all CPUs.
+    /// Packets counted for `reason` on `endpoint`, both directions, over all CPUs.
     fn counted(&self, endpoint: u32, reason: Reason) -> u64 {
-        let values = self.maps.counters.get(&reason.slot(endpoint), 0).expect("counter");
-        values.iter().map(|c| c.packets).sum()
+        [Direction::Ingress, Direction::Egress]
+            .into_iter()
+            .map(|d| self.maps.counters.get(&reason.slot(endpoint, d), 0).expect("counter").iter().map(|c| c.packets).sum::<u64>())
+            .sum()
     }
 
     fn events(&mut self) -> Vec<VerdictEvent> {
@@ -448,7 +450,7 @@ impl Cluster {
         node.add_pod("b", B4, B6);
         let bpffs = Bpffs::new("dpn");
         for pod in &node.pods {
-            let out = node.ns.exec(&[support::agent_bin(), "attach", "--iface", &pod.host_if, "--bpffs", bpffs.path.to_str().expect("utf-8")]);
+            let out = node.ns.exec(&[env!("CARGO_BIN_EXE_policy-agent"), "attach", "--iface", &pod.host_if, "--bpffs", bpffs.path.to_str().expect("utf-8")]);
             let text = String::from_utf8_lossy(&out.stdout);
             assert!(text.contains("attached from_pod") && text.contains("attached to_pod"), "{text}");
         }

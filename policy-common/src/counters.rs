@@ -1,9 +1,9 @@
-//! Per-CPU packet counters, one slot per (endpoint id, reason), in a per-CPU array:
-//! index = `endpoint * REASON_SLOTS + reason`.
+//! Per-CPU packet counters, one slot per (endpoint id, direction, reason), in a per-CPU
+//! array: index = `(endpoint * 2 + direction) * REASON_SLOTS + reason`.
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::endpoint;
+use crate::{Direction, endpoint};
 
 /// Why the classifier passed or dropped a packet.
 #[repr(u32)]
@@ -37,7 +37,7 @@ pub enum Reason {
 
 /// Slots reserved per endpoint (room to add reasons without a layout change).
 pub const REASON_SLOTS: u32 = 16;
-pub const MAX_ENTRIES: u32 = endpoint::MAX_ENTRIES * REASON_SLOTS;
+pub const MAX_ENTRIES: u32 = endpoint::MAX_ENTRIES * 2 * REASON_SLOTS;
 
 impl Reason {
     pub const ALL: [Reason; 12] = [
@@ -81,8 +81,8 @@ impl Reason {
         }
     }
 
-    pub const fn slot(self, endpoint: u32) -> u32 {
-        endpoint * REASON_SLOTS + self as u32
+    pub const fn slot(self, endpoint: u32, direction: Direction) -> u32 {
+        (endpoint * 2 + direction as u32) * REASON_SLOTS + self as u32
     }
 }
 

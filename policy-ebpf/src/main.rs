@@ -49,7 +49,7 @@ fn classify(ctx: &TcContext, direction: Direction) -> i32 {
     // SAFETY: the context pointer is valid for the program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(endpoint) = ENDPOINTS.get_ptr(&EndpointKey { ifindex }) else {
-        telemetry::count(0, Reason::PassUnmanaged, ctx.len());
+        telemetry::count(0, direction, Reason::PassUnmanaged, ctx.len());
         return TC_ACT_OK as i32;
     };
     // SAFETY: a value pointer from a successful lookup; copied once.
@@ -60,7 +60,7 @@ fn classify(ctx: &TcContext, direction: Direction) -> i32 {
         // Not isolated either way: nothing to judge and no replies to track.
         Reason::PassNotIsolated
     };
-    telemetry::count(endpoint.id, reason, ctx.len());
+    telemetry::count(endpoint.id, direction, reason, ctx.len());
     if reason.is_drop() { TC_ACT_SHOT as i32 } else { TC_ACT_OK as i32 }
 }
 

@@ -13,8 +13,8 @@ use crate::{
 };
 
 #[inline(always)]
-pub fn count(endpoint: u32, reason: Reason, bytes: u32) {
-    let slot = reason.slot(endpoint);
+pub fn count(endpoint: u32, direction: Direction, reason: Reason, bytes: u32) {
+    let slot = reason.slot(endpoint, direction);
     if slot >= counters::MAX_ENTRIES {
         return;
     }

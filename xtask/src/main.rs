@@ -34,7 +34,9 @@ enum Task {
         #[arg(long)]
         detach: bool,
     },
-    /// Run every test suite: unit tests, the proptest oracle, the privileged datapath tests.
+    /// Build everything and run the three-tier demo in network namespaces.
+    Demo,
+    /// Run every test suite: unit tests, the proptest oracle, the privileged suites, the demo.
     Test {
         /// Only run tests whose name contains this (passed to the test binaries).
         filter: Option<String>,
@@ -70,6 +72,7 @@ fn main() -> Result<()> {
                 .args([verb, "--iface", &iface, "--direction", direction.as_str(), "--bpffs"])
                 .arg(&pin_dir))
         }
+        Task::Demo => demo(false),
         Task::Test { filter } => test(filter.as_deref()),
     }
 }
@@ -97,11 +100,30 @@ fn build_agent() -> Result<PathBuf> {
     Ok(workspace_root().join("target/debug/policy-agent"))
 }
 
+/// Runs the demo; with `check`, a reachability table that differs from the policies fails.
+fn demo(check: bool) -> Result<()> {
+    setup::run()?;
+    require_root("the demo")?;
+    run(cargo().args(["build", "--package", "policy-agent", "--bins", "--example", "demo"]))?;
+    let root = workspace_root();
+    let mut cmd = Command::new(root.join("target/debug/examples/demo"));
+    cmd.arg("--agent").arg(root.join("target/debug/policy-agent"));
+    if check {
+        cmd.arg("--check");
+    }
+    run(&mut cmd)
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !nix_is_root() {
+        bail!("{what} needs root (network namespaces, BPF)");
+    }
+    Ok(())
+}
+
 fn test(filter: Option<&str>) -> Result<()> {
     setup::run()?;
-    if !nix_is_root() {
-        bail!("the privileged test suites need root (network namespaces, BPF)");
-    }
+    require_root("the privileged test suites")?;
     let filter: Vec<&str> = filter.into_iter().collect();
     // Unit tests, layout tests and the proptest oracle: no privileges needed.
     run(cargo().args(["test", "--workspace", "--"]).args(&filter))?;
@@ -111,12 +133,16 @@ fn test(filter: Option<&str>) -> Result<()> {
             .args(["test", "--package", "policy-agent", "--test", suite, "--", "--ignored", "--test-threads=1"])
             .args(&filter))?;
     }
+    if filter.is_empty() {
+        // The README's first command, checked.
+        demo(true)?;
+    }
     Ok(())
 }
 
 /// Integration test files of policy-agent whose tests are `#[ignore]`d in a plain `cargo test`
 /// because they need root.
-const PRIVILEGED_SUITES: &[&str] = &["datapath"];
+const PRIVILEGED_SUITES: &[&str] = &["datapath", "agent"];
 
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

@@ -1,4 +1,5 @@
-//! Crafted frames for BPF_PROG_TEST_RUN and raw sockets.
+//! Crafted frames for BPF_PROG_TEST_RUN.
+#![allow(dead_code, reason = "shared by several test files")]
 
 use std::net::IpAddr;
 
@@ -137,7 +138,7 @@ impl Frame {
                 t.extend([0, 12, 0, 0, b'p', b'i', b'n', b'g']);
                 (17, t)
             }
-            L4::Sctp { sport, dport } => (132, sctp_init(*sport, *dport)),
+            L4::Sctp { sport, dport } => (132, policy_agent::testbed::probe::sctp_init(*sport, *dport)),
             L4::Icmp { kind, code, id } => {
                 let mut t = vec![*kind, *code, 0, 0];
                 t.extend(id.to_be_bytes());
@@ -151,34 +152,6 @@ impl Frame {
             }
         }
     }
-}
-
-/// An SCTP common header and an INIT chunk, with its CRC32c checksum.
-pub fn sctp_init(sport: u16, dport: u16) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.extend(sport.to_be_bytes());
-    p.extend(dport.to_be_bytes());
-    p.extend([0u8; 8]); // verification tag 0 (INIT), checksum below
-    // INIT: type 1, flags 0, length 20, initiate tag, a_rwnd, streams, initial TSN.
-    p.extend([1, 0, 0, 20]);
-    p.extend(0x0102_0304u32.to_be_bytes());
-    p.extend(65_535u32.to_be_bytes());
-    p.extend([0, 1, 0, 1]);
-    p.extend(1u32.to_be_bytes());
-    let crc = crc32c(&p);
-    p[8..12].copy_from_slice(&crc.to_le_bytes());
-    p
-}
-
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in data {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
-        }
-    }
-    !crc
 }
 
 /// An ARP request frame.

@@ -1,9 +1,8 @@
-//! Shared by the privileged suites: a per-run name prefix, network namespaces and a bpffs
-//! mount that remove themselves (drop guards, also on panic), commands run inside a
-//! namespace, and bounded probes. Addresses come from 198.18.0.0/15 and 2001:2::/48 only.
-#![allow(dead_code, reason = "each suite uses a different part")]
+//! A simulated node for the privileged tests, the demo and the benchmarks: a per-run name
+//! prefix, network namespaces and a bpffs mount that remove themselves (drop guards, also on
+//! panic), commands run inside a namespace, and bounded probes. Addresses come from
+//! 198.18.0.0/15 and 2001:2::/48 only. Needs root; nothing here runs in the agent itself.
 
-pub mod packet;
 pub mod probe;
 
 use std::{
@@ -262,7 +261,3 @@ impl PodNet {
     }
 }
 
-/// The agent binary built for these tests.
-pub fn agent_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_policy-agent")
-}

@@ -226,7 +226,7 @@ pub fn sctp_send_init(ns: &Netns, to: SocketAddr, sport: u16) {
         unsafe {
             let fd = libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 132);
             assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-            let packet = super::packet::sctp_init(sport, to.port());
+            let packet = sctp_init(sport, to.port());
             let dest = SocketAddr::new(to.ip(), 0);
             let (sa, len) = sockaddr(&dest);
             let n = libc::sendto(fd, packet.as_ptr().cast(), packet.len(), 0, (&raw const sa).cast(), len);
@@ -234,4 +234,32 @@ pub fn sctp_send_init(ns: &Netns, to: SocketAddr, sport: u16) {
             assert!(n > 0, "sendto: {}", std::io::Error::last_os_error());
         }
     });
+}
+
+/// An SCTP common header and an INIT chunk, with its CRC32c checksum.
+pub fn sctp_init(sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend(sport.to_be_bytes());
+    p.extend(dport.to_be_bytes());
+    p.extend([0u8; 8]); // verification tag 0 (INIT), checksum below
+    // INIT: type 1, flags 0, length 20, initiate tag, a_rwnd, streams, initial TSN.
+    p.extend([1, 0, 0, 20]);
+    p.extend(0x0102_0304u32.to_be_bytes());
+    p.extend(65_535u32.to_be_bytes());
+    p.extend([0, 1, 0, 1]);
+    p.extend(1u32.to_be_bytes());
+    let crc = crc32c(&p);
+    p[8..12].copy_from_slice(&crc.to_le_bytes());
+    p
+}
+
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+        }
+    }
+    !crc
 }

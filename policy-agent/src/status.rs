@@ -1,0 +1,126 @@
+//! `policy-agent status`: the local endpoints as the running agent sees them (from its
+//! `/status`), or, when no agent answers, what is pinned in bpffs.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::PathBuf,
+    time::Duration,
+};
+
+use crate::{
+    AgentError,
+    datapath::{DEFAULT_BPFFS, Hook, Maps, PinLayout},
+    netif,
+    sync::read_contents,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// Where the agent serves /status.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub metrics_addr: String,
+    /// bpffs directory, read when no agent answers.
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// Print the agent's JSON as it is.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn main(args: &StatusArgs) -> Result<(), AgentError> {
+    match fetch(&args.metrics_addr, "/status") {
+        Ok(body) => {
+            if args.json {
+                println!("{body}");
+                return Ok(());
+            }
+            let status: serde_json::Value = serde_json::from_str(&body)
+                .map_err(|e| AgentError::Usage { flag: "--metrics-addr", what: format!("bad /status answer: {e}") })?;
+            print_status(&status);
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("no agent answers on {} ({e}); showing what is pinned under {}", args.metrics_addr, args.bpffs.display());
+            print_pinned(&PinLayout::new(&args.bpffs))
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET, enough for the agent's own server.
+pub fn fetch(addr: &str, path: &str) -> Result<String, std::io::Error> {
+    let target = addr.parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(head.lines().next().unwrap_or("no answer").to_owned()));
+    }
+    Ok(body.to_owned())
+}
+
+fn print_status(status: &serde_json::Value) {
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    println!("node {}  ready {}  identities {}  syncs {}", text(&status["node"]), text(&status["ready"]), text(&status["identities"]), text(&status["syncs"]));
+    println!("{:<32} {:<16} {:>8} {:>9} {:<8} {:<8} {:>8} {:<9} {:<10}", "POD", "INTERFACE", "ENDPOINT", "IDENTITY", "INGRESS", "EGRESS", "ENTRIES", "ATTACHED", "PROGRAMS");
+    for e in status["endpoints"].as_array().into_iter().flatten() {
+        let isolation = |key: &str| if e[key].as_bool() == Some(true) { "isolated" } else { "open" };
+        let identities: Vec<String> = e["identities"].as_array().into_iter().flatten().map(|i| i.to_string()).collect();
+        let programs: Vec<String> = e["programs"].as_array().into_iter().flatten().map(|i| i.to_string()).collect();
+        println!(
+            "{:<32} {:<16} {:>8} {:>9} {:<8} {:<8} {:>8} {:<9} {:<10}",
+            text(&e["pod"]),
+            text(&e["interface"]),
+            text(&e["endpoint_id"]),
+            if identities.is_empty() { "-".to_owned() } else { identities.join(",") },
+            isolation("ingress_isolated"),
+            isolation("egress_isolated"),
+            text(&e["policy_entries"]),
+            if e["attached"].as_bool() == Some(true) { "yes" } else { "no" },
+            if programs.is_empty() { "-".to_owned() } else { programs.join(",") },
+        );
+        if let Some(error) = e["error"].as_str() {
+            println!("  ! {error}");
+        }
+    }
+    println!("maps:");
+    if let Some(maps) = status["maps"].as_object() {
+        for (name, fill) in maps {
+            let entries = fill["entries"].as_u64().unwrap_or(0);
+            let capacity = fill["capacity"].as_u64().unwrap_or(1).max(1);
+            println!("  {name:<14} {entries:>7} / {capacity:<7} ({:.1}%)", entries as f64 * 100.0 / capacity as f64);
+        }
+    }
+    for problem in status["problems"].as_array().into_iter().flatten() {
+        println!("problem: {}", text(problem));
+    }
+}
+
+fn print_pinned(pins: &PinLayout) -> Result<(), AgentError> {
+    let maps = Maps::open_pinned(pins)?;
+    let contents = read_contents(&maps)?;
+    let links = pins.pinned_links();
+    println!("{:<16} {:>8} {:>8} {:<8} {:<8} {:>8} {:<9}", "INTERFACE", "IFINDEX", "ENDPOINT", "INGRESS", "EGRESS", "ENTRIES", "ATTACHED");
+    for (ifindex, info) in &contents.endpoints {
+        let name = netif::ifname(*ifindex).unwrap_or_else(|| "?".into());
+        let attached = Hook::BOTH.iter().filter(|h| links.contains(&(name.clone(), **h))).count();
+        let flag = |f| if info.has(f) { "isolated" } else { "open" };
+        let entries = contents.policy.keys().filter(|(_, k)| k.endpoint() == info.id).count();
+        println!(
+            "{name:<16} {ifindex:>8} {:>8} {:<8} {:<8} {entries:>8} {:<9}",
+            info.id,
+            flag(policy_common::endpoint::FLAG_INGRESS_ISOLATED),
+            flag(policy_common::endpoint::FLAG_EGRESS_ISOLATED),
+            format!("{attached}/2"),
+        );
+    }
+    println!("maps: ipcache {} / {}, policy {} / {}, endpoints {} / {}", contents.ipcache.len(), policy_common::ipcache::MAX_ENTRIES, contents.policy.len(), policy_common::policy::MAX_ENTRIES, contents.endpoints.len(), policy_common::endpoint::MAX_ENTRIES);
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! Where cluster state comes from: a Kubernetes API server (reflector stores of Pods,
+//! Namespaces and NetworkPolicies) or a manifest directory. Both hand out full snapshots;
+//! the agent recomputes from a snapshot, never from individual delete events.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod},
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt as _, reflector, watcher},
+};
+use tokio::sync::Notify;
+
+use crate::{
+    AgentError,
+    state::{ClusterState, Object, load_manifest_file},
+};
+
+/// A consistent view of the cluster and when its newest change was made (for the
+/// change-to-enforcement latency).
+pub struct Snapshot {
+    pub state: ClusterState,
+    pub changed_at: SystemTime,
+    /// Files or objects that could not be read; their last good version is still in `state`.
+    pub errors: Vec<String>,
+}
+
+pub enum Source {
+    Manifests(ManifestSource),
+    Kube(KubeSource),
+}
+
+impl Source {
+    /// Waits for the next change.
+    pub async fn changed(&mut self) {
+        match self {
+            Source::Manifests(m) => loop {
+                if m.rescan() {
+                    return;
+                }
+                tokio::time::sleep(MANIFEST_POLL).await;
+            },
+            Source::Kube(k) => k.notify.notified().await,
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        match self {
+            Source::Manifests(m) => m.snapshot(),
+            Source::Kube(k) => k.snapshot(),
+        }
+    }
+}
+
+/// How often the manifest directory is checked: changes apply well within a second.
+const MANIFEST_POLL: Duration = Duration::from_millis(100);
+
+/// The objects of one manifest file as last read successfully.
+struct ManifestFile {
+    stamp: FileStamp,
+    objects: Vec<Object>,
+    error: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct FileStamp {
+    modified: SystemTime,
+    len: u64,
+    inode: u64,
+}
+
+/// A directory of YAML/JSON manifests (the format of `explain`), polled for changes. A file
+/// that stops parsing keeps contributing its last good objects, so a typo never drops
+/// enforcement; a file that is removed takes its objects with it.
+pub struct ManifestSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, ManifestFile>,
+    changed_at: SystemTime,
+    dir_error: Option<String>,
+}
+
+impl ManifestSource {
+    pub fn new(dir: &Path) -> Result<Self, AgentError> {
+        if !dir.is_dir() {
+            return Err(AgentError::Usage { flag: "--manifests", what: format!("{} is not a directory", dir.display()) });
+        }
+        let mut source = Self { dir: dir.to_owned(), files: BTreeMap::new(), changed_at: SystemTime::now(), dir_error: None };
+        source.rescan();
+        Ok(source)
+    }
+
+    fn list(&self) -> Result<BTreeMap<PathBuf, FileStamp>, std::io::Error> {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut found = BTreeMap::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let wanted = !name.starts_with('.') && [".yaml", ".yml", ".json"].iter().any(|ext| name.ends_with(ext));
+            if !wanted {
+                continue;
+            }
+            // A file removed between listing and stat is simply not there.
+            let Ok(meta) = std::fs::metadata(entry.path()) else { continue };
+            if meta.is_file() {
+                let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                found.insert(entry.path(), FileStamp { modified, len: meta.len(), inode: meta.ino() });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Re-reads what changed; returns whether the objects changed.
+    pub fn rescan(&mut self) -> bool {
+        let found = match self.list() {
+            Ok(found) => {
+                self.dir_error = None;
+                found
+            }
+            Err(e) => {
+                // Keep everything: an unreadable directory is not an empty one.
+                self.dir_error = Some(format!("{}: {e}", self.dir.display()));
+                return false;
+            }
+        };
+        let mut changed = false;
+        let before = self.files.len();
+        self.files.retain(|path, _| found.contains_key(path));
+        if self.files.len() != before {
+            changed = true;
+            self.changed_at = SystemTime::now();
+        }
+        for (path, stamp) in found {
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            match load_manifest_file(&path) {
+                Ok(objects) => {
+                    self.files.insert(path, ManifestFile { stamp, objects, error: None });
+                    changed = true;
+                    self.changed_at = stamp.modified.max(self.changed_at);
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "manifest not applied; keeping its last good version");
+                    let objects = self.files.remove(&path).map(|f| f.objects).unwrap_or_default();
+                    self.files.insert(path, ManifestFile { stamp, objects, error: Some(e.to_string()) });
+                }
+            }
+        }
+        changed
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let objects = self.files.values().flat_map(|f| f.objects.iter().cloned());
+        let mut errors: Vec<String> = self.files.values().filter_map(|f| f.error.clone()).collect();
+        errors.extend(self.dir_error.clone());
+        Snapshot { state: ClusterState::from_objects(objects), changed_at: self.changed_at, errors }
+    }
+}
+
+/// Reflector stores of the three kinds. The stores keep their last state while the API
+/// server is away, so enforcement goes on; the watchers re-list when it is back.
+pub struct KubeSource {
+    pods: reflector::Store<Pod>,
+    namespaces: reflector::Store<Namespace>,
+    policies: reflector::Store<NetworkPolicy>,
+    notify: Arc<Notify>,
+    changed_at: Arc<Mutex<SystemTime>>,
+}
+
+impl KubeSource {
+    /// Connects with `kubeconfig`, or in-cluster / `KUBECONFIG` configuration when `None`,
+    /// and starts the watchers. Returns once every store has its first full list.
+    pub async fn start(kubeconfig: Option<&Path>) -> Result<Self, AgentError> {
+        let client = client(kubeconfig).await?;
+        let notify = Arc::new(Notify::new());
+        let changed_at = Arc::new(Mutex::new(SystemTime::now()));
+        let pods = spawn_reflector(Api::<Pod>::all(client.clone()), &notify, &changed_at);
+        let namespaces = spawn_reflector(Api::<Namespace>::all(client.clone()), &notify, &changed_at);
+        let policies = spawn_reflector(Api::<NetworkPolicy>::all(client), &notify, &changed_at);
+        let ready = async {
+            pods.wait_until_ready().await?;
+            namespaces.wait_until_ready().await?;
+            policies.wait_until_ready().await
+        };
+        ready.await.map_err(|e| AgentError::Kube { what: "waiting for the first list".into(), source: Box::new(e) })?;
+        Ok(Self { pods, namespaces, policies, notify, changed_at })
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let objects = self
+            .namespaces
+            .state()
+            .into_iter()
+            .map(|ns| Object::Namespace((*ns).clone()))
+            .chain(self.pods.state().into_iter().map(|p| Object::Pod(Box::new((*p).clone()))))
+            .chain(self.policies.state().into_iter().map(|p| Object::NetworkPolicy(Box::new((*p).clone()))));
+        let changed_at = *self.changed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Snapshot { state: ClusterState::from_objects(objects), changed_at, errors: Vec::new() }
+    }
+}
+
+async fn client(kubeconfig: Option<&Path>) -> Result<Client, AgentError> {
+    let kube_err = |what: &str| {
+        let what = what.to_owned();
+        move |e: Box<dyn std::error::Error + Send + Sync>| AgentError::Kube { what, source: e }
+    };
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| kube_err(&format!("read {}", path.display()))(Box::new(e)))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| kube_err(&format!("load {}", path.display()))(Box::new(e)))?
+        }
+        None => kube::Config::infer().await.map_err(|e| kube_err("find cluster configuration")(Box::new(e)))?,
+    };
+    Client::try_from(config).map_err(|e| kube_err("create client")(Box::new(e)))
+}
+
+fn spawn_reflector<K>(api: Api<K>, notify: &Arc<Notify>, changed_at: &Arc<Mutex<SystemTime>>) -> reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let notify = notify.clone();
+    let changed_at = changed_at.clone();
+    let kind = K::kind(&());
+    let stream = watcher(api, watcher::Config::default()).default_backoff().reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => {
+                    *changed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = SystemTime::now();
+                    notify.notify_one();
+                }
+                // The backoff retries; the store keeps the last state meanwhile.
+                Err(e) => tracing::warn!(kind = %kind, error = %e, "watch failed; keeping the last state and retrying"),
+            }
+        }
+    });
+    store
+}

@@ -1,0 +1,380 @@
+//! Privileged end-to-end tests of `policy-agent run --manifests`: a simulated node (network
+//! namespaces), the agent started inside it as scripts start it, real probes between pods.
+//! Run by `cargo xtask test` (root, one test thread).
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use policy_agent::{
+    status::fetch,
+    testbed::{Bpffs, NODE_V4, Node, probe::{Servers, tcp_ok}},
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_policy-agent");
+const NODE_NAME: &str = "node-1";
+const METRICS: &str = "127.0.0.1:9090";
+const PROBE: Duration = Duration::from_millis(150);
+
+struct PodSpec {
+    name: &'static str,
+    labels: &'static str,
+    v4: Ipv4Addr,
+    v6: Ipv6Addr,
+}
+
+fn pod(name: &'static str, labels: &'static str, last: u8) -> PodSpec {
+    PodSpec { name, labels, v4: Ipv4Addr::new(198, 18, 20, last), v6: Ipv6Addr::new(0x2001, 2, 0, 20, 0, 0, 0, u16::from(last)) }
+}
+
+/// A node running the agent on a manifest directory.
+struct AgentNode {
+    node: Node,
+    bpffs: Bpffs,
+    dir: PathBuf,
+    log: PathBuf,
+    agent: Option<Child>,
+    extra_args: Vec<&'static str>,
+    _servers: Vec<Servers>,
+}
+
+impl AgentNode {
+    fn new(suffix: &str, pods: &[PodSpec]) -> Self {
+        let mut node = Node::new(suffix);
+        for p in pods {
+            node.add_pod(p.name, p.v4, p.v6);
+        }
+        let bpffs = Bpffs::new(suffix);
+        let dir = bpffs.scratch("manifests");
+        let log = bpffs.scratch("log").join("agent.log");
+        let servers = pods.iter().map(|p| Servers::start(&node.pod(p.name).ns, &[80, 81], Duration::from_secs(120))).collect();
+        let this = Self { node, bpffs, dir, log, agent: None, extra_args: Vec::new(), _servers: servers };
+        this.write("00-namespace.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: e2e\n  labels:\n    team: blue\n");
+        for p in pods {
+            this.write(&format!("10-pod-{}.yaml", p.name), &pod_yaml(p));
+        }
+        this
+    }
+
+    /// Writes a manifest atomically (write, then rename).
+    fn write(&self, name: &str, text: &str) {
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write manifest");
+        std::fs::rename(&tmp, self.dir.join(name)).expect("rename manifest");
+    }
+
+    fn remove(&self, name: &str) {
+        std::fs::remove_file(self.dir.join(name)).expect("remove manifest");
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.node.ns.name, AGENT, "run", "--manifests"])
+            .arg(&self.dir)
+            .args(["--node", NODE_NAME, "--bpffs"])
+            .arg(&self.bpffs.path)
+            .args(["--metrics-addr", METRICS, "--flow-log", "off", "--resync-ms", "200"])
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start agent");
+        self.agent = Some(child);
+        self.wait_ready();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            // `ip netns exec` execs the agent, so this is the agent's pid: SIGKILL, no cleanup.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn wait_ready(&self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if self.get("/readyz").is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent not ready in 20 s; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+    }
+
+    fn get(&self, path: &'static str) -> Option<String> {
+        self.node.ns.run(move || fetch(METRICS, path).ok())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/status").expect("status")).expect("status JSON")
+    }
+
+    fn endpoint(&self, pod: &str) -> serde_json::Value {
+        let status = self.status();
+        status["endpoints"].as_array().expect("endpoints").iter().find(|e| e["pod"] == format!("e2e/{pod}")).cloned().unwrap_or_default()
+    }
+
+    fn reaches(&self, from: &str, to: &str, port: u16) -> bool {
+        tcp_ok(&self.node.pod(from).ns, SocketAddr::new(self.node.pod(to).ipv4.into(), port), PROBE)
+    }
+
+    fn reaches6(&self, from: &str, to: &str, port: u16) -> bool {
+        tcp_ok(&self.node.pod(from).ns, SocketAddr::new(self.node.pod(to).ipv6.into(), port), PROBE)
+    }
+
+    /// Waits until `from -> to:port` is `want` (both families); returns how long it took.
+    fn until(&self, from: &str, to: &str, port: u16, want: bool) -> Duration {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if self.reaches(from, to, port) == want && self.reaches6(from, to, port) == want {
+                return start.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{from} -> {to}:{port} never became {want}; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+    }
+}
+
+impl Drop for AgentNode {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = Command::new(AGENT).args(["cleanup", "--bpffs"]).arg(&self.bpffs.path).stdout(Stdio::null()).status();
+    }
+}
+
+fn pod_yaml(p: &PodSpec) -> String {
+    let labels: String = p.labels.split(',').map(|kv| kv.replacen('=', ": ", 1)).map(|l| format!("    {l}\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: e2e\n  labels:\n{labels}spec:\n  nodeName: {NODE_NAME}\n  containers:\n  - name: c\n    image: x\n    ports:\n    - name: http\n      containerPort: 80\nstatus:\n  phase: Running\n  hostIP: {NODE_V4}\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: {}\n",
+        p.name, p.v4, p.v4, p.v6
+    )
+}
+
+fn ingress_policy(name: &str, target: &str, from: &str, port: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: e2e\nspec:\n  podSelector:\n    matchLabels:\n      app: {target}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels:\n          app: {from}\n    ports:\n    - port: {port}\n"
+    )
+}
+
+const DENY_B: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny-b\n  namespace: e2e\nspec:\n  podSelector:\n    matchLabels:\n      app: b\n  policyTypes: [Ingress]\n";
+
+fn three_pods() -> Vec<PodSpec> {
+    vec![pod("a", "app=a", 1), pod("b", "app=b", 2), pod("c", "app=c", 3)]
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn policies_added_changed_and_removed_take_effect() {
+    let mut n = AgentNode::new("chg", &three_pods());
+    n.start();
+    assert!(n.reaches("a", "b", 80), "no policy: open");
+    let mut timings = Vec::new();
+
+    n.write("20-policy.yaml", DENY_B);
+    timings.push(("add deny-all for b", n.until("a", "b", 80, false)));
+
+    n.write("20-policy.yaml", &ingress_policy("deny-b", "b", "a", "80"));
+    timings.push(("change: allow a on 80", n.until("a", "b", 80, true)));
+    assert!(!n.reaches("c", "b", 80), "c is still denied");
+    assert!(!n.reaches("a", "b", 81), "81 is not allowed");
+
+    n.write("20-policy.yaml", &ingress_policy("deny-b", "b", "a", "http"));
+    assert!(n.reaches("a", "b", 80), "named port http = 80");
+
+    n.write("10-pod-a.yaml", &pod_yaml(&pod("a", "app=x", 1)));
+    timings.push(("relabel a away from the policy", n.until("a", "b", 80, false)));
+    n.write("10-pod-a.yaml", &pod_yaml(&pod("a", "app=a", 1)));
+    timings.push(("relabel a back", n.until("a", "b", 80, true)));
+
+    n.remove("20-policy.yaml");
+    timings.push(("remove the policy", n.until("c", "b", 81, true)));
+    for (what, took) in &timings {
+        println!("{what}: enforced after {} ms (probe timeout {} ms included)", took.as_millis(), PROBE.as_millis());
+    }
+    let metrics = n.get("/metrics").expect("metrics");
+    assert!(metrics.contains("policy_enforcement_latency_seconds_count"), "{metrics}");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn sigkill_and_restart_keeps_enforcing_without_a_gap() {
+    let mut n = AgentNode::new("rst", &three_pods());
+    n.write("20-policy.yaml", &ingress_policy("b-from-a", "b", "a", "80"));
+    n.start();
+    n.until("c", "b", 80, false);
+    assert!(n.reaches("a", "b", 80));
+
+    // Probe continuously while the agent dies and comes back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let wrong = Arc::new(AtomicUsize::new(0));
+    let probes = Arc::new(AtomicUsize::new(0));
+    let (a_ns, c_ns) = (n.node.pod("a").ns.name.clone(), n.node.pod("c").ns.name.clone());
+    let b_addr = SocketAddr::new(n.node.pod("b").ipv4.into(), 80);
+    let prober = {
+        let (stop, wrong, probes) = (stop.clone(), wrong.clone(), probes.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                for (ns, want) in [(&a_ns, true), (&c_ns, false)] {
+                    let ok = probe_in(ns, b_addr);
+                    probes.fetch_add(1, Ordering::SeqCst);
+                    if ok != want {
+                        wrong.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    n.kill();
+    let before = probes.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1500));
+    let while_dead = probes.load(Ordering::SeqCst) - before;
+    n.start();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    prober.join().expect("prober");
+    assert!(while_dead >= 4, "probes ran while the agent was dead ({while_dead})");
+    assert_eq!(wrong.load(Ordering::SeqCst), 0, "no probe saw allow-all or deny-all across the restart ({} probes)", probes.load(Ordering::SeqCst));
+
+    // The new agent adopted the links and still follows changes.
+    let b = n.endpoint("b");
+    assert_eq!(b["attached"], true, "{b}");
+    let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+    let after_restart = log.rsplit("classifier loaded").next().unwrap_or_default();
+    assert!(after_restart.contains("replaced=true"), "the restarted agent replaced the pinned programs in place:\n{log}");
+    assert!(!after_restart.contains("maps synced"), "the restarted agent found the maps right and wrote nothing:\n{log}");
+    n.remove("20-policy.yaml");
+    n.until("c", "b", 80, true);
+}
+
+/// One TCP probe from a pod namespace (a fresh thread each, as namespaces are per thread).
+fn probe_in(ns_name: &str, to: SocketAddr) -> bool {
+    let path = format!("/run/netns/{ns_name}");
+    std::thread::spawn(move || {
+        policy_agent::testbed::enter_netns(&path);
+        std::net::TcpStream::connect_timeout(&to, PROBE).is_ok()
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn bad_manifests_are_reported_and_change_nothing() {
+    let mut n = AgentNode::new("bad", &three_pods());
+    let good = ingress_policy("b-from-a", "b", "a", "80");
+    n.write("20-policy.yaml", &good);
+    n.start();
+    n.until("c", "b", 80, false);
+
+    n.write("30-broken.yaml", "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x\n  - nonsense\n");
+    n.write("20-policy.yaml", "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: b-from-a\n  namespace: e2e\nspec:\n  podSelector: [not, a, map]\n");
+    let invalid = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: bad-cidr\n  namespace: e2e\nspec:\n  podSelector:\n    matchLabels:\n      app: c\n  ingress:\n  - from:\n    - ipBlock:\n        cidr: 198.18.0.0/33\n";
+    n.write("40-bad-cidr.yaml", invalid);
+    let start = Instant::now();
+    let problems = loop {
+        let problems = n.status()["problems"].to_string();
+        if problems.contains("30-broken.yaml") && problems.contains("20-policy.yaml") && problems.contains("bad-cidr") {
+            break problems;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "problems not reported: {problems}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(problems.contains("spec.ingress[0].from[0].ipBlock.cidr"), "names the field: {problems}");
+    // Enforcement is unchanged: the last good b-from-a still applies, c is isolated by the
+    // policy with the bad CIDR (an invalid peer matches nothing, never everything).
+    assert!(n.reaches("a", "b", 80));
+    assert!(!n.reaches("c", "b", 80));
+    assert!(!n.reaches("a", "c", 80), "the bad-cidr policy isolates c and allows nothing");
+    assert!(n.agent.as_mut().expect("agent").try_wait().expect("wait").is_none(), "the agent is still running");
+
+    n.write("20-policy.yaml", &ingress_policy("b-from-a", "b", "c", "80"));
+    n.until("c", "b", 80, true);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn status_and_metrics_report_correct_numbers() {
+    let mut n = AgentNode::new("sts", &three_pods());
+    n.write("20-policy.yaml", &ingress_policy("b-from-a", "b", "a", "80"));
+    n.start();
+    n.until("c", "b", 80, false);
+    for _ in 0..5 {
+        assert!(!n.reaches("c", "b", 81));
+    }
+    let status = n.status();
+    assert_eq!(status["endpoints"].as_array().map(Vec::len), Some(3));
+    let (a, b) = (n.endpoint("a"), n.endpoint("b"));
+    assert_eq!((b["ingress_isolated"].as_bool(), b["egress_isolated"].as_bool()), (Some(true), Some(false)));
+    assert_eq!(a["ingress_isolated"].as_bool(), Some(false));
+    for e in [&a, &b] {
+        assert_eq!(e["attached"], true, "{e}");
+        assert_eq!(e["programs"].as_array().map(Vec::len), Some(2), "{e}");
+        assert_eq!(e["interface"], n.node.pod(e["pod"].as_str().unwrap_or_default().trim_start_matches("e2e/")).host_if.as_str());
+    }
+    // b: a on TCP 80 over both families shares one identity entry, plus node traffic.
+    assert_eq!(b["policy_entries"].as_u64(), Some(2), "{b}");
+    assert_eq!(a["policy_entries"].as_u64(), Some(0));
+    let policy_entries = status["maps"]["POLICY_V1"]["entries"].as_u64().expect("policy fill");
+    assert_eq!(policy_entries, 2);
+
+    let metrics = n.get("/metrics").expect("metrics");
+    let drops = metric(&metrics, "policy_verdicts_total{pod=\"e2e/b\",direction=\"ingress\",verdict=\"drop\",reason=\"drop_policy\"}");
+    assert!(drops >= 5, "counted drops: {drops}\n{metrics}");
+    assert_eq!(metric(&metrics, "policy_map_entries{map=\"POLICY_V1\"}"), policy_entries);
+    assert_eq!(metric(&metrics, "policy_endpoints{state=\"attached\"}"), 3);
+    assert!(metric(&metrics, "policy_identities") >= 3);
+
+    let out = n.node.ns.exec(&[AGENT, "status", "--metrics-addr", METRICS]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.starts_with("e2e/b") && l.contains("isolated") && l.contains("yes")), "{text}");
+    assert!(n.get("/healthz").is_some());
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse::<f64>().unwrap_or(0.0) as u64))
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn audit_mode_lets_drops_pass_and_counts_them() {
+    let mut n = AgentNode::new("aud", &three_pods());
+    n.extra_args = vec!["--audit"];
+    n.write("20-policy.yaml", DENY_B);
+    n.start();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(n.reaches("a", "b", 80), "audit: would-be drops pass");
+    let metrics = n.get("/metrics").expect("metrics");
+    assert!(metric(&metrics, "policy_verdicts_total{pod=\"e2e/b\",direction=\"ingress\",verdict=\"pass\",reason=\"audit\"}") >= 1, "{metrics}");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn a_pod_whose_interface_appears_later_is_retried_and_attached() {
+    let mut n = AgentNode::new("late", &three_pods());
+    let late = pod("d", "app=d", 4);
+    n.write("10-pod-d.yaml", &pod_yaml(&late));
+    n.write("20-policy.yaml", &ingress_policy("d-from-a", "d", "a", "80"));
+    n.start();
+    let d = n.endpoint("d");
+    assert_eq!(d["attached"], false);
+    assert!(d["error"].as_str().unwrap_or_default().contains("no route"), "{d}");
+    n.node.add_pod("d", late.v4, late.v6);
+    let _servers = Servers::start(&n.node.pod("d").ns, &[80], Duration::from_secs(60));
+    n.until("c", "d", 80, false);
+    assert!(n.reaches("a", "d", 80));
+    assert_eq!(n.endpoint("d")["attached"], true);
+}
