@@ -5,7 +5,7 @@
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -14,8 +14,7 @@ use std::{
 };
 
 use policy_agent::{
-    status::fetch,
-    testbed::{Bpffs, NODE_V4, Node, probe::{Servers, tcp_ok}},
+    testbed::{AgentRun, Bpffs, NODE_V4, Node, probe::{Servers, tcp_ok}},
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_policy-agent");
@@ -40,7 +39,7 @@ struct AgentNode {
     bpffs: Bpffs,
     dir: PathBuf,
     log: PathBuf,
-    agent: Option<Child>,
+    agent: Option<AgentRun>,
     extra_args: Vec<&'static str>,
     _servers: Vec<Servers>,
 }
@@ -75,44 +74,20 @@ impl AgentNode {
     }
 
     fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.node.ns.name, AGENT, "run", "--manifests"])
-            .arg(&self.dir)
-            .args(["--node", NODE_NAME, "--bpffs"])
-            .arg(&self.bpffs.path)
-            .args(["--metrics-addr", METRICS, "--flow-log", "off", "--resync-ms", "200"])
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start agent");
-        self.agent = Some(child);
-        self.wait_ready();
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--manifests".as_ref(), self.dir.as_os_str(), "--node".as_ref(), NODE_NAME.as_ref()];
+        args.extend(["--bpffs".as_ref(), self.bpffs.path.as_os_str(), "--flow-log".as_ref(), "off".as_ref(), "--resync-ms".as_ref(), "200".as_ref()]);
+        args.extend(self.extra_args.iter().map(|a| std::ffi::OsStr::new(*a)));
+        self.agent = Some(AgentRun::start(AGENT.as_ref(), &self.node.ns, &args, METRICS, &self.log));
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.agent.take() {
-            // `ip netns exec` execs the agent, so this is the agent's pid: SIGKILL, no cleanup.
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut agent) = self.agent.take() {
+            agent.kill();
         }
-    }
-
-    fn wait_ready(&self) {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
-            if self.get("/readyz").is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("agent not ready in 20 s; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
     }
 
     fn get(&self, path: &'static str) -> Option<String> {
-        self.node.ns.run(move || fetch(METRICS, path).ok())
+        self.agent.as_ref().and_then(|a| a.get(path))
     }
 
     fn status(&self) -> serde_json::Value {
@@ -297,7 +272,7 @@ fn bad_manifests_are_reported_and_change_nothing() {
     assert!(n.reaches("a", "b", 80));
     assert!(!n.reaches("c", "b", 80));
     assert!(!n.reaches("a", "c", 80), "the bad-cidr policy isolates c and allows nothing");
-    assert!(n.agent.as_mut().expect("agent").try_wait().expect("wait").is_none(), "the agent is still running");
+    assert!(n.agent.as_mut().expect("agent").alive(), "the agent is still running");
 
     n.write("20-policy.yaml", &ingress_policy("b-from-a", "b", "c", "80"));
     n.until("c", "b", 80, true);

@@ -261,3 +261,87 @@ impl PodNet {
     }
 }
 
+
+/// The agent binary running inside a node namespace, as scripts start it
+/// (`ip netns exec NODE policy-agent run ...`). Killed (SIGKILL) on drop.
+pub struct AgentRun {
+    child: Option<std::process::Child>,
+    node_ns: String,
+    pub metrics_addr: String,
+    pub log: PathBuf,
+}
+
+impl AgentRun {
+    /// Starts `agent run ARGS... --metrics-addr ADDR` in `node`, logging to `log`, and waits
+    /// until it reports ready.
+    pub fn start(agent: &Path, node: &Netns, args: &[&std::ffi::OsStr], metrics_addr: &str, log: &Path) -> Self {
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("agent log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.name])
+            .arg(agent)
+            .arg("run")
+            .args(args)
+            .args(["--metrics-addr", metrics_addr])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start agent");
+        let run = Self { child: Some(child), node_ns: node.name.clone(), metrics_addr: metrics_addr.to_owned(), log: log.to_owned() };
+        run.wait_ready(std::time::Duration::from_secs(30));
+        run
+    }
+
+    /// Waits for `/readyz`; panics with the agent's log after `timeout`.
+    pub fn wait_ready(&self, timeout: std::time::Duration) {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            if self.get("/readyz").is_some() {
+                return;
+            }
+            assert!(self.child.is_some(), "agent not running");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("agent not ready in {timeout:?}; log:\n{}", self.log_text());
+    }
+
+    /// GETs a path of the agent's HTTP endpoint from inside the node namespace.
+    pub fn get(&self, path: &str) -> Option<String> {
+        let (ns, addr, path) = (format!("/run/netns/{}", self.node_ns), self.metrics_addr.clone(), path.to_owned());
+        std::thread::spawn(move || {
+            enter_netns(&ns);
+            crate::status::fetch(&addr, &path).ok()
+        })
+        .join()
+        .ok()
+        .flatten()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/status").unwrap_or_default()).unwrap_or_default()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGKILL: no cleanup, as a crash or OOM kill would leave things.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // `ip netns exec` execs the agent, so this is the agent's own pid.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for AgentRun {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
