@@ -53,6 +53,10 @@ pub struct RunArgs {
     /// Count and log what would be dropped, but let it pass.
     #[arg(long)]
     pub audit: bool,
+    /// Log every drop from inside the classifier through aya-log. Costs time on the drop
+    /// path; for debugging only.
+    #[arg(long)]
+    pub ebpf_debug: bool,
     /// Full resync period (interfaces that appeared, retries).
     #[arg(long, default_value = "1000", value_name = "MS")]
     pub resync_ms: u64,
@@ -73,7 +77,12 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let pins = PinLayout::new(&args.bpffs);
     let mut datapath = Datapath::load(pins.clone())?;
     let mut syncer = Syncer::adopt(datapath.take_maps()?)?;
-    let config = Config { flags: args.flow_log.config_flags(), events_per_sec: args.flow_log_rate };
+    let mut flags = args.flow_log.config_flags();
+    if args.ebpf_debug {
+        datapath.spawn_ebpf_logger()?;
+        flags |= policy_common::event::CONFIG_DEBUG_LOG;
+    }
+    let config = Config { flags, events_per_sec: args.flow_log_rate };
     syncer
         .maps_mut()
         .config

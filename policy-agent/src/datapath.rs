@@ -268,6 +268,24 @@ impl Datapath {
         Ok(Attached { hook, program_id, link: path, replaced: false })
     }
 
+    /// Starts forwarding the classifier's aya-log records (drop logs with `--ebpf-debug`) to
+    /// the `log` facade, which the agent's tracing subscriber prints.
+    pub fn spawn_ebpf_logger(&mut self) -> Result<(), AgentError> {
+        let logger = aya_log::EbpfLogger::init(&mut self.ebpf).map_err(|e| ebpf_error("aya-log", e))?;
+        // SAFETY: the logger owns its ring buffer fd and keeps it open, unchanged, for as long
+        // as the AsyncFd owns the logger.
+        let mut logger = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+            .map_err(|e| ebpf_error("aya-log fd", std::io::Error::from(e)))?;
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = logger.readable_mut().await else { return };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
     /// Takes the maps out of the loaded object, for the sync layer.
     pub fn take_maps(&mut self) -> Result<Maps, AgentError> {
         let mut take = |name: &str| {

@@ -353,3 +353,16 @@ fn a_pod_whose_interface_appears_later_is_retried_and_attached() {
     assert!(n.reaches("a", "d", 80));
     assert_eq!(n.endpoint("d")["attached"], true);
 }
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn ebpf_debug_logs_drops_through_aya_log() {
+    let mut n = AgentNode::new("dbg", &three_pods());
+    n.extra_args = vec!["--ebpf-debug"];
+    n.write("20-policy.yaml", DENY_B);
+    n.start();
+    n.until("a", "b", 80, false);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = n.agent.as_ref().expect("agent").log_text();
+    assert!(log.contains("drop endpoint="), "the classifier logged the drop:\n{log}");
+}

@@ -48,6 +48,9 @@ pub const CONFIG_EVENTS_DENIED: u32 = 1 << 0;
 /// Send events for newly allowed flows too.
 pub const CONFIG_EVENTS_ALLOWED: u32 = 1 << 1;
 
+/// Log every drop through aya-log (debugging only: it costs on the drop path).
+pub const CONFIG_DEBUG_LOG: u32 = 1 << 2;
+
 /// Written by the agent into slot 0 of the config array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]

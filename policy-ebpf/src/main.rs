@@ -10,6 +10,7 @@ mod maps;
 mod parse;
 mod telemetry;
 
+use aya_log_ebpf::info;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_skb_pull_data,
@@ -61,7 +62,14 @@ fn classify(ctx: &TcContext, direction: Direction) -> i32 {
         Reason::PassNotIsolated
     };
     telemetry::count(endpoint.id, direction, reason, ctx.len());
-    if reason.is_drop() { TC_ACT_SHOT as i32 } else { TC_ACT_OK as i32 }
+    if reason.is_drop() {
+        if telemetry::debug_log_enabled() {
+            info!(ctx, "drop endpoint={} ifindex={} direction={} reason={}", endpoint.id, ifindex, direction as u8, reason as u32);
+        }
+        TC_ACT_SHOT as i32
+    } else {
+        TC_ACT_OK as i32
+    }
 }
 
 #[inline(always)]

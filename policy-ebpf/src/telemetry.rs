@@ -4,7 +4,7 @@ use bytemuck::Zeroable;
 use policy_common::{
     Direction,
     counters::{self, Reason},
-    event::{CONFIG_EVENTS_ALLOWED, CONFIG_EVENTS_DENIED, VerdictEvent},
+    event::{CONFIG_DEBUG_LOG, CONFIG_EVENTS_ALLOWED, CONFIG_EVENTS_DENIED, VerdictEvent},
 };
 
 use crate::{
@@ -64,6 +64,12 @@ pub fn report(
     event.set_ports(packet.tuple.sport, packet.tuple.dport);
     entry.write(event);
     entry.submit(0);
+}
+
+/// Whether the agent asked for aya-log drop logs (`--ebpf-debug`).
+#[inline(always)]
+pub fn debug_log_enabled() -> bool {
+    CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_DEBUG_LOG != 0)
 }
 
 /// A fixed one-second window per CPU: cheap, and bursts beyond it are counted, not sent.
