@@ -2,6 +2,7 @@
 //! packets through BPF_PROG_TEST_RUN, and with real TCP, UDP and SCTP traffic between pods
 //! in network namespaces. Run by `cargo xtask test` (root, one test thread).
 
+#[path = "common/packet.rs"]
 mod packet;
 
 use std::{

@@ -1,5 +1,6 @@
-//! Developer and CI tasks: `cargo xtask <setup|build-and-load|test|demo|bench>`.
+//! Developer and CI tasks: `cargo xtask <setup|build-and-load|test|demo|bench|kube>`.
 
+mod kube;
 mod setup;
 
 use std::{
@@ -36,6 +37,9 @@ enum Task {
     },
     /// Build everything and run the three-tier demo in network namespaces.
     Demo,
+    /// Build (first run, about 5 minutes) or reuse kube-apiserver and kubectl v1.20.2 for the
+    /// real-API-server suite; prints their directory (the suite reads it from POLICY_KUBE_BIN).
+    Kube,
     /// Run every test suite: unit tests, the proptest oracle, the privileged suites, the demo.
     Test {
         /// Only run tests whose name contains this (passed to the test binaries).
@@ -73,6 +77,10 @@ fn main() -> Result<()> {
                 .arg(&pin_dir))
         }
         Task::Demo => demo(false),
+        Task::Kube => {
+            println!("{}", kube::ensure()?.display());
+            Ok(())
+        }
         Task::Test { filter } => test(filter.as_deref()),
     }
 }
@@ -126,12 +134,15 @@ fn test(filter: Option<&str>) -> Result<()> {
     require_root("the privileged test suites")?;
     let filter: Vec<&str> = filter.into_iter().collect();
     // Unit tests, layout tests and the proptest oracle: no privileges needed.
-    run(cargo().args(["test", "--workspace", "--"]).args(&filter))?;
+    run(cargo().args(["test", "--"]).args(&filter))?;
+    // The kube suite runs a real kube-apiserver: built on the first run, then reused.
+    let kube_bin = kube::ensure()?;
     // Privileged suites share kernel state (bpffs, namespaces): one test thread each.
     for suite in PRIVILEGED_SUITES {
         run(cargo()
             .args(["test", "--package", "policy-agent", "--test", suite, "--", "--ignored", "--test-threads=1"])
-            .args(&filter))?;
+            .args(&filter)
+            .env(kube::BIN_ENV, &kube_bin))?;
     }
     if filter.is_empty() {
         // The README's first command, checked.
@@ -142,7 +153,7 @@ fn test(filter: Option<&str>) -> Result<()> {
 
 /// Integration test files of policy-agent whose tests are `#[ignore]`d in a plain `cargo test`
 /// because they need root.
-const PRIVILEGED_SUITES: &[&str] = &["datapath", "agent"];
+const PRIVILEGED_SUITES: &[&str] = &["datapath", "agent", "conformance"];
 
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
