@@ -15,7 +15,7 @@ use policy_common::{Direction, event::Config};
 use crate::{
     AgentError,
     compile::{Compiled, EndpointSlot, NodeContext, PodRef, compile, render},
-    datapath::{self, DEFAULT_BPFFS, Datapath, Hook, PinLayout},
+    datapath::{self, DEFAULT_BPFFS, Datapath, Hook, MapSizes, PinLayout},
     flowlog::{self, FlowLogMode},
     metrics::{self, AgentView, Directory, EndpointStatus, MapFill, SharedView},
     netif,
@@ -57,6 +57,15 @@ pub struct RunArgs {
     /// path; for debugging only.
     #[arg(long)]
     pub ebpf_debug: bool,
+    /// Capacity of the ipcache (pod addresses cluster-wide plus ipBlock prefixes).
+    #[arg(long, default_value_t = policy_common::ipcache::MAX_ENTRIES)]
+    pub ipcache_size: u32,
+    /// Capacity of the policy map (allow entries of all local pods).
+    #[arg(long, default_value_t = policy_common::policy::MAX_ENTRIES)]
+    pub policy_map_size: u32,
+    /// Capacity of the conntrack map (tracked flows of all local pods).
+    #[arg(long, default_value_t = policy_common::conntrack::MAX_ENTRIES)]
+    pub conntrack_size: u32,
     /// Full resync period (interfaces that appeared, retries).
     #[arg(long, default_value = "1000", value_name = "MS")]
     pub resync_ms: u64,
@@ -75,7 +84,8 @@ fn node_name(args: &RunArgs) -> Result<String, AgentError> {
 pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let node = node_name(&args)?;
     let pins = PinLayout::new(&args.bpffs);
-    let mut datapath = Datapath::load(pins.clone())?;
+    let sizes = MapSizes { ipcache: Some(args.ipcache_size), policy: Some(args.policy_map_size), conntrack: Some(args.conntrack_size) };
+    let mut datapath = Datapath::load_with_sizes(pins.clone(), sizes)?;
     let mut syncer = Syncer::adopt(datapath.take_maps()?)?;
     let mut flags = args.flow_log.config_flags();
     if args.ebpf_debug {
@@ -332,13 +342,15 @@ impl Agent {
             }
         }
         view.endpoints = endpoints;
+        let pins = self.datapath.pins();
+        let fill = |name: &'static str, entries: usize| (name, MapFill { entries, capacity: datapath::capacity(pins, name).unwrap_or(0) });
         view.maps = BTreeMap::from([
-            (datapath::map_name::IPCACHE, MapFill { entries: loaded.ipcache.len(), capacity: policy_common::ipcache::MAX_ENTRIES }),
-            (datapath::map_name::POLICY, MapFill { entries: loaded.policy.len(), capacity: policy_common::policy::MAX_ENTRIES }),
-            (datapath::map_name::ENDPOINTS, MapFill { entries: loaded.endpoints.len(), capacity: policy_common::endpoint::MAX_ENTRIES }),
+            fill(datapath::map_name::IPCACHE, loaded.ipcache.len()),
+            fill(datapath::map_name::POLICY, loaded.policy.len()),
+            fill(datapath::map_name::ENDPOINTS, loaded.endpoints.len()),
         ]);
         if let Ok(n) = conntrack_entries(self.syncer.maps()) {
-            view.maps.insert(datapath::map_name::CONNTRACK, MapFill { entries: n, capacity: policy_common::conntrack::MAX_ENTRIES });
+            view.maps.insert(datapath::map_name::CONNTRACK, fill(datapath::map_name::CONNTRACK, n).1);
         }
         view.identities = compiled.identities.len();
         view.problems = compiled.problems.iter().map(ToString::to_string).chain(snapshot.errors.iter().cloned()).collect();

@@ -177,6 +177,15 @@ fn is_bpffs(path: &Path) -> Result<bool, AgentError> {
     Ok(unsafe { stat.assume_init() }.f_type as i64 == BPF_FS_MAGIC)
 }
 
+/// Map capacities chosen at load time (the object's defaults otherwise). A map that is
+/// already pinned keeps the size it was created with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapSizes {
+    pub ipcache: Option<u32>,
+    pub policy: Option<u32>,
+    pub conntrack: Option<u32>,
+}
+
 /// The loaded classifier: both programs, their maps (pinned, shared with every earlier
 /// instance) and the links this process attached.
 pub struct Datapath {
@@ -198,6 +207,11 @@ impl Datapath {
     /// Loads the programs; maps already pinned under `pins` are reused, the rest created
     /// and pinned.
     pub fn load(pins: PinLayout) -> Result<Self, AgentError> {
+        Self::load_with_sizes(pins, MapSizes::default())
+    }
+
+    /// Like [`Datapath::load`], with map capacities other than the defaults.
+    pub fn load_with_sizes(pins: PinLayout, sizes: MapSizes) -> Result<Self, AgentError> {
         if EBPF_OBJECT.is_empty() {
             return Err(AgentError::Usage {
                 flag: "AYA_BUILD_SKIP",
@@ -206,8 +220,14 @@ impl Datapath {
         }
         ensure_bpffs(pins.root())?;
         check_pinned_layouts(&pins)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pins.root())
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pins.root());
+        for (name, size) in [(map_name::IPCACHE, sizes.ipcache), (map_name::POLICY, sizes.policy), (map_name::CONNTRACK, sizes.conntrack)] {
+            if let Some(size) = size {
+                loader.map_max_entries(name, size);
+            }
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| ebpf_error("load object", e))?;
         for hook in Hook::BOTH {
@@ -400,6 +420,11 @@ impl Maps {
             events: typed(take(map_name::EVENTS)?, map_name::EVENTS)?,
         })
     }
+}
+
+/// The capacity of a pinned map (its size is fixed when it is first created).
+pub fn capacity(pins: &PinLayout, name: &str) -> Option<u32> {
+    aya::maps::MapInfo::from_pin(pins.map(name)).ok().map(|info| info.max_entries())
 }
 
 /// Removes every link and map pinned under `pins` and the directory itself if it is empty.

@@ -29,8 +29,8 @@ pub enum AgentError {
     },
 
     /// A BPF map is full: the endpoint it was written for fails closed.
-    #[error("map {map} is full ({max} entries) while writing {what}")]
-    MapFull { map: &'static str, max: u32, what: String },
+    #[error("map {map} is full while writing {what} (raise its size: --policy-map-size, --ipcache-size)")]
+    MapFull { map: &'static str, what: String },
 
     /// Talking to the Kubernetes API server.
     #[error("kubernetes: {what}: {source}")]

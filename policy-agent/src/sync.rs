@@ -157,12 +157,7 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 fn map_error(map: &'static str, op: &MapOp, error: MapError) -> AgentError {
     let full = matches!(&error, MapError::SyscallError(e) if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)));
     if full {
-        let max = match map {
-            map_name::POLICY => policy_common::policy::MAX_ENTRIES,
-            map_name::IPCACHE => policy_common::ipcache::MAX_ENTRIES,
-            _ => endpoint::MAX_ENTRIES,
-        };
-        AgentError::MapFull { map, max, what: format!("{op:?}") }
+        AgentError::MapFull { map, what: format!("{op:?}") }
     } else {
         AgentError::Ebpf { what: format!("write {map}"), source: Box::new(error) }
     }

@@ -366,3 +366,23 @@ fn ebpf_debug_logs_drops_through_aya_log() {
     let log = n.agent.as_ref().expect("agent").log_text();
     assert!(log.contains("drop endpoint="), "the classifier logged the drop:\n{log}");
 }
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn a_full_policy_map_is_reported_and_fails_closed() {
+    let mut n = AgentNode::new("full", &three_pods());
+    // Room for b's first two entries only (a on TCP 80, node traffic).
+    n.extra_args = vec!["--policy-map-size", "2"];
+    n.write("20-policy.yaml", &ingress_policy("b-from-a", "b", "a", "80"));
+    n.write("21-policy.yaml", &ingress_policy("b-from-c", "b", "c", "81"));
+    n.start();
+    let b = n.endpoint("b");
+    assert!(b["error"].as_str().unwrap_or_default().contains("full"), "the pod names the full map: {b}");
+    assert_eq!(b["ingress_isolated"], true);
+    // Closed, never open: what could not be written is denied; nothing else is let in.
+    assert!(!n.reaches("c", "b", 80));
+    assert!(!n.reaches("a", "b", 81));
+    let metrics = n.get("/metrics").expect("metrics");
+    assert!(metric(&metrics, "policy_sync_failures_total") >= 1, "{metrics}");
+    assert!(metric(&metrics, "policy_map_fill_ratio{map=\"POLICY_V1\"}") >= 1, "{metrics}");
+}
