@@ -260,29 +260,31 @@ impl Datapath {
         let program_id = self.program_id(hook)?;
         let program = program_mut(&mut self.ebpf, hook)?;
         if path.exists() {
-            match adopt_link(&path) {
-                Ok(link) => {
-                    let id = program
-                        .attach_to_link(link)
-                        .map_err(|e| ebpf_error(format!("replace program on {ifname} {hook}"), e))?;
-                    // The pin keeps the link alive; this process lets go of its handle.
-                    let link = program.take_link(id).map_err(|e| ebpf_error("take link", e))?;
-                    drop_without_detach(link);
-                    return Ok(Attached { hook, program_id, link: path, replaced: true });
-                }
-                Err(_) => {
-                    // A stale pin (interface gone and re-created): remove it and attach anew.
-                    let _ = std::fs::remove_file(&path);
+            if let Ok(link) = adopt_link(&path) {
+                match program.attach_to_link(link) {
+                    Ok(id) => {
+                        // The pin keeps the link alive; this process lets go of its handle.
+                        let link = program.take_link(id).map_err(|e| ebpf_error("take link", e))?;
+                        drop_without_detach(link);
+                        return Ok(Attached { hook, program_id, link: path, replaced: true });
+                    }
+                    // A link whose interface was deleted (and perhaps re-created under the same
+                    // name) cannot be updated: attach anew below.
+                    Err(e) => tracing::info!(interface = ifname, hook = %hook, error = %e, "pinned link is stale; attaching anew"),
                 }
             }
         }
         std::fs::create_dir_all(self.pins.links_dir())
             .map_err(|source| AgentError::Read { path: self.pins.links_dir(), source })?;
+        // Attach the new link before the old pin goes, so a live interface is never unjudged.
         let id = program
             .attach_with_options(ifname, hook.attach_type(), TcAttachOptions::TcxOrder(LinkOrder::default()))
             .map_err(|e| ebpf_error(format!("attach {hook} to {ifname}"), e))?;
         let link = program.take_link(id).map_err(|e| ebpf_error("take link", e))?;
         let fd_link: FdLink = link.try_into().map_err(|e| ebpf_error("TCX link", e))?;
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|source| AgentError::Read { path: path.clone(), source })?;
+        }
         let pinned = fd_link.pin(&path).map_err(|e| ebpf_error(format!("pin link {}", path.display()), e))?;
         drop(pinned);
         Ok(Attached { hook, program_id, link: path, replaced: false })

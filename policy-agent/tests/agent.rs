@@ -386,3 +386,24 @@ fn a_full_policy_map_is_reported_and_fails_closed() {
     assert!(metric(&metrics, "policy_sync_failures_total") >= 1, "{metrics}");
     assert!(metric(&metrics, "policy_map_fill_ratio{map=\"POLICY_V1\"}") >= 1, "{metrics}");
 }
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn a_recreated_interface_is_attached_again() {
+    let mut n = AgentNode::new("rec", &three_pods());
+    n.write("20-policy.yaml", &ingress_policy("b-from-a", "b", "a", "80"));
+    n.start();
+    n.until("c", "b", 80, false);
+    let before = n.endpoint("b")["ifindex"].as_u64();
+    n.node.recreate_link("b");
+    // Same name, new ifindex: the agent notices on its next pass and attaches again.
+    let start = Instant::now();
+    while n.endpoint("b")["ifindex"].as_u64() == before || n.endpoint("b")["attached"] != true {
+        assert!(start.elapsed() < Duration::from_secs(5), "not re-attached: {}", n.endpoint("b"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!n.reaches("c", "b", 80), "enforced on the new interface");
+    assert!(n.reaches("a", "b", 80));
+    let log = n.agent.as_ref().expect("agent").log_text();
+    assert!(log.contains("pinned link is stale"), "{log}");
+}
