@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::compile::{self, Compiled, EndpointSlot, NodeContext, RuleRef, Verdict};
 use crate::resolve::{is_host_network, is_terminated, node_name, pod_ips, protocol_name, protocol_number};
-use crate::state::{ClusterState, NamespacedName, PodRef, load_manifest_dir};
+use crate::state::{ClusterState, NamespacedName, PodRef, Problem, load_manifest_dir};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ExplainArgs {
@@ -64,6 +64,9 @@ fn run(args: &ExplainArgs) -> Result<String, String> {
         eprintln!("warning: {problem}");
     }
     let explanation = explain(&state, &from, &to, protocol, port)?;
+    for problem in &explanation.problems {
+        eprintln!("warning: {problem}");
+    }
     Ok(if args.json { format!("{}\n", explanation.to_json()) } else { explanation.to_text() })
 }
 
@@ -118,7 +121,10 @@ pub enum Outcome {
     /// Nothing of ours judges this side (not a pod, hostNetwork, not scheduled).
     NotEnforced(String),
     NotIsolated,
-    AllowedByRule { cookie: u32, rule: Option<RuleRef> },
+    AllowedByRule {
+        cookie: u32,
+        rule: Option<RuleRef>,
+    },
     AllowedNodeTraffic,
     Denied,
 }
@@ -150,6 +156,8 @@ pub struct Explanation {
     pub port: u16,
     pub egress: DirectionExplanation,
     pub ingress: DirectionExplanation,
+    /// What the compiler reported about the policies and pods (skipped items).
+    pub problems: Vec<Problem>,
 }
 
 impl Explanation {
@@ -182,7 +190,9 @@ impl Explanation {
         let at = match (&side.pod, &side.node) {
             (Some(pod), Some(node)) => format!("{name} at {pod} (node {node})"),
             (Some(pod), None) => format!("{name} at {pod}"),
-            (None, _) => format!("{name} at {}", if side.direction == Direction::Egress { self.from.ip } else { self.to.ip }),
+            (None, _) => {
+                format!("{name} at {}", if side.direction == Direction::Egress { self.from.ip } else { self.to.ip })
+            }
         };
         let peer_text = match &side.peer_identity {
             Some((identity, what)) => format!("peer {} (identity {identity}: {what})", peer.ip),
@@ -192,9 +202,14 @@ impl Explanation {
         match &side.outcome {
             Outcome::NotEnforced(why) => format!("{at}: allowed, not enforced: {why}"),
             Outcome::NotIsolated => format!("{at}: allowed, not isolated (no policy selects the pod for {name})"),
-            Outcome::AllowedNodeTraffic => format!("{at}: allowed, node traffic ({peer_text} is the pod's node, always allowed)"),
+            Outcome::AllowedNodeTraffic => {
+                format!("{at}: allowed, node traffic ({peer_text} is the pod's node, always allowed)")
+            }
             Outcome::AllowedByRule { cookie, rule } => match rule {
-                Some(rule) => format!("{at}: allowed by policy {}/{} {name} rule {} (cookie {cookie}); {peer_text}", rule.namespace, rule.policy, rule.index),
+                Some(rule) => format!(
+                    "{at}: allowed by policy {}/{} {name} rule {} (cookie {cookie}); {peer_text}",
+                    rule.namespace, rule.policy, rule.index
+                ),
                 None => format!("{at}: allowed by cookie {cookie}; {peer_text}"),
             },
             Outcome::Denied => format!(
@@ -309,7 +324,13 @@ fn resolve_end(state: &ClusterState, address: &Address) -> Result<(End, Vec<IpAd
 }
 
 /// Explains one connection from the cluster state.
-pub fn explain(state: &ClusterState, from: &Address, to: &Address, protocol: u8, port: u16) -> Result<Explanation, String> {
+pub fn explain(
+    state: &ClusterState,
+    from: &Address,
+    to: &Address,
+    protocol: u8,
+    port: u16,
+) -> Result<Explanation, String> {
     let (mut from, from_ips) = resolve_end(state, from)?;
     let (mut to, to_ips) = resolve_end(state, to)?;
     // Same family on both ends, IPv4 first.
@@ -322,10 +343,19 @@ pub fn explain(state: &ClusterState, from: &Address, to: &Address, protocol: u8,
     from.ip = from_ip;
     to.ip = to_ip;
 
-    let mut compiled_for: BTreeMap<String, (Compiled, compile::MapContents, BTreeMap<PodRef, EndpointSlot>)> = BTreeMap::new();
+    let mut compiled_for: BTreeMap<String, (Compiled, compile::MapContents, BTreeMap<PodRef, EndpointSlot>)> =
+        BTreeMap::new();
     let egress = judge(state, &mut compiled_for, Direction::Egress, &from, to.ip, protocol, port);
     let ingress = judge(state, &mut compiled_for, Direction::Ingress, &to, from.ip, protocol, port);
-    Ok(Explanation { from, to, protocol, port, egress, ingress })
+    let mut problems: Vec<Problem> = if compiled_for.is_empty() {
+        // Neither side is a pod: compile anyway, so that broken policies are still reported.
+        compile::compile(state, &NodeContext::default()).problems
+    } else {
+        compiled_for.values().flat_map(|(compiled, _, _)| compiled.problems.iter().cloned()).collect()
+    };
+    problems.sort();
+    problems.dedup();
+    Ok(Explanation { from, to, protocol, port, egress, ingress, problems })
 }
 
 type NodeMaps = (Compiled, compile::MapContents, BTreeMap<PodRef, EndpointSlot>);
@@ -380,9 +410,8 @@ fn judge(
     if let Some(endpoint) = compiled.endpoints.get(pod) {
         explanation.isolating_policies = endpoint.policies(direction).to_vec();
     }
-    let identity_text = |identity: u32| {
-        compiled.identities.get(&identity).map_or_else(|| "unknown".to_owned(), ToString::to_string)
-    };
+    let identity_text =
+        |identity: u32| compiled.identities.get(&identity).map_or_else(|| "unknown".to_owned(), ToString::to_string);
     explanation.outcome = match compile::verdict(contents, slot.ifindex, direction, peer, protocol, port) {
         Verdict::Unmanaged => not_enforced("the pod is not an endpoint on its node"),
         Verdict::NotIsolated { peer_identity } => {

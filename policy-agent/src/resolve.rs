@@ -68,13 +68,19 @@ impl Selector {
             }
             let requirement = match expression.operator.as_str() {
                 "In" | "NotIn" if values.is_empty() => {
-                    errors.push((format!("{field}.values"), format!("operator {} needs at least one value", expression.operator)));
+                    errors.push((
+                        format!("{field}.values"),
+                        format!("operator {} needs at least one value", expression.operator),
+                    ));
                     continue;
                 }
                 "In" => Requirement::In(key, values),
                 "NotIn" => Requirement::NotIn(key, values),
                 "Exists" | "DoesNotExist" if !values.is_empty() => {
-                    errors.push((format!("{field}.values"), format!("must be empty for operator {}", expression.operator)));
+                    errors.push((
+                        format!("{field}.values"),
+                        format!("must be empty for operator {}", expression.operator),
+                    ));
                     continue;
                 }
                 "Exists" => Requirement::Exists(key),
@@ -138,7 +144,8 @@ impl IpPrefix {
     /// Parses `a.b.c.d/n` or `x::y/n`; host bits set below the prefix are cleared, as Go's
     /// `net.ParseCIDR` does.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let (addr, len) = text.split_once('/').ok_or_else(|| format!("{text:?} is not in CIDR notation (address/length)"))?;
+        let (addr, len) =
+            text.split_once('/').ok_or_else(|| format!("{text:?} is not in CIDR notation (address/length)"))?;
         let addr: IpAddr = addr.parse().map_err(|_| format!("{text:?}: invalid IP address"))?;
         let len: u8 = len
             .parse()
@@ -152,7 +159,7 @@ impl IpPrefix {
         self.addr
     }
 
-    pub const fn len(&self) -> u8 {
+    pub const fn prefix_len(&self) -> u8 {
         self.len
     }
 
@@ -293,7 +300,11 @@ pub fn host_ips(pod: &Pod, problems: &mut Vec<Problem>) -> Vec<IpAddr> {
     parse_ips(texts, &format!("Pod {}", pod_ref(pod)), problems)
 }
 
-fn parse_ips<'a>(texts: impl Iterator<Item = (String, &'a String)>, object: &str, problems: &mut Vec<Problem>) -> Vec<IpAddr> {
+fn parse_ips<'a>(
+    texts: impl Iterator<Item = (String, &'a String)>,
+    object: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<IpAddr> {
     let mut ips = Vec::new();
     for (field, text) in texts {
         if text.is_empty() {
@@ -376,19 +387,32 @@ impl fmt::Display for IdentityInfo {
     }
 }
 
-/// The canonical key an identity is derived from. Blocks are indices into the sorted block
-/// list (so index order is content order); the hash uses the block text.
+/// The canonical key an identity is derived from. Label groups and blocks are indices into
+/// lists sorted by content (so index order is content order, and keys compare cheaply); the
+/// hash uses the content itself.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum IdentityKey {
     Pod {
-        namespace: String,
-        namespace_labels: Labels,
-        pod_labels: Labels,
+        /// Index into the sorted (namespace, pod labels) groups; namespace labels follow.
+        group: usize,
         blocks: BTreeSet<usize>,
         named_ports: BTreeMap<(String, u8), u16>,
     },
     Cidr(BTreeSet<usize>),
     Host(BTreeSet<usize>),
+}
+
+/// One (namespace, pod labels) group, borrowed from the state.
+struct GroupData<'s> {
+    namespace: &'s str,
+    pod_labels: &'s Labels,
+    namespace_labels: Labels,
+}
+
+static NO_LABELS: Labels = BTreeMap::new();
+
+fn group_of<'s>(pod_ref: &'s PodRef, pod: &'s Pod) -> (&'s str, &'s Labels) {
+    (pod_ref.namespace.as_str(), pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS))
 }
 
 /// Pods of one namespace with the same labels: selectors are evaluated once per group.
@@ -462,41 +486,55 @@ pub fn resolve_identities(
         keys.entry(IdentityKey::Host(blocks_matching(*addr))).or_default().push(IpPrefix::host(*addr));
     }
 
-    let mut namespace_labels: BTreeMap<String, Labels> = BTreeMap::new();
+    // Pods with addresses, and their label groups numbered in content order.
+    let live: Vec<(&PodRef, &Pod, Vec<IpAddr>)> = state
+        .pods
+        .iter()
+        .filter(|(_, pod)| !is_host_network(pod) && !is_terminated(pod))
+        .map(|(pod_ref, pod)| (pod_ref, pod, pod_ips(pod, problems)))
+        .filter(|(_, _, ips)| !ips.is_empty())
+        .collect();
+    let mut group_index: BTreeMap<(&str, &Labels), usize> = BTreeMap::new();
+    for (pod_ref, pod, _) in &live {
+        group_index.insert(group_of(pod_ref, pod), 0);
+    }
+    let mut namespace_labels: BTreeMap<&str, Labels> = BTreeMap::new();
+    let mut groups: Vec<GroupData<'_>> = Vec::with_capacity(group_index.len());
+    for (index, ((namespace, pod_labels), slot)) in group_index.iter_mut().enumerate() {
+        *slot = index;
+        let ns_labels = namespace_labels.entry(namespace).or_insert_with(|| state.namespace_labels(namespace)).clone();
+        groups.push(GroupData { namespace, pod_labels, namespace_labels: ns_labels });
+    }
+
     let mut pod_keys: Vec<(PodRef, IpAddr, IdentityKey)> = Vec::new();
-    for (pod_ref, pod) in &state.pods {
-        if is_host_network(pod) || is_terminated(pod) {
-            continue;
-        }
-        let ips = pod_ips(pod, problems);
-        if ips.is_empty() {
-            continue;
-        }
-        let ns_labels =
-            namespace_labels.entry(pod_ref.namespace.clone()).or_insert_with(|| state.namespace_labels(&pod_ref.namespace)).clone();
-        let labels = pod_labels(pod);
+    for (pod_ref, pod, ips) in live {
+        let group = group_index.get(&group_of(pod_ref, pod)).copied().unwrap_or_default();
         let named_ports: BTreeMap<(String, u8), u16> = inputs
             .egress_named_ports
             .iter()
-            .filter_map(|(name, protocol)| resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port)))
+            .filter_map(|(name, protocol)| {
+                resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port))
+            })
             .collect();
         for ip in ips {
             if node_addresses.contains(&ip) {
-                problems.push(Problem::new(format!("Pod {pod_ref}"), "status.podIPs", format!("{ip} is an address of node {node_name}; treated as the node")));
+                problems.push(Problem::new(
+                    format!("Pod {pod_ref}"),
+                    "status.podIPs",
+                    format!("{ip} is an address of node {node_name}; treated as the node"),
+                ));
                 continue;
             }
             if let Some(owner) = claimed.get(&ip) {
-                problems.push(Problem::new(format!("Pod {pod_ref}"), "status.podIPs", format!("{ip} is also the address of pod {owner}; ignored here")));
+                problems.push(Problem::new(
+                    format!("Pod {pod_ref}"),
+                    "status.podIPs",
+                    format!("{ip} is also the address of pod {owner}; ignored here"),
+                ));
                 continue;
             }
             claimed.insert(ip, pod_ref.clone());
-            let key = IdentityKey::Pod {
-                namespace: pod_ref.namespace.clone(),
-                namespace_labels: ns_labels.clone(),
-                pod_labels: labels.clone(),
-                blocks: blocks_matching(ip),
-                named_ports: named_ports.clone(),
-            };
+            let key = IdentityKey::Pod { group, blocks: blocks_matching(ip), named_ports: named_ports.clone() };
             keys.entry(key.clone()).or_default().push(IpPrefix::host(ip));
             pod_keys.push((pod_ref.clone(), ip, key));
         }
@@ -528,7 +566,7 @@ pub fn resolve_identities(
 
     let numbers = allocate(
         keys.keys().filter(|k| !matches!(k, IdentityKey::Host(b) if b.is_empty())),
-        |key| fnv1a64(&canonical_bytes(key, blocks)),
+        |key| fnv1a64(&canonical_bytes(key, blocks, &groups)),
         identity::FIRST_DERIVED,
         u64::from(identity::MAX_DERIVED),
     );
@@ -551,21 +589,22 @@ pub fn resolve_identities(
         table.ipcache.insert(prefix, identity::WORLD);
     }
     let block_list = |set: &BTreeSet<usize>| set.iter().filter_map(|i| blocks.get(*i).cloned()).collect::<Vec<_>>();
-    let mut groups: BTreeMap<(String, Labels), BTreeSet<u32>> = BTreeMap::new();
+    let mut group_identities: BTreeMap<usize, BTreeSet<u32>> = BTreeMap::new();
     for (key, prefixes) in &keys {
         let number = number_of(key);
         for prefix in prefixes {
             table.ipcache.insert(*prefix, number);
         }
         let block_set = match key {
-            IdentityKey::Pod { namespace, pod_labels, blocks: b, named_ports, .. } => {
-                groups.entry((namespace.clone(), pod_labels.clone())).or_default().insert(number);
+            IdentityKey::Pod { group, blocks: b, named_ports } => {
+                group_identities.entry(*group).or_default().insert(number);
                 table.named_ports.insert(number, named_ports.clone());
+                let data = &groups[*group];
                 table.info.insert(
                     number,
                     IdentityInfo::Pod {
-                        namespace: namespace.clone(),
-                        labels: pod_labels.clone(),
+                        namespace: data.namespace.to_owned(),
+                        labels: data.pod_labels.clone(),
                         blocks: block_list(b),
                         named_ports: named_ports.clone(),
                     },
@@ -590,8 +629,13 @@ pub fn resolve_identities(
             }
         }
     }
-    for ((namespace, pod_labels), identities) in groups {
-        table.groups.entry(namespace.clone()).or_default().push(LabelGroup { namespace, pod_labels, identities });
+    for (group, identities) in group_identities {
+        let data = &groups[group];
+        table.groups.entry(data.namespace.to_owned()).or_default().push(LabelGroup {
+            namespace: data.namespace.to_owned(),
+            pod_labels: data.pod_labels.clone(),
+            identities,
+        });
     }
     for (pod_ref, ip, key) in pod_keys {
         table.pod_addresses.insert(ip, (pod_ref, number_of(&key)));
@@ -604,7 +648,7 @@ fn node_name_is(pod: &Pod, node: &str) -> bool {
 }
 
 /// Length-prefixed encoding of a key, so that no two keys share bytes.
-fn canonical_bytes(key: &IdentityKey, blocks: &[CidrBlock]) -> Vec<u8> {
+fn canonical_bytes(key: &IdentityKey, blocks: &[CidrBlock], groups: &[GroupData<'_>]) -> Vec<u8> {
     fn put(out: &mut Vec<u8>, text: &str) {
         out.extend_from_slice(&(text.len() as u64).to_le_bytes());
         out.extend_from_slice(text.as_bytes());
@@ -624,11 +668,13 @@ fn canonical_bytes(key: &IdentityKey, blocks: &[CidrBlock]) -> Vec<u8> {
     };
     let mut out = Vec::with_capacity(128);
     match key {
-        IdentityKey::Pod { namespace, namespace_labels, pod_labels, blocks: b, named_ports } => {
+        IdentityKey::Pod { group, blocks: b, named_ports } => {
             put(&mut out, "pod");
-            put(&mut out, namespace);
-            put_labels(&mut out, namespace_labels);
-            put_labels(&mut out, pod_labels);
+            if let Some(data) = groups.get(*group) {
+                put(&mut out, data.namespace);
+                put_labels(&mut out, &data.namespace_labels);
+                put_labels(&mut out, data.pod_labels);
+            }
             put_blocks(&mut out, b);
             out.extend_from_slice(&(named_ports.len() as u64).to_le_bytes());
             for ((name, protocol), port) in named_ports {
@@ -746,10 +792,14 @@ mod tests {
         assert!(IpPrefix::parse("2001:db8::/129").is_err());
         assert!(IpPrefix::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
         assert!(!IpPrefix::parse("0.0.0.0/0").unwrap().contains("::1".parse().unwrap()));
-        let block = CidrBlock::parse(&IPBlock { cidr: "10.0.0.0/8".into(), except: Some(vec!["10.1.0.0/16".into()]) }).unwrap();
+        let block =
+            CidrBlock::parse(&IPBlock { cidr: "10.0.0.0/8".into(), except: Some(vec!["10.1.0.0/16".into()]) }).unwrap();
         assert!(block.contains("10.2.0.1".parse().unwrap()));
         assert!(!block.contains("10.1.0.1".parse().unwrap()));
-        assert!(CidrBlock::parse(&IPBlock { cidr: "10.0.0.0/16".into(), except: Some(vec!["10.1.0.0/24".into()]) }).is_err());
+        assert!(
+            CidrBlock::parse(&IPBlock { cidr: "10.0.0.0/16".into(), except: Some(vec!["10.1.0.0/24".into()]) })
+                .is_err()
+        );
         assert!(CidrBlock::parse(&IPBlock { cidr: "10.0.0.0/16".into(), except: Some(vec!["::/64".into()]) }).is_err());
     }
 
@@ -760,7 +810,10 @@ mod tests {
         let a = allocate(keys.iter(), |_| 7, 256, 1 << 30);
         let b = allocate(keys.iter().rev().collect::<BTreeSet<_>>().into_iter(), |_| 7, 256, 1 << 30);
         assert_eq!(a.values().copied().collect::<BTreeSet<_>>().len(), 100);
-        assert_eq!(a.iter().map(|(k, v)| (**k, *v)).collect::<Vec<_>>(), b.iter().map(|(k, v)| (**k, *v)).collect::<Vec<_>>());
+        assert_eq!(
+            a.iter().map(|(k, v)| (**k, *v)).collect::<Vec<_>>(),
+            b.iter().map(|(k, v)| (**k, *v)).collect::<Vec<_>>()
+        );
         assert_eq!(a[&0], 263);
     }
 }

@@ -68,6 +68,7 @@ impl fmt::Display for Problem {
 
 /// One object the compiler understands.
 #[derive(Clone, Debug, PartialEq)]
+#[expect(clippy::large_enum_variant, reason = "Namespace is small next to Pod; Pod and NetworkPolicy are boxed")]
 pub enum Object {
     Namespace(Namespace),
     Pod(Box<Pod>),
@@ -147,11 +148,7 @@ impl ClusterState {
     /// pods or policies refer to but that has no object is treated as existing with only
     /// that label.
     pub fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
-        let mut labels = self
-            .namespaces
-            .get(namespace)
-            .and_then(|ns| ns.metadata.labels.clone())
-            .unwrap_or_default();
+        let mut labels = self.namespaces.get(namespace).and_then(|ns| ns.metadata.labels.clone()).unwrap_or_default();
         labels.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned());
         labels
     }
@@ -185,11 +182,19 @@ pub fn load_manifest_dir(dir: &Path) -> Result<(ClusterState, Vec<Problem>), Age
                 Object::NetworkPolicy(o) => o.metadata.name.is_none(),
             };
             if unnamed {
-                problems.push(Problem::new(format!("{} in {}", object.kind(), file.display()), "metadata.name", "missing; object skipped"));
+                problems.push(Problem::new(
+                    format!("{} in {}", object.kind(), file.display()),
+                    "metadata.name",
+                    "missing; object skipped",
+                ));
                 continue;
             }
             if state.insert(object) {
-                problems.push(Problem::new(described, "", format!("defined again in {}; the later definition wins", file.display())));
+                problems.push(Problem::new(
+                    described,
+                    "",
+                    format!("defined again in {}; the later definition wins", file.display()),
+                ));
             }
         }
     }
@@ -212,7 +217,8 @@ fn is_json(path: &Path) -> bool {
 pub fn load_manifest_file(path: &Path) -> Result<Vec<Object>, AgentError> {
     let text = std::fs::read_to_string(path).map_err(|source| AgentError::Read { path: path.to_owned(), source })?;
     let (objects, problems) = parse_manifest_str(&path.display().to_string(), is_json(path), &text);
-    let broken: Vec<String> = problems.iter().filter(|p| !p.message.starts_with(UNSUPPORTED_KIND)).map(ToString::to_string).collect();
+    let broken: Vec<String> =
+        problems.iter().filter(|p| !p.message.starts_with(UNSUPPORTED_KIND)).map(ToString::to_string).collect();
     if broken.is_empty() {
         Ok(objects)
     } else {
@@ -276,14 +282,12 @@ fn decode_document(
     }
     let api_version = map.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_owned();
     let kind = map.get("kind").and_then(Value::as_str).unwrap_or("").to_owned();
-    let name = map
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .map(|n| match map.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str) {
+    let name = map.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).map(|n| {
+        match map.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str) {
             Some(ns) => format!("{ns}/{n}"),
             None => n.to_owned(),
-        });
+        }
+    });
     let described = match &name {
         Some(name) => format!("{place} ({kind} {name})"),
         None => format!("{place} ({kind})"),
@@ -408,7 +412,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("policy-agent-state-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("a.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\n").unwrap();
-        std::fs::write(dir.join("b.json"), r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"a","namespace":"x"},"spec":{"containers":[]}}"#).unwrap();
+        std::fs::write(
+            dir.join("b.json"),
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"a","namespace":"x"},"spec":{"containers":[]}}"#,
+        )
+        .unwrap();
         std::fs::write(dir.join("c.yml"), "apiVersion: v1\nkind: Pod\nmetadata: {name: c}\nspec: 7\n").unwrap();
         std::fs::write(dir.join(".hidden.yaml"), "garbage: [").unwrap();
         std::fs::write(dir.join("notes.txt"), "garbage: [").unwrap();

@@ -75,8 +75,16 @@ pub fn synthetic_cluster(pods: usize, policies: usize) -> ClusterState {
                 containers: vec![Container {
                     name: "main".to_owned(),
                     ports: Some(vec![
-                        ContainerPort { name: Some("http".to_owned()), container_port: 8080, ..ContainerPort::default() },
-                        ContainerPort { name: Some("metrics".to_owned()), container_port: 9090, ..ContainerPort::default() },
+                        ContainerPort {
+                            name: Some("http".to_owned()),
+                            container_port: 8080,
+                            ..ContainerPort::default()
+                        },
+                        ContainerPort {
+                            name: Some("metrics".to_owned()),
+                            container_port: 9090,
+                            ..ContainerPort::default()
+                        },
                     ]),
                     ..Container::default()
                 }],
@@ -106,7 +114,10 @@ pub fn synthetic_cluster(pods: usize, policies: usize) -> ClusterState {
             1 => NetworkPolicySpec {
                 pod_selector: Some(select(&[("app", app(0)), ("tier", "db".to_owned())])),
                 ingress: Some(vec![NetworkPolicyIngressRule {
-                    from: Some(vec![NetworkPolicyPeer { pod_selector: Some(select(&[("app", app(0)), ("tier", "api".to_owned())])), ..NetworkPolicyPeer::default() }]),
+                    from: Some(vec![NetworkPolicyPeer {
+                        pod_selector: Some(select(&[("app", app(0)), ("tier", "api".to_owned())])),
+                        ..NetworkPolicyPeer::default()
+                    }]),
                     ports: Some(vec![tcp(IntOrString::Int(5432), None)]),
                 }]),
                 ..NetworkPolicySpec::default()
@@ -156,7 +167,10 @@ pub fn synthetic_cluster(pods: usize, policies: usize) -> ClusterState {
                         pod_selector: Some(select(&[("app", app(2))])),
                         ..NetworkPolicyPeer::default()
                     }]),
-                    ports: Some(vec![tcp(IntOrString::String("metrics".to_owned()), None), tcp(IntOrString::Int(30000), Some(32767))]),
+                    ports: Some(vec![
+                        tcp(IntOrString::String("metrics".to_owned()), None),
+                        tcp(IntOrString::Int(30000), Some(32767)),
+                    ]),
                 }]),
                 ..NetworkPolicySpec::default()
             },
@@ -164,14 +178,21 @@ pub fn synthetic_cluster(pods: usize, policies: usize) -> ClusterState {
             _ => NetworkPolicySpec {
                 pod_selector: Some(select(&[("version", format!("v{}", p % 2))])),
                 ingress: Some(vec![NetworkPolicyIngressRule {
-                    from: Some(vec![NetworkPolicyPeer { pod_selector: Some(LabelSelector::default()), ..NetworkPolicyPeer::default() }]),
+                    from: Some(vec![NetworkPolicyPeer {
+                        pod_selector: Some(LabelSelector::default()),
+                        ..NetworkPolicyPeer::default()
+                    }]),
                     ports: None,
                 }]),
                 ..NetworkPolicySpec::default()
             },
         };
         let policy = NetworkPolicy {
-            metadata: ObjectMeta { name: Some(format!("policy-{p}")), namespace: Some(namespace), ..ObjectMeta::default() },
+            metadata: ObjectMeta {
+                name: Some(format!("policy-{p}")),
+                namespace: Some(namespace),
+                ..ObjectMeta::default()
+            },
             spec: Some(spec),
         };
         state.insert(crate::state::Object::NetworkPolicy(Box::new(policy)));

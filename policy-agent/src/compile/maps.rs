@@ -37,7 +37,7 @@ fn ipcache_key(prefix: &IpPrefix) -> (u32, IpcacheKey) {
         IpAddr::V4(v4) => IpcacheKey::v4(v4.octets()),
         IpAddr::V6(v6) => IpcacheKey::v6(v6.octets()),
     };
-    (IpcacheKey::lpm_prefix_len(prefix.len()), key)
+    (IpcacheKey::lpm_prefix_len(prefix.prefix_len()), key)
 }
 
 /// Turns compiled state into map entries. Endpoints without a slot (no interface yet) are
@@ -130,8 +130,16 @@ impl MapUpdates {
     /// new entries for its new identity until the policy removals run.)
     pub fn ordered_ops(&self) -> Vec<MapOp> {
         let mut ops = Vec::with_capacity(self.len());
-        ops.extend(self.policy_upserts.iter().map(|&((prefix_len, key), value)| MapOp::PolicyUpsert { prefix_len, key, value }));
-        ops.extend(self.ipcache_upserts.iter().map(|&((prefix_len, key), value)| MapOp::IpcacheUpsert { prefix_len, key, value }));
+        ops.extend(self.policy_upserts.iter().map(|&((prefix_len, key), value)| MapOp::PolicyUpsert {
+            prefix_len,
+            key,
+            value,
+        }));
+        ops.extend(self.ipcache_upserts.iter().map(|&((prefix_len, key), value)| MapOp::IpcacheUpsert {
+            prefix_len,
+            key,
+            value,
+        }));
         ops.extend(self.endpoint_upserts.iter().map(|&(ifindex, info)| MapOp::EndpointUpsert { ifindex, info }));
         ops.extend(self.endpoint_removals.iter().map(|&ifindex| MapOp::EndpointRemove { ifindex }));
         ops.extend(self.ipcache_removals.iter().map(|&(prefix_len, key)| MapOp::IpcacheRemove { prefix_len, key }));
@@ -166,7 +174,10 @@ impl MapContents {
     }
 }
 
-fn diff_map<K: Ord + Copy, V: PartialEq + Copy>(loaded: &BTreeMap<K, V>, desired: &BTreeMap<K, V>) -> (Vec<(K, V)>, Vec<K>) {
+fn diff_map<K: Ord + Copy, V: PartialEq + Copy>(
+    loaded: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> (Vec<(K, V)>, Vec<K>) {
     let upserts = desired.iter().filter(|(k, v)| loaded.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
     let removals = loaded.keys().filter(|k| !desired.contains_key(k)).copied().collect();
     (upserts, removals)
@@ -177,7 +188,14 @@ pub fn diff(loaded: &MapContents, desired: &MapContents) -> MapUpdates {
     let (policy_upserts, policy_removals) = diff_map(&loaded.policy, &desired.policy);
     let (ipcache_upserts, ipcache_removals) = diff_map(&loaded.ipcache, &desired.ipcache);
     let (endpoint_upserts, endpoint_removals) = diff_map(&loaded.endpoints, &desired.endpoints);
-    MapUpdates { policy_upserts, ipcache_upserts, endpoint_upserts, endpoint_removals, ipcache_removals, policy_removals }
+    MapUpdates {
+        policy_upserts,
+        ipcache_upserts,
+        endpoint_upserts,
+        endpoint_removals,
+        ipcache_removals,
+        policy_removals,
+    }
 }
 
 /// The ipcache's answer for an address: the identity of its longest matching prefix, or
@@ -194,7 +212,14 @@ pub fn ipcache_lookup(contents: &MapContents, addr: IpAddr) -> u32 {
 }
 
 /// LPM lookup in the policy map for one identity: the longest entry whose prefix matches.
-fn policy_lpm(contents: &MapContents, endpoint: u32, peer: u32, direction: Direction, protocol: u8, port: u16) -> Option<u32> {
+fn policy_lpm(
+    contents: &MapContents,
+    endpoint: u32,
+    peer: u32,
+    direction: Direction,
+    protocol: u8,
+    port: u16,
+) -> Option<u32> {
     for len in (PREFIX_PROTOCOL..=PREFIX_FULL).rev() {
         let bits = len - PREFIX_PROTOCOL;
         let mask = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
@@ -241,9 +266,16 @@ pub fn isolated(contents: &MapContents, ifindex: u32, direction: Direction) -> O
 pub enum Verdict {
     /// No endpoint on this interface: the classifier lets traffic through untouched.
     Unmanaged,
-    NotIsolated { peer_identity: u32 },
-    Allowed { cookie: u32, peer_identity: u32 },
-    Denied { peer_identity: u32 },
+    NotIsolated {
+        peer_identity: u32,
+    },
+    Allowed {
+        cookie: u32,
+        peer_identity: u32,
+    },
+    Denied {
+        peer_identity: u32,
+    },
 }
 
 impl Verdict {
@@ -253,7 +285,14 @@ impl Verdict {
 }
 
 /// The full decision: isolation flag, then [`lookup`].
-pub fn verdict(contents: &MapContents, ifindex: u32, direction: Direction, peer: IpAddr, protocol: u8, port: u16) -> Verdict {
+pub fn verdict(
+    contents: &MapContents,
+    ifindex: u32,
+    direction: Direction,
+    peer: IpAddr,
+    protocol: u8,
+    port: u16,
+) -> Verdict {
     let peer_identity = ipcache_lookup(contents, peer);
     match isolated(contents, ifindex, direction) {
         None => Verdict::Unmanaged,

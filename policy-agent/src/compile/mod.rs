@@ -21,16 +21,18 @@ use policy_common::Direction;
 use policy_common::identity;
 use policy_common::policy::{COOKIE_NODE, FIRST_RULE_COOKIE, PortPrefix, PortRangePrefixes};
 
-pub use maps::{EndpointSlot, MapContents, MapOp, MapUpdates, Verdict, diff, ipcache_lookup, isolated, lookup, render, verdict};
+pub use maps::{
+    EndpointSlot, MapContents, MapOp, MapUpdates, Verdict, diff, ipcache_lookup, isolated, lookup, render, verdict,
+};
 use policy::{ParsedPeer, ParsedPolicy, ParsedPort, ParsedRule, parse_policy};
 
-pub use crate::resolve::{IdentityInfo, IpPrefix};
 use crate::resolve::{
     self, IdentityInputs, IdentityTable, Labels, fnv1a64, is_host_network, is_terminated, node_name, pod_ips,
     pod_labels, resolve_named_port,
 };
-pub use crate::state::{NamespacedName, PodRef, Problem};
+pub use crate::resolve::{IdentityInfo, IpPrefix};
 use crate::state::ClusterState;
+pub use crate::state::{NamespacedName, PodRef, Problem};
 
 /// The node being compiled for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -111,8 +113,8 @@ pub struct Compiled {
     /// Local pods (on this node, with an IP, not hostNetwork, not terminated).
     pub endpoints: BTreeMap<PodRef, EndpointPolicy>,
     pub identities: BTreeMap<u32, IdentityInfo>,
-    /// Every rule cookie, including [`COOKIE_NODE`] (as a `RuleRef` it has no policy, so it
-    /// is not listed here; see [`Compiled::describe_cookie`]).
+    /// The rule behind every cookie of every valid policy. [`COOKIE_NODE`] names no rule and
+    /// is not listed (see [`Compiled::describe_cookie`]).
     pub cookies: BTreeMap<u32, RuleRef>,
     pub problems: Vec<Problem>,
 }
@@ -154,7 +156,11 @@ pub fn compile(state: &ClusterState, node: &NodeContext) -> Compiled {
                 }
                 for port in rule.ports.iter().flatten() {
                     if let ParsedPort::Named(protocol, name) = port {
-                        let set = if direction == Direction::Egress { &mut egress_named_ports } else { &mut ingress_named_ports };
+                        let set = if direction == Direction::Egress {
+                            &mut egress_named_ports
+                        } else {
+                            &mut ingress_named_ports
+                        };
                         set.insert((name.clone(), *protocol));
                     }
                 }
@@ -185,12 +191,19 @@ pub fn compile(state: &ClusterState, node: &NodeContext) -> Compiled {
         .collect();
     let cookie_numbers = resolve::allocate(
         rule_refs.iter(),
-        |rule| fnv1a64(format!("{}\0{}\0{}\0{}", rule.namespace, rule.policy, rule.direction as u8, rule.index).as_bytes()),
+        |rule| {
+            fnv1a64(format!("{}\0{}\0{}\0{}", rule.namespace, rule.policy, rule.direction as u8, rule.index).as_bytes())
+        },
         FIRST_RULE_COOKIE,
         1 << 32,
     );
     let cookie_of = |policy: &ParsedPolicy, direction: Direction, rule: &ParsedRule| -> u32 {
-        let key = RuleRef { namespace: policy.name.namespace.clone(), policy: policy.name.name.clone(), direction, index: rule.index };
+        let key = RuleRef {
+            namespace: policy.name.namespace.clone(),
+            policy: policy.name.name.clone(),
+            direction,
+            index: rule.index,
+        };
         cookie_numbers.get(&key).copied().unwrap_or(COOKIE_NODE)
     };
 
@@ -218,7 +231,7 @@ pub fn compile(state: &ClusterState, node: &NodeContext) -> Compiled {
     }
 
     // Endpoints with the same namespace, labels and ingress named ports get the same rules.
-    let mut memo: BTreeMap<(String, Labels, BTreeMap<(String, u8), u16>), EndpointPolicy> = BTreeMap::new();
+    let mut memo: BTreeMap<EndpointShape, EndpointPolicy> = BTreeMap::new();
     let mut endpoints = BTreeMap::new();
     let mut scratch_problems = Vec::new();
     for (pod_ref, pod) in &state.pods {
@@ -241,7 +254,9 @@ pub fn compile(state: &ClusterState, node: &NodeContext) -> Compiled {
         let labels = pod_labels(pod);
         let own_ports: BTreeMap<(String, u8), u16> = ingress_named_ports
             .iter()
-            .filter_map(|(name, protocol)| resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port)))
+            .filter_map(|(name, protocol)| {
+                resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port))
+            })
             .collect();
         let memo_key = (pod_ref.namespace.clone(), labels, own_ports);
         let template = memo.entry(memo_key).or_insert_with_key(|(namespace, labels, own_ports)| {
@@ -297,6 +312,9 @@ pub fn compile(state: &ClusterState, node: &NodeContext) -> Compiled {
         problems,
     }
 }
+
+/// What an endpoint's rules depend on: namespace, labels and its ingress named ports.
+type EndpointShape = (String, Labels, BTreeMap<(String, u8), u16>);
 
 /// The identities one rule's peer list matches.
 #[derive(Clone, Debug, Default)]
@@ -358,8 +376,7 @@ fn emit_rule(
     table: &IdentityTable,
     cookie: u32,
 ) {
-    let peer_ids: Vec<u32> =
-        if peers.any { vec![identity::ANY] } else { peers.identities.iter().copied().collect() };
+    let peer_ids: Vec<u32> = if peers.any { vec![identity::ANY] } else { peers.identities.iter().copied().collect() };
     let mut add = |peer: u32, protocol: Option<u8>, port: Option<PortPrefix>| {
         rules.entry(RuleKey { direction, peer, protocol, port }).or_insert(cookie);
     };
@@ -398,8 +415,11 @@ fn emit_rule(
                     }
                     // Egress: each peer pod resolves the name; its identity pins the number.
                     Direction::Egress => {
-                        let candidates: Box<dyn Iterator<Item = u32>> =
-                            if peers.any { Box::new(table.pod_identities()) } else { Box::new(peers.identities.iter().copied()) };
+                        let candidates: Box<dyn Iterator<Item = u32>> = if peers.any {
+                            Box::new(table.pod_identities())
+                        } else {
+                            Box::new(peers.identities.iter().copied())
+                        };
                         for peer in candidates {
                             if let Some(port) = table.named_ports.get(&peer).and_then(|ports| ports.get(&key)) {
                                 add(peer, Some(*protocol), Some(PortPrefix { port: *port, bits: 16 }));

@@ -1,4 +1,4 @@
-//! Validation of NetworkPolicy objects into a form the compiler can evaluate.
+//! Validation of `NetworkPolicy` objects into a form the compiler can evaluate.
 //!
 //! Invalid input never widens: an invalid peer or port matches nothing (and a list left with
 //! only invalid items makes its rule match nothing, not everything); an invalid policy
@@ -89,7 +89,7 @@ impl Reporter<'_> {
 pub(crate) fn parse_policy(policy: &NetworkPolicy, problems: &mut Vec<Problem>) -> ParsedPolicy {
     let name = policy_ref(policy);
     let mut reporter = Reporter { object: format!("NetworkPolicy {name}"), problems };
-    let empty_spec = Default::default();
+    let empty_spec = k8s_openapi::api::networking::v1::NetworkPolicySpec::default();
     let spec = policy.spec.as_ref().unwrap_or(&empty_spec);
 
     // A missing podSelector is the empty selector (the Go field is not a pointer).
@@ -114,7 +114,10 @@ pub(crate) fn parse_policy(policy: &NetworkPolicy, problems: &mut Vec<Problem>) 
             "Egress" => {
                 types.insert(Direction::Egress);
             }
-            other => reporter.report(format!("spec.policyTypes[{index}]"), format!("unknown policy type {other:?} (Ingress, Egress); ignored")),
+            other => reporter.report(
+                format!("spec.policyTypes[{index}]"),
+                format!("unknown policy type {other:?} (Ingress, Egress); ignored"),
+            ),
         }
     }
     if types.is_empty() {
@@ -188,7 +191,10 @@ fn parse_rule(
 fn parse_peer(reporter: &mut Reporter<'_>, field: &str, peer: &NetworkPolicyPeer) -> Option<ParsedPeer> {
     if let Some(block) = &peer.ip_block {
         if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
-            reporter.report(field, "ipBlock cannot be combined with podSelector or namespaceSelector; the peer matches nothing");
+            reporter.report(
+                field,
+                "ipBlock cannot be combined with podSelector or namespaceSelector; the peer matches nothing",
+            );
             return None;
         }
         return match CidrBlock::parse(block) {
@@ -222,7 +228,10 @@ fn parse_port(reporter: &mut Reporter<'_>, field: &str, port: &NetworkPolicyPort
         Some(name) => match protocol_number(name) {
             Some(number) => number,
             None => {
-                reporter.report(format!("{field}.protocol"), format!("unknown protocol {name:?} (TCP, UDP, SCTP); the port matches nothing"));
+                reporter.report(
+                    format!("{field}.protocol"),
+                    format!("unknown protocol {name:?} (TCP, UDP, SCTP); the port matches nothing"),
+                );
                 return None;
             }
         },
@@ -234,7 +243,9 @@ fn parse_port(reporter: &mut Reporter<'_>, field: &str, port: &NetworkPolicyPort
     match (&port.port, port.end_port) {
         (None, None) => Some(ParsedPort::Protocol(protocol)),
         (None, Some(_)) => invalid("endPort", "endPort needs a numeric port".to_owned()),
-        (Some(IntOrString::String(name)), Some(_)) => invalid("endPort", format!("endPort needs a numeric port, not the name {name:?}")),
+        (Some(IntOrString::String(name)), Some(_)) => {
+            invalid("endPort", format!("endPort needs a numeric port, not the name {name:?}"))
+        }
         (Some(IntOrString::String(name)), None) => match port_name_error(name) {
             None => Some(ParsedPort::Named(protocol, name.clone())),
             Some(why) => invalid("port", format!("invalid port name {name:?}: {why}")),
@@ -254,7 +265,7 @@ fn parse_port(reporter: &mut Reporter<'_>, field: &str, port: &NetworkPolicyPort
     }
 }
 
-/// Checks a name against IANA_SVC_NAME (what the API server accepts for named ports).
+/// Checks a name against `IANA_SVC_NAME` (what the API server accepts for named ports).
 fn port_name_error(name: &str) -> Option<&'static str> {
     if name.is_empty() || name.len() > 15 {
         Some("must be 1 to 15 characters")
