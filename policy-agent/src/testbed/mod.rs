@@ -3,6 +3,8 @@
 //! panic), commands run inside a namespace, and bounded probes. Addresses come from
 //! 198.18.0.0/15 and 2001:2::/48 only. Needs root; nothing here runs in the agent itself.
 
+pub mod matrix;
+pub mod apiserver;
 pub mod probe;
 
 use std::{
@@ -194,6 +196,8 @@ pub struct PodNet {
     pub host_if: String,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
+    /// Position on the node (gives the pod side a distinct MAC).
+    index: usize,
 }
 
 /// The node's own addresses, on every host-side veth (pods use them as gateway).
@@ -215,23 +219,39 @@ impl Node {
         let ns = Netns::new(&format!("{}-{short}", self.ns.name.rsplit('-').next().unwrap_or("n")));
         let host_if = format!("{}{short}", run_prefix());
         assert!(host_if.len() <= 15, "interface name {host_if} too long");
+        let pod = PodNet { ns, host_if, ipv4, ipv6, index: self.pods.len() + 1 };
+        self.wire(&pod);
+        self.pods.push(pod);
+        self.pods.last().expect("just pushed")
+    }
+
+    /// Deletes a pod's veth pair and creates it again with the same names and addresses (a
+    /// new ifindex), as a CNI does when a pod sandbox is re-created.
+    pub fn recreate_link(&self, short: &str) {
+        let pod = self.pod(short);
+        self.ns.exec(&["ip", "link", "del", &pod.host_if]);
+        self.wire(pod);
+    }
+
+    /// Creates the veth pair of `pod`, with addresses, routes and neighbour entries.
+    fn wire(&self, pod: &PodNet) {
+        let PodNet { ns, host_if, ipv4, ipv6, index } = pod;
         let peer_if = format!("{host_if}p");
         // Fixed MACs and permanent neighbour entries: without link-local addresses (every
         // address comes from the test ranges) the kernel cannot send neighbour solicitations.
-        let index = self.pods.len() + 1;
         let host_mac = "02:aa:00:00:00:01";
         let pod_mac = format!("02:bb:00:00:{:02x}:{:02x}", index / 256, index % 256);
         let node = &self.ns;
-        node.exec(&["ip", "link", "add", &host_if, "address", host_mac, "type", "veth", "peer", "name", &peer_if, "address", &pod_mac]);
+        node.exec(&["ip", "link", "add", host_if, "address", host_mac, "type", "veth", "peer", "name", &peer_if, "address", &pod_mac]);
         node.exec(&["ip", "link", "set", &peer_if, "netns", &ns.name]);
         node.exec(&["sysctl", "-qw", &format!("net.ipv6.conf.{host_if}.addr_gen_mode=1")]);
-        node.exec(&["ip", "addr", "add", &format!("{NODE_V4}/32"), "dev", &host_if]);
-        node.exec(&["ip", "-6", "addr", "add", &format!("{NODE_V6}/128"), "dev", &host_if, "nodad"]);
-        node.exec(&["ip", "link", "set", &host_if, "up"]);
-        node.exec(&["ip", "route", "add", &format!("{ipv4}/32"), "dev", &host_if]);
-        node.exec(&["ip", "-6", "route", "add", &format!("{ipv6}/128"), "dev", &host_if]);
+        node.exec(&["ip", "addr", "add", &format!("{NODE_V4}/32"), "dev", host_if]);
+        node.exec(&["ip", "-6", "addr", "add", &format!("{NODE_V6}/128"), "dev", host_if, "nodad"]);
+        node.exec(&["ip", "link", "set", host_if, "up"]);
+        node.exec(&["ip", "route", "add", &format!("{ipv4}/32"), "dev", host_if]);
+        node.exec(&["ip", "-6", "route", "add", &format!("{ipv6}/128"), "dev", host_if]);
         for addr in [ipv4.to_string(), ipv6.to_string()] {
-            node.exec(&["ip", "neigh", "replace", &addr, "lladdr", &pod_mac, "dev", &host_if, "nud", "permanent"]);
+            node.exec(&["ip", "neigh", "replace", &addr, "lladdr", &pod_mac, "dev", host_if, "nud", "permanent"]);
         }
         ns.exec(&["ip", "link", "set", &peer_if, "name", "eth0"]);
         ns.exec(&["sysctl", "-qw", "net.ipv6.conf.eth0.addr_gen_mode=1"]);
@@ -245,8 +265,6 @@ impl Node {
         for addr in [NODE_V4.to_string(), NODE_V6.to_string()] {
             ns.exec(&["ip", "neigh", "replace", &addr, "lladdr", host_mac, "dev", "eth0", "nud", "permanent"]);
         }
-        self.pods.push(PodNet { ns, host_if, ipv4, ipv6 });
-        self.pods.last().expect("just pushed")
     }
 
     pub fn pod(&self, short: &str) -> &PodNet {
