@@ -226,11 +226,23 @@ pub async fn serve(addr: &str, view: SharedView, pins: PinLayout) -> Result<(), 
         let view = view.clone();
         let counters = counters.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
+            // Read the whole request head (up to the blank line): answering and closing with
+            // unread request bytes would make the kernel reset the connection.
+            let mut buf = Vec::with_capacity(512);
+            let mut chunk = [0u8; 1024];
+            let read_head = async {
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                true
             };
+            if !matches!(tokio::time::timeout(Duration::from_secs(5), read_head).await, Ok(true)) {
+                return;
+            }
+            let n = buf.len();
             let request = String::from_utf8_lossy(&buf[..n]);
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let (status, content_type, body) = respond(path, &view, &counters);

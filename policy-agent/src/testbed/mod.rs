@@ -6,6 +6,7 @@
 pub mod matrix;
 pub mod apiserver;
 pub mod probe;
+pub mod bench;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -335,8 +336,16 @@ impl AgentRun {
         .flatten()
     }
 
+    /// The agent's `/status`; a few tries, then a panic with the agent's log (an empty status
+    /// would let a test pass or fail for the wrong reason).
     pub fn status(&self) -> serde_json::Value {
-        serde_json::from_str(&self.get("/status").unwrap_or_default()).unwrap_or_default()
+        for _ in 0..5 {
+            if let Some(value) = self.get("/status").and_then(|body| serde_json::from_str(&body).ok()) {
+                return value;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("no /status from the agent; log:\n{}", self.log_text());
     }
 
     pub fn log_text(&self) -> String {
