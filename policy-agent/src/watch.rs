@@ -226,6 +226,39 @@ async fn client(kubeconfig: Option<&Path>) -> Result<Client, AgentError> {
     Client::try_from(config).map_err(|e| kube_err("create client")(Box::new(e)))
 }
 
+/// Retries a failed watch after 0.2 s, doubling up to 5 s (kube-runtime's default goes to
+/// 30 s): after an API server outage the node should converge within seconds, and one
+/// re-list per node every few seconds is still gentle on the server.
+#[derive(Debug)]
+struct WatchBackoff {
+    next: Duration,
+}
+
+const WATCH_RETRY_MIN: Duration = Duration::from_millis(200);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(5);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: WATCH_RETRY_MIN }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (self.next * 2).min(WATCH_RETRY_MAX);
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = WATCH_RETRY_MIN;
+    }
+}
+
 fn spawn_reflector<K>(api: Api<K>, notify: &Arc<Notify>, changed_at: &Arc<Mutex<SystemTime>>) -> reflector::Store<K>
 where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -234,7 +267,7 @@ where
     let notify = notify.clone();
     let changed_at = changed_at.clone();
     let kind = K::kind(&());
-    let stream = watcher(api, watcher::Config::default()).default_backoff().reflect(writer);
+    let stream = watcher(api, watcher::Config::default()).backoff(WatchBackoff::default()).reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {

@@ -40,6 +40,13 @@ enum Task {
     /// Build (first run, about 5 minutes) or reuse kube-apiserver and kubectl v1.20.2 for the
     /// real-API-server suite; prints their directory (the suite reads it from POLICY_KUBE_BIN).
     Kube,
+    /// Measure the datapath and the control plane next to iptables, ipset and nftables; write
+    /// bench/REPORT.md, bench/results.json and SVG plots (root).
+    Bench {
+        /// Fewer, shorter runs (under two minutes).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run every test suite: unit tests, the proptest oracle, the privileged suites, the demo.
     Test {
         /// Only run tests whose name contains this (passed to the test binaries).
@@ -82,7 +89,27 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Test { filter } => test(filter.as_deref()),
+        Task::Bench { quick } => bench(quick),
     }
+}
+
+/// Debian packages the benchmark baselines use, with a command each provides.
+const BENCH_PACKAGES: &[(&str, &str)] =
+    &[("iptables", "iptables-legacy-restore"), ("ipset", "ipset"), ("nftables", "nft"), ("iperf3", "iperf3")];
+
+/// Builds the agent and the bench example in release, runs it and lets it write bench/.
+fn bench(quick: bool) -> Result<()> {
+    setup::run()?;
+    require_root("the benchmarks")?;
+    setup::ensure_debian_packages(BENCH_PACKAGES)?;
+    run(cargo().args(["build", "--release", "--package", "policy-agent", "--bins", "--example", "bench"]))?;
+    let root = workspace_root();
+    let mut cmd = Command::new(root.join("target/release/examples/bench"));
+    cmd.arg("--agent").arg(root.join("target/release/policy-agent")).arg("--out").arg(root.join("bench"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -153,7 +180,7 @@ fn test(filter: Option<&str>) -> Result<()> {
 
 /// Integration test files of policy-agent whose tests are `#[ignore]`d in a plain `cargo test`
 /// because they need root.
-const PRIVILEGED_SUITES: &[&str] = &["datapath", "agent", "conformance"];
+const PRIVILEGED_SUITES: &[&str] = &["datapath", "agent", "conformance", "kube"];
 
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
