@@ -20,7 +20,7 @@ use crate::{
     metrics::{self, AgentView, Directory, EndpointStatus, MapFill, SharedView},
     netif,
     sync::{EndpointRef, Syncer},
-    watch::{KubeSource, ManifestSource, Snapshot, Source},
+    watch::{KubeSource, ManifestSource, Source},
 };
 
 #[derive(clap::Args, Debug)]
@@ -121,7 +121,19 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
             Source::Kube(KubeSource::start(args.kubeconfig.as_deref()).await?)
         }
     };
-    let mut agent = Agent { node, datapath, syncer, view, audit: args.audit, attached: BTreeMap::new(), last_change: None, downed: BTreeSet::new() };
+    let mut agent = Agent {
+        node,
+        datapath,
+        syncer,
+        view,
+        audit: args.audit,
+        attached: BTreeMap::new(),
+        last_change: None,
+        downed: BTreeSet::new(),
+        compilation: None,
+        routes: Vec::new(),
+        settled: false,
+    };
     let resync = Duration::from_millis(args.resync_ms.max(50));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| AgentError::Read { path: "SIGTERM handler".into(), source })?;
@@ -132,8 +144,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                 _ => Err(AgentError::Usage { flag: "--metrics-addr", what: "metrics server stopped".into() }),
             };
         }
-        let snapshot = source.snapshot();
-        agent.reconcile(&snapshot);
+        agent.reconcile(&source);
         tokio::select! {
             () = source.changed() => {}
             () = tokio::time::sleep(resync) => {}
@@ -158,6 +169,24 @@ struct Agent {
     last_change: Option<SystemTime>,
     /// Links this agent took down because their classifier could not be attached.
     downed: BTreeSet<String>,
+    /// The last compilation and what it was made from.
+    compilation: Option<Compilation>,
+    /// The routes the last pass placed pods with.
+    routes: Vec<netif::Route>,
+    /// The last pass left every pod placed, written and attached: with unchanged inputs
+    /// there is nothing to do.
+    settled: bool,
+}
+
+/// A compiled snapshot, with what it was compiled from: recompiling happens only when the
+/// objects or the node's addresses change, not on every resync.
+struct Compilation {
+    generation: u64,
+    node_ips: Vec<IpAddr>,
+    compiled: Compiled,
+    changed_at: SystemTime,
+    problems: Vec<String>,
+    pods_by_ip: BTreeMap<IpAddr, String>,
 }
 
 /// Where a local pod is, or why it cannot be enforced yet.
@@ -168,14 +197,27 @@ struct Placement {
 }
 
 impl Agent {
-    fn reconcile(&mut self, snapshot: &Snapshot) {
+    fn reconcile(&mut self, source: &Source) {
         let started = Instant::now();
         let node_ips = netif::node_addresses().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read node addresses");
             Vec::new()
         });
-        let compiled = compile(&snapshot.state, &NodeContext { name: self.node.clone(), ips: node_ips });
-        let placements = self.place(&compiled);
+        let routes = netif::routes().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read routes");
+            Vec::new()
+        });
+        let generation = source.generation();
+        let current = self.compilation.take().filter(|c| c.generation == generation && c.node_ips == node_ips);
+        if current.is_some() && self.settled && routes == self.routes && self.interfaces_unchanged() {
+            self.compilation = current;
+            metrics::write(&self.view).last_loop = Some(Instant::now());
+            return;
+        }
+        let compilation = current.unwrap_or_else(|| self.compile(source, generation, node_ips));
+        let compiled = &compilation.compiled;
+        let placements = self.place(compiled, &routes);
+        self.routes = routes;
 
         // Detach first: a pod that is gone loses its program before its endpoint entry.
         let wanted: BTreeSet<&str> = placements.values().filter_map(|p| p.interface.as_ref().map(|(n, _)| n.as_str())).collect();
@@ -241,19 +283,39 @@ impl Agent {
         if report.applied > 0 || !report.failures.is_empty() {
             tracing::info!(writes = report.applied, failures = report.failures.len(), conntrack_flushed = report.conntrack_flushed, ms = elapsed.as_secs_f64() * 1e3, "maps synced");
         }
-        self.publish(snapshot, &compiled, &placements, &errors, &programs, report.failures.len(), elapsed);
+        self.settled = errors.is_empty()
+            && placements.values().all(|p| p.slot.is_some() && p.interface.as_ref().is_some_and(|(n, i)| self.attached.get(n) == Some(i)));
+        self.publish(&compilation, &placements, &errors, &programs, report.failures.len(), elapsed);
+        self.compilation = Some(compilation);
+    }
+
+    /// Compiles a fresh snapshot of the source.
+    fn compile(&self, source: &Source, generation: u64, node_ips: Vec<IpAddr>) -> Compilation {
+        let snapshot = source.snapshot();
+        let compiled = compile(&snapshot.state, &NodeContext { name: self.node.clone(), ips: node_ips.clone() });
+        let problems = compiled.problems.iter().map(ToString::to_string).chain(snapshot.errors.iter().cloned()).collect();
+        let pods_by_ip = snapshot
+            .state
+            .pods
+            .iter()
+            .filter(|(_, p)| !crate::resolve::is_host_network(p) && !crate::resolve::is_terminated(p))
+            .flat_map(|(r, p)| crate::resolve::pod_ips(p, &mut Vec::new()).into_iter().map(move |ip| (ip, r.to_string())))
+            .collect();
+        Compilation { generation, node_ips, compiled, changed_at: snapshot.changed_at, problems, pods_by_ip }
+    }
+
+    /// Whether every interface this agent attached still has the index it had (a veth
+    /// re-created under the same name keeps its routes but not its index).
+    fn interfaces_unchanged(&self) -> bool {
+        self.attached.iter().all(|(name, index)| netif::ifindex(name) == Some(*index))
     }
 
     /// Finds each local pod's interface (the route to its address) and endpoint slot.
-    fn place(&mut self, compiled: &Compiled) -> BTreeMap<PodRef, Placement> {
-        let routes = netif::routes().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot read routes");
-            Vec::new()
-        });
+    fn place(&mut self, compiled: &Compiled, routes: &[netif::Route]) -> BTreeMap<PodRef, Placement> {
         let mut placements = BTreeMap::new();
         for (pod, endpoint) in &compiled.endpoints {
             let addrs = [endpoint.ipv4.map(IpAddr::V4), endpoint.ipv6.map(IpAddr::V6)];
-            let interface = addrs.iter().flatten().find_map(|a| netif::interface_for(&routes, *a)).map(str::to_owned);
+            let interface = addrs.iter().flatten().find_map(|a| netif::interface_for(routes, *a)).map(str::to_owned);
             let placement = match interface.and_then(|name| Some((netif::ifindex(&name)?, name))) {
                 Some((ifindex, name)) => match self.syncer.slot(ifindex) {
                     Some(slot) => Placement { interface: Some((name, ifindex)), slot: Some(slot), error: None },
@@ -285,14 +347,14 @@ impl Agent {
     #[allow(clippy::too_many_arguments, reason = "one place that turns a pass into the view")]
     fn publish(
         &mut self,
-        snapshot: &Snapshot,
-        compiled: &Compiled,
+        compilation: &Compilation,
         placements: &BTreeMap<PodRef, Placement>,
         errors: &BTreeMap<PodRef, String>,
         programs: &BTreeMap<PodRef, Vec<u32>>,
         failures: usize,
         elapsed: Duration,
     ) {
+        let compiled = &compilation.compiled;
         let loaded = self.syncer.loaded();
         let mut endpoints = Vec::new();
         let mut pods_by_endpoint = BTreeMap::new();
@@ -353,25 +415,19 @@ impl Agent {
             view.maps.insert(datapath::map_name::CONNTRACK, fill(datapath::map_name::CONNTRACK, n).1);
         }
         view.identities = compiled.identities.len();
-        view.problems = compiled.problems.iter().map(ToString::to_string).chain(snapshot.errors.iter().cloned()).collect();
+        view.problems.clone_from(&compilation.problems);
         view.syncs += 1;
         view.sync_failures += failures as u64;
         view.sync_duration.observe(elapsed);
-        if self.last_change != Some(snapshot.changed_at) {
+        if self.last_change != Some(compilation.changed_at) {
             if self.last_change.is_some() {
-                let latency = SystemTime::now().duration_since(snapshot.changed_at).unwrap_or_default();
+                let latency = SystemTime::now().duration_since(compilation.changed_at).unwrap_or_default();
                 view.enforcement_latency.observe(latency);
             }
-            self.last_change = Some(snapshot.changed_at);
+            self.last_change = Some(compilation.changed_at);
         }
         view.directory = Directory {
-            pods_by_ip: snapshot
-                .state
-                .pods
-                .iter()
-                .filter(|(_, p)| !crate::resolve::is_host_network(p) && !crate::resolve::is_terminated(p))
-                .flat_map(|(r, p)| crate::resolve::pod_ips(p, &mut Vec::new()).into_iter().map(move |ip| (ip, r.to_string())))
-                .collect(),
+            pods_by_ip: compilation.pods_by_ip.clone(),
             pods_by_endpoint,
             isolated_by,
             cookies: compiled.cookies.keys().map(|c| (*c, compiled.describe_cookie(*c))).chain([(policy_common::policy::COOKIE_NODE, compiled.describe_cookie(policy_common::policy::COOKIE_NODE))]).collect(),

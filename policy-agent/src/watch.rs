@@ -59,6 +59,15 @@ impl Source {
             Source::Kube(k) => k.snapshot(),
         }
     }
+
+    /// A number that changes whenever the objects may have changed: the agent compiles a new
+    /// snapshot only when it moves.
+    pub fn generation(&self) -> u64 {
+        match self {
+            Source::Manifests(m) => m.generation,
+            Source::Kube(k) => k.generation.load(std::sync::atomic::Ordering::SeqCst),
+        }
+    }
 }
 
 /// How often the manifest directory is checked: changes apply well within a second.
@@ -86,6 +95,7 @@ pub struct ManifestSource {
     files: BTreeMap<PathBuf, ManifestFile>,
     changed_at: SystemTime,
     dir_error: Option<String>,
+    generation: u64,
 }
 
 impl ManifestSource {
@@ -93,7 +103,7 @@ impl ManifestSource {
         if !dir.is_dir() {
             return Err(AgentError::Usage { flag: "--manifests", what: format!("{} is not a directory", dir.display()) });
         }
-        let mut source = Self { dir: dir.to_owned(), files: BTreeMap::new(), changed_at: SystemTime::now(), dir_error: None };
+        let mut source = Self { dir: dir.to_owned(), files: BTreeMap::new(), changed_at: SystemTime::now(), dir_error: None, generation: 0 };
         source.rescan();
         Ok(source)
     }
@@ -119,17 +129,29 @@ impl ManifestSource {
         Ok(found)
     }
 
-    /// Re-reads what changed; returns whether the objects changed.
+    /// Re-reads what changed; returns whether the objects (or the errors) changed.
     pub fn rescan(&mut self) -> bool {
+        let changed = self.rescan_files();
+        if changed {
+            self.generation += 1;
+        }
+        changed
+    }
+
+    fn rescan_files(&mut self) -> bool {
         let found = match self.list() {
             Ok(found) => {
-                self.dir_error = None;
+                if self.dir_error.take().is_some() {
+                    self.generation += 1;
+                }
                 found
             }
             Err(e) => {
                 // Keep everything: an unreadable directory is not an empty one.
-                self.dir_error = Some(format!("{}: {e}", self.dir.display()));
-                return false;
+                let error = Some(format!("{}: {e}", self.dir.display()));
+                let changed = self.dir_error != error;
+                self.dir_error = error;
+                return changed;
             }
         };
         let mut changed = false;
@@ -153,6 +175,7 @@ impl ManifestSource {
                     tracing::warn!(file = %path.display(), error = %e, "manifest not applied; keeping its last good version");
                     let objects = self.files.remove(&path).map(|f| f.objects).unwrap_or_default();
                     self.files.insert(path, ManifestFile { stamp, objects, error: Some(e.to_string()) });
+                    changed = true;
                 }
             }
         }
@@ -175,6 +198,7 @@ pub struct KubeSource {
     policies: reflector::Store<NetworkPolicy>,
     notify: Arc<Notify>,
     changed_at: Arc<Mutex<SystemTime>>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl KubeSource {
@@ -184,16 +208,18 @@ impl KubeSource {
         let client = client(kubeconfig).await?;
         let notify = Arc::new(Notify::new());
         let changed_at = Arc::new(Mutex::new(SystemTime::now()));
-        let pods = spawn_reflector(Api::<Pod>::all(client.clone()), &notify, &changed_at);
-        let namespaces = spawn_reflector(Api::<Namespace>::all(client.clone()), &notify, &changed_at);
-        let policies = spawn_reflector(Api::<NetworkPolicy>::all(client), &notify, &changed_at);
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let changes = Changes { notify: notify.clone(), changed_at: changed_at.clone(), generation: generation.clone() };
+        let pods = spawn_reflector(Api::<Pod>::all(client.clone()), &changes);
+        let namespaces = spawn_reflector(Api::<Namespace>::all(client.clone()), &changes);
+        let policies = spawn_reflector(Api::<NetworkPolicy>::all(client), &changes);
         let ready = async {
             pods.wait_until_ready().await?;
             namespaces.wait_until_ready().await?;
             policies.wait_until_ready().await
         };
         ready.await.map_err(|e| AgentError::Kube { what: "waiting for the first list".into(), source: Box::new(e) })?;
-        Ok(Self { pods, namespaces, policies, notify, changed_at })
+        Ok(Self { pods, namespaces, policies, notify, changed_at, generation })
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -259,13 +285,20 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     }
 }
 
-fn spawn_reflector<K>(api: Api<K>, notify: &Arc<Notify>, changed_at: &Arc<Mutex<SystemTime>>) -> reflector::Store<K>
+/// How a watcher tells the agent that something changed.
+#[derive(Clone)]
+struct Changes {
+    notify: Arc<Notify>,
+    changed_at: Arc<Mutex<SystemTime>>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn spawn_reflector<K>(api: Api<K>, changes: &Changes) -> reflector::Store<K>
 where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    let notify = notify.clone();
-    let changed_at = changed_at.clone();
+    let changes = changes.clone();
     let kind = K::kind(&());
     let stream = watcher(api, watcher::Config::default()).backoff(WatchBackoff::default()).reflect(writer);
     tokio::spawn(async move {
@@ -273,8 +306,9 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(_) => {
-                    *changed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = SystemTime::now();
-                    notify.notify_one();
+                    *changes.changed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = SystemTime::now();
+                    changes.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    changes.notify.notify_one();
                 }
                 // The backoff retries; the store keeps the last state meanwhile.
                 Err(e) => tracing::warn!(kind = %kind, error = %e, "watch failed; keeping the last state and retrying"),

@@ -311,6 +311,11 @@ fn status_and_metrics_report_correct_numbers() {
     assert_eq!(metric(&metrics, "policy_endpoints{state=\"attached\"}"), 3);
     assert!(metric(&metrics, "policy_identities") >= 3);
 
+    // At rest (nothing changes, resync every 200 ms) the agent neither compiles nor syncs.
+    let syncs = n.status()["syncs"].as_u64();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(n.status()["syncs"].as_u64(), syncs, "no pass ran while nothing changed");
+
     let out = n.node.ns.exec(&[AGENT, "status", "--metrics-addr", METRICS]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().any(|l| l.starts_with("e2e/b") && l.contains("isolated") && l.contains("yes")), "{text}");
