@@ -233,7 +233,7 @@ impl Agent {
 
         let slots: BTreeMap<PodRef, EndpointSlot> = placements.iter().filter_map(|(pod, p)| Some((pod.clone(), p.slot?))).collect();
         let wanted_ids: BTreeMap<u32, u32> = slots.values().map(|s| (s.ifindex, s.id)).collect();
-        let desired = render(&compiled, &slots, self.audit);
+        let desired = render(compiled, &slots, self.audit);
         let report = self.syncer.apply(&desired);
         self.syncer.release_unused(&wanted_ids);
         let mut errors: BTreeMap<PodRef, String> = BTreeMap::new();

@@ -259,19 +259,19 @@ impl Datapath {
         let path = self.pins.link(ifname, hook);
         let program_id = self.program_id(hook)?;
         let program = program_mut(&mut self.ebpf, hook)?;
-        if path.exists() {
-            if let Ok(link) = adopt_link(&path) {
-                match program.attach_to_link(link) {
-                    Ok(id) => {
-                        // The pin keeps the link alive; this process lets go of its handle.
-                        let link = program.take_link(id).map_err(|e| ebpf_error("take link", e))?;
-                        drop_without_detach(link);
-                        return Ok(Attached { hook, program_id, link: path, replaced: true });
-                    }
-                    // A link whose interface was deleted (and perhaps re-created under the same
-                    // name) cannot be updated: attach anew below.
-                    Err(e) => tracing::info!(interface = ifname, hook = %hook, error = %e, "pinned link is stale; attaching anew"),
+        if path.exists()
+            && let Ok(link) = adopt_link(&path)
+        {
+            match program.attach_to_link(link) {
+                Ok(id) => {
+                    // The pin keeps the link alive; this process lets go of its handle.
+                    let link = program.take_link(id).map_err(|e| ebpf_error("take link", e))?;
+                    drop_without_detach(link);
+                    return Ok(Attached { hook, program_id, link: path, replaced: true });
                 }
+                // A link whose interface was deleted (and perhaps re-created under the same
+                // name) cannot be updated: attach anew below.
+                Err(e) => tracing::info!(interface = ifname, hook = %hook, error = %e, "pinned link is stale; attaching anew"),
             }
         }
         std::fs::create_dir_all(self.pins.links_dir())

@@ -96,8 +96,7 @@ impl Fixture {
 
     fn run(&self, hook: Hook, frame: &[u8]) -> u32 {
         let program = self.datapath.program(hook).expect("program");
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(frame);
+        let opts = TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() };
         program.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
     }
 
