@@ -1,0 +1,124 @@
+//! The benchmarks behind `cargo xtask bench`: the classifier's per-packet cost through
+//! BPF_PROG_TEST_RUN, UDP floods and TCP throughput over veths side by side with iptables,
+//! ipset and nftables, and the control plane (compile time and memory, time to enforcement,
+//! agent memory). Writes REPORT.md, results.json and SVG plots. Root only.
+//!
+//! Usage: bench --agent PATH [--quick] [--out DIR] [--only datapath,flood,control]
+//!        bench compile-child PODS POLICIES RUNS   (internal: one compile in a child)
+
+use std::{path::PathBuf, process::ExitCode, time::{Duration, Instant}};
+
+use policy_agent::testbed::bench::{self, control, datapath, flood, log, report};
+
+struct Args {
+    agent: PathBuf,
+    quick: bool,
+    out: PathBuf,
+    only: Option<Vec<String>>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut agent = None;
+    let mut quick = false;
+    let mut out = PathBuf::from("bench");
+    let mut only = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--agent" => agent = args.next().map(PathBuf::from),
+            "--quick" => quick = true,
+            "--out" => out = args.next().map(PathBuf::from).ok_or("--out DIR")?,
+            "--only" => only = Some(args.next().ok_or("--only LIST")?.split(',').map(str::to_owned).collect()),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    let agent = match agent {
+        Some(a) => a,
+        // target/release/examples/bench -> target/release/policy-agent
+        None => std::env::current_exe().map_err(|e| e.to_string())?.parent().and_then(|p| p.parent()).ok_or("no agent")?.join("policy-agent"),
+    };
+    if !agent.is_file() {
+        return Err(format!("agent binary {} not found (--agent PATH)", agent.display()));
+    }
+    Ok(Args { agent, quick, out, only })
+}
+
+/// Runs one part; a panic (its namespaces and mounts are removed by their drop guards while
+/// unwinding) is recorded and the other parts still run and get reported.
+fn guarded<T>(failures: &mut Vec<String>, part: &str, f: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let msg = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned())).unwrap_or_default();
+            log(format!("{part} failed: {msg}"));
+            failures.push(format!("{part}: {msg}"));
+            None
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("compile-child") {
+        let n = |i: usize| argv.get(i).and_then(|s| s.parse().ok()).unwrap_or(1);
+        control::compile_child(n(2), n(3), n(4));
+        return ExitCode::SUCCESS;
+    }
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let wants = |part: &str| args.only.as_ref().is_none_or(|o| o.iter().any(|x| x == part));
+    let started = Instant::now();
+    let q = args.quick;
+    let machine = bench::Machine::probe();
+    log(format!("{} ({} cores), kernel {}, {} mode", machine.cpu_model, machine.cores, machine.kernel, if q { "quick" } else { "full" }));
+    let mut results = report::Results { quick: q, machine, ..report::Results::default() };
+
+    if wants("datapath") {
+        let bpffs = policy_agent::testbed::Bpffs::new("tr");
+        let settings = datapath::Settings {
+            sizes: vec![10, 100, 1_000, 10_000, 100_000],
+            repeat: if q { 100_000 } else { 1_000_000 },
+            runs: if q { 5 } else { 11 },
+            new_flow_calls: if q { 5_000 } else { 20_000 },
+        };
+        results.datapath = guarded(&mut results.failures, "datapath", || datapath::run(&settings, &bpffs.path));
+    }
+    if wants("flood") {
+        let settings = flood::Settings {
+            rules: vec![10, 1_000],
+            rounds: if q { 2 } else { 5 },
+            seconds: if q { 0.4 } else { 2.0 },
+            tcp_rounds: if q { 2 } else { 5 },
+            tcp_seconds: if q { 1 } else { 5 },
+        };
+        results.flood = guarded(&mut results.failures, "flood", || flood::run(&settings, &args.agent));
+    }
+    if wants("control") {
+        let exe = std::env::current_exe().expect("own path");
+        let configs = [(1_000, 100), (1_000, 1_000), (10_000, 100), (10_000, 1_000)];
+        results.compile = guarded(&mut results.failures, "compile", || control::compile_suite(&exe, &configs, if q { 3 } else { 10 })).unwrap_or_default();
+        results.latency = guarded(&mut results.failures, "latency", || {
+            control::latency(&args.agent, if q { 5 } else { 30 }, if q { (1_000, 100) } else { (10_000, 1_000) })
+        });
+        results.rss = guarded(&mut results.failures, "agent memory", || control::rss(&args.agent, 10_000, 1_000, Duration::from_secs(if q { 2 } else { 10 })));
+    }
+    results.run_secs = started.elapsed().as_secs_f64();
+    match report::write(&results, &args.out) {
+        Ok(files) => {
+            for f in files {
+                log(format!("wrote {}", f.display()));
+            }
+            log(format!("done in {:.0} s", results.run_secs));
+            if results.failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => {
+            eprintln!("bench: writing the report: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,562 @@
+//! Real packets over veths: a UDP flood from pod `a` to pod `b` through a forwarding node
+//! namespace, with no enforcement, with the classifier, and with iptables, iptables + ipset
+//! and nftables translations of the same policy; and TCP throughput with iperf3.
+//!
+//! Each variant has its own node and pods (namespaces), built once; the runs of all variants
+//! are interleaved round by round, so drift on a shared machine hits them alike. `b` is
+//! isolated for ingress and accepts `rules` (peer, UDP port) pairs: `rules - 1` peers that
+//! send nothing, and `a` on UDP 10000-10999 (one rule, the last one in linear chains). The
+//! allowed flood goes to 10000 from one source port (one flow); the "new flows" flood walks
+//! source ports 1024-65535 and destination ports 10000-10999 so no 5-tuple repeats within a
+//! run; the denied flood goes to 5002, which no rule allows.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::maps::lpm_trie::Key;
+use policy_common::{
+    Direction,
+    endpoint::{EndpointInfo, EndpointKey, FLAG_HAS_IPV4, FLAG_HAS_IPV6, FLAG_INGRESS_ISOLATED},
+    ipcache::{IpcacheKey, IpcacheValue},
+    policy::{PREFIX_FULL, PolicyKey, PolicyValue, PortRangePrefixes},
+    proto,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{CpuTicks, log, median, thread_cpu_ns};
+use crate::{
+    datapath::{Maps, PinLayout},
+    testbed::{Bpffs, Netns, Node},
+};
+
+pub const A4: Ipv4Addr = Ipv4Addr::new(198, 18, 40, 1);
+pub const B4: Ipv4Addr = Ipv4Addr::new(198, 18, 40, 2);
+const A6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 40, 0, 0, 0, 1);
+const B6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 40, 0, 0, 0, 2);
+const A_ID: u32 = 3000;
+const A_EP: u32 = 1;
+const B_EP: u32 = 2;
+const ALLOWED_FIRST: u16 = 10000;
+const ALLOWED_LAST: u16 = 10999;
+const DENIED_PORT: u16 = 5002;
+const IPERF_PORT: u16 = 5201;
+/// UDP payload making 64-byte Ethernet frames (14 + 20 + 8 + 22).
+const PAYLOAD: usize = 22;
+const BATCH: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Variant {
+    None,
+    Bpf,
+    Iptables,
+    Ipset,
+    Nftables,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 5] = [Variant::None, Variant::Bpf, Variant::Iptables, Variant::Ipset, Variant::Nftables];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Variant::None => "no enforcement",
+            Variant::Bpf => "policy-ebpf (TCX classifier)",
+            Variant::Iptables => "iptables, one rule per peer and port",
+            Variant::Ipset => "iptables + ipset hash:ip,port",
+            Variant::Nftables => "nftables set (ip . port)",
+        }
+    }
+
+    pub fn short(self) -> &'static str {
+        match self {
+            Variant::None => "none",
+            Variant::Bpf => "bpf",
+            Variant::Iptables => "iptables",
+            Variant::Ipset => "ipset",
+            Variant::Nftables => "nftables",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// One 5-tuple, allowed.
+    Allowed,
+    /// A new 5-tuple every packet, allowed.
+    AllowedNewFlows,
+    /// One 5-tuple, denied.
+    Denied,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Allowed, Kind::AllowedNewFlows, Kind::Denied];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Allowed => "allowed, one flow",
+            Kind::AllowedNewFlows => "allowed, new flow per packet",
+            Kind::Denied => "denied",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Run {
+    pub variant: Variant,
+    pub rules: usize,
+    pub kind: Kind,
+    pub round: usize,
+    pub secs: f64,
+    pub sent: u64,
+    pub delivered: u64,
+    pub sent_pps: f64,
+    pub delivered_pps: f64,
+    pub dropped_pps: f64,
+    /// Busy CPU time of the whole machine (/proc/stat) per packet sent.
+    pub cpu_ns_per_packet: f64,
+    /// CPU time of the sending thread per packet sent (forwarding runs in its softirq).
+    pub sender_cpu_ns_per_packet: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    pub variant: Variant,
+    pub rules: usize,
+    pub kind: Kind,
+    /// Packets per second handled: delivered for allowed floods, dropped for denied ones
+    /// (delivered for both with no enforcement).
+    pub pps: f64,
+    pub sent_pps: f64,
+    pub delivered_fraction: f64,
+    pub cpu_ns_per_packet: f64,
+    pub sender_cpu_ns_per_packet: f64,
+    /// Median over rounds of pps / pps of no enforcement (same rules, kind and round).
+    pub ratio: f64,
+    /// Median over rounds of 1e9/pps - 1e9/pps(no enforcement), same pairing.
+    pub added_ns: f64,
+    pub rounds: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TcpSummary {
+    pub variant: Variant,
+    pub gbits: f64,
+    pub samples: Vec<f64>,
+    pub ratio: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Results {
+    pub seconds_per_run: f64,
+    pub rounds: usize,
+    pub rules: Vec<usize>,
+    pub runs: Vec<Run>,
+    pub summary: Vec<Summary>,
+    pub tcp_seconds: u32,
+    pub tcp: Vec<TcpSummary>,
+    pub iptables_binary: String,
+    pub nf_conntrack_max: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub rules: Vec<usize>,
+    pub rounds: usize,
+    pub seconds: f64,
+    pub tcp_rounds: usize,
+    pub tcp_seconds: u32,
+}
+
+/// One variant's node and pods.
+struct Topology {
+    variant: Variant,
+    node: Node,
+    bpffs: Option<Bpffs>,
+    maps: Option<Maps>,
+    /// Where the next "new flows" flood starts, so 5-tuples never repeat within a run.
+    next_flow: u64,
+    scratch: PathBuf,
+}
+
+fn filler_peer(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + 1 + i as u32)
+}
+fn filler_port(i: usize) -> u16 {
+    6000 + (i % 100) as u16
+}
+
+impl Topology {
+    fn new(variant: Variant, agent: &Path) -> Self {
+        let suffix = match variant {
+            Variant::None => "fn",
+            Variant::Bpf => "fb",
+            Variant::Iptables => "fi",
+            Variant::Ipset => "fs",
+            Variant::Nftables => "ft",
+        }
+        .to_owned();
+        let mut node = Node::new(&suffix);
+        node.add_pod("a", A4, A6);
+        node.add_pod("b", B4, B6);
+        let scratch = std::env::temp_dir().join(format!("{}-{suffix}", crate::testbed::run_prefix()));
+        std::fs::create_dir_all(&scratch).expect("scratch dir");
+        let mut topo = Self { variant, node, bpffs: None, maps: None, next_flow: 0, scratch };
+        if variant == Variant::Bpf {
+            let bpffs = Bpffs::new(&suffix);
+            for pod in &topo.node.pods {
+                let out = topo.node.ns.exec(&[agent.to_str().expect("utf-8"), "attach", "--iface", &pod.host_if, "--bpffs", bpffs.path.to_str().expect("utf-8")]);
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(text.contains("attached from_pod") && text.contains("attached to_pod"), "{text}");
+            }
+            let mut maps = Maps::open_pinned(&PinLayout::new(&bpffs.path)).expect("pinned maps");
+            let id = IpcacheValue { identity: A_ID };
+            maps.ipcache.insert(&Key::new(IpcacheKey::lpm_prefix_len(32), IpcacheKey::v4(A4.octets())), id, 0).expect("ipcache");
+            maps.ipcache.insert(&Key::new(IpcacheKey::lpm_prefix_len(128), IpcacheKey::v6(A6.octets())), id, 0).expect("ipcache");
+            let ifindex = |short: &str| topo.node.ns.ifindex(&topo.node.pod(short).host_if);
+            let (ifa, ifb) = (ifindex("a"), ifindex("b"));
+            let info = |id, flags: u32, v4: Ipv4Addr, v6: Ipv6Addr| EndpointInfo { id, flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6, ipv4: v4.octets(), ipv6: v6.octets() };
+            maps.endpoints.insert(EndpointKey { ifindex: ifa }, info(A_EP, 0, A4, A6), 0).expect("endpoint a");
+            maps.endpoints.insert(EndpointKey { ifindex: ifb }, info(B_EP, FLAG_INGRESS_ISOLATED, B4, B6), 0).expect("endpoint b");
+            for block in PortRangePrefixes::new(ALLOWED_FIRST, ALLOWED_LAST) {
+                let key = Key::new(block.lpm_prefix_len(), PolicyKey::new(B_EP, A_ID, Direction::Ingress, proto::UDP, block.port));
+                maps.policy.insert(&key, PolicyValue { cookie: 16 }, 0).expect("policy");
+            }
+            let key = Key::new(PREFIX_FULL, PolicyKey::new(B_EP, A_ID, Direction::Ingress, proto::TCP, IPERF_PORT));
+            maps.policy.insert(&key, PolicyValue { cookie: 17 }, 0).expect("policy");
+            topo.bpffs = Some(bpffs);
+            topo.maps = Some(maps);
+        }
+        topo
+    }
+
+    fn host_if(&self, short: &str) -> String {
+        self.node.pod(short).host_if.clone()
+    }
+
+    fn exec_file(&self, args: &[&str], name: &str, text: &str) {
+        let path = self.scratch.join(name);
+        std::fs::write(&path, text).expect("write rules file");
+        let mut full: Vec<&str> = args.to_vec();
+        let p = path.to_str().expect("utf-8").to_owned();
+        full.push(&p);
+        self.node.ns.exec(&full);
+    }
+
+    /// Makes `b` accept `rules` (peer, port) pairs in this variant's mechanism.
+    fn install(&mut self, rules: usize) {
+        let fillers = rules.saturating_sub(1);
+        let b_if = self.host_if("b");
+        match self.variant {
+            Variant::None => {}
+            Variant::Bpf => {
+                let maps = self.maps.as_mut().expect("maps");
+                for i in 0..fillers {
+                    let id = 5000 + i as u32;
+                    maps.ipcache.insert(&Key::new(IpcacheKey::lpm_prefix_len(32), IpcacheKey::v4(filler_peer(i).octets())), IpcacheValue { identity: id }, 0).expect("ipcache");
+                    let key = Key::new(PREFIX_FULL, PolicyKey::new(B_EP, id, Direction::Ingress, proto::UDP, filler_port(i)));
+                    maps.policy.insert(&key, PolicyValue { cookie: 18 }, 0).expect("policy");
+                }
+            }
+            Variant::Iptables | Variant::Ipset => {
+                let mut r = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POD-B-IN - [0:0]\n");
+                r += &format!("-A FORWARD -o {b_if} -j POD-B-IN\n");
+                r += "-A POD-B-IN -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n";
+                if self.variant == Variant::Iptables {
+                    for i in 0..fillers {
+                        r += &format!("-A POD-B-IN -s {}/32 -p udp -m udp --dport {} -j ACCEPT\n", filler_peer(i), filler_port(i));
+                    }
+                    r += &format!("-A POD-B-IN -s {A4}/32 -p udp -m udp --dport {ALLOWED_FIRST}:{ALLOWED_LAST} -j ACCEPT\n");
+                } else {
+                    let mut s = String::from("create pod-b-in hash:ip,port family inet hashsize 4096 maxelem 262144\nflush pod-b-in\n");
+                    for i in 0..fillers {
+                        s += &format!("add pod-b-in {},udp:{}\n", filler_peer(i), filler_port(i));
+                    }
+                    s += &format!("add pod-b-in {A4},udp:{ALLOWED_FIRST}-{ALLOWED_LAST}\n");
+                    self.exec_file(&["ipset", "-exist", "restore", "-file"], "ipset.txt", &s);
+                    r += "-A POD-B-IN -m set --match-set pod-b-in src,dst -j ACCEPT\n";
+                }
+                r += "-A POD-B-IN -j DROP\nCOMMIT\n";
+                self.exec_file(&[IPTABLES_RESTORE], "iptables.txt", &r);
+            }
+            Variant::Nftables => {
+                let mut elements: Vec<String> = (0..fillers).map(|i| format!("{} . {}", filler_peer(i), filler_port(i))).collect();
+                elements.extend((ALLOWED_FIRST..=ALLOWED_LAST).map(|p| format!("{A4} . {p}")));
+                let text = format!(
+                    "table inet bench {{}}\ndelete table inet bench\ntable inet bench {{\n  set pod_b_in {{\n    type ipv4_addr . inet_service\n    size 262144\n    elements = {{ {} }}\n  }}\n  chain pod_b_ingress {{\n    ct state established,related accept\n    ip saddr . udp dport @pod_b_in accept\n    drop\n  }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    oifname \"{b_if}\" jump pod_b_ingress\n  }}\n}}\n",
+                    elements.join(", ")
+                );
+                self.exec_file(&["nft", "-f"], "nft.txt", &text);
+            }
+        }
+    }
+
+    fn tx_packets(&self, ifname: &str) -> u64 {
+        let out = self.node.ns.exec(&["cat", &format!("/sys/class/net/{ifname}/statistics/tx_packets")]);
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    }
+}
+
+/// iptables with the x_tables backend (the classic one kube-router-style chains use); the
+/// nft-backed `iptables` compiles every rule to nftables bytecode, as the nft rows show.
+pub const IPTABLES_RESTORE: &str = "iptables-legacy-restore";
+
+/// UDP sockets bound in `b` on every port a flood targets, with tiny receive buffers: what
+/// arrives is delivered to a socket and dropped when the buffer is full, without ICMP.
+struct Sink {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sink {
+    fn start(ns: &Netns) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = stop.clone();
+        let handle = ns.spawn(move || {
+            let mut sockets = Vec::new();
+            for port in (ALLOWED_FIRST..=ALLOWED_LAST).chain([DENIED_PORT]) {
+                let sock = std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)).expect("bind sink");
+                let size: libc::c_int = 2048;
+                // SAFETY: a valid socket and option buffer.
+                unsafe { libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, (&raw const size).cast(), 4) };
+                sockets.push(sock);
+            }
+            let _ = tx.send(());
+            while !s.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            drop(sockets);
+        });
+        rx.recv_timeout(Duration::from_secs(10)).expect("sink ready");
+        Self { stop, handle: Some(handle) }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Sends 64-byte UDP frames from `ns` to `dst` with sendmmsg on a raw socket (we write the
+/// UDP header, so ports can change per packet) for `secs`. Returns (sent, seconds, sender
+/// thread CPU ns).
+fn send_flood(ns: &Netns, dst: Ipv4Addr, kind: Kind, first_flow: u64, secs: f64) -> (u64, f64, f64) {
+    ns.run(move || {
+        // SAFETY: a fresh raw socket we own.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_UDP) };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        // SAFETY: we own fd.
+        let _owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let (addr, addr_len) = crate::testbed::probe::sockaddr(&SocketAddr::new(IpAddr::V4(dst), 0));
+        let mut bufs = vec![[0u8; 8 + PAYLOAD]; BATCH];
+        let fixed_dport = if kind == Kind::Denied { DENIED_PORT } else { ALLOWED_FIRST };
+        for b in &mut bufs {
+            b[0..2].copy_from_slice(&40000u16.to_be_bytes());
+            b[2..4].copy_from_slice(&fixed_dport.to_be_bytes());
+            b[4..6].copy_from_slice(&((8 + PAYLOAD) as u16).to_be_bytes());
+        }
+        let mut iovs: Vec<libc::iovec> = bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
+        // SAFETY: mmsghdr is plain data; zero is a valid start.
+        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+        for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+            m.msg_hdr.msg_name = (&raw const addr).cast_mut().cast();
+            m.msg_hdr.msg_namelen = addr_len;
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let mut flow = first_flow;
+        let mut sent = 0u64;
+        let cpu0 = thread_cpu_ns();
+        let start = Instant::now();
+        let deadline = Duration::from_secs_f64(secs);
+        while start.elapsed() < deadline {
+            if kind == Kind::AllowedNewFlows {
+                for b in &mut bufs {
+                    let sport = 1024 + (flow % 64512) as u16;
+                    let dport = ALLOWED_FIRST + ((flow / 64512) % 1000) as u16;
+                    b[0..2].copy_from_slice(&sport.to_be_bytes());
+                    b[2..4].copy_from_slice(&dport.to_be_bytes());
+                    flow += 1;
+                }
+            }
+            for _ in 0..16 {
+                // SAFETY: msgs point at live buffers, iovecs and the address for this call.
+                let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), BATCH as u32, 0) };
+                if n > 0 {
+                    sent += n as u64;
+                }
+                if kind == Kind::AllowedNewFlows {
+                    break;
+                }
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        (sent, elapsed, thread_cpu_ns() - cpu0)
+    })
+}
+
+fn flood_once(topo: &mut Topology, rules: usize, kind: Kind, round: usize, secs: f64) -> Run {
+    let b_if = topo.host_if("b");
+    let before = topo.tx_packets(&b_if);
+    let cpu0 = CpuTicks::now();
+    let first = topo.next_flow;
+    let (sent, elapsed, sender_cpu) = send_flood(&topo.node.pod("a").ns, B4, kind, first, secs);
+    let cpu1 = CpuTicks::now();
+    if kind == Kind::AllowedNewFlows {
+        topo.next_flow += sent + BATCH as u64;
+    }
+    // Let the last batch drain through the softirq before reading the counter.
+    std::thread::sleep(Duration::from_millis(20));
+    let delivered = topo.tx_packets(&b_if).saturating_sub(before);
+    let sent_pps = sent as f64 / elapsed;
+    let delivered_pps = delivered as f64 / elapsed;
+    Run {
+        variant: topo.variant,
+        rules,
+        kind,
+        round,
+        secs: elapsed,
+        sent,
+        delivered,
+        sent_pps,
+        delivered_pps,
+        dropped_pps: sent.saturating_sub(delivered) as f64 / elapsed,
+        cpu_ns_per_packet: cpu1.busy_ns_since(&cpu0) / sent.max(1) as f64,
+        sender_cpu_ns_per_packet: sender_cpu / sent.max(1) as f64,
+    }
+}
+
+fn handled_pps(run: &Run) -> f64 {
+    if run.kind == Kind::Denied && run.variant != Variant::None { run.dropped_pps } else { run.delivered_pps }
+}
+
+/// TCP throughput a -> b with iperf3 (Gbit/s), bounded by `timeout`.
+fn iperf(topo: &Topology, secs: u32) -> f64 {
+    let b = &topo.node.pod("b").ns.name;
+    let a = &topo.node.pod("a").ns.name;
+    let limit = (secs + 10).to_string();
+    let mut server = Command::new("timeout")
+        .args([limit.as_str(), "ip", "netns", "exec", b, "iperf3", "-s", "-1", "-p", &IPERF_PORT.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start iperf3 server");
+    let target = SocketAddr::new(IpAddr::V4(B4), IPERF_PORT);
+    let start = Instant::now();
+    // Wait until the server listens (a probe connection would count as its one client, so
+    // look at the listening sockets instead).
+    while start.elapsed() < Duration::from_secs(5) {
+        let out = Command::new("ip").args(["netns", "exec", b, "ss", "-Hltn", &format!("sport = :{IPERF_PORT}")]).output();
+        if out.is_ok_and(|o| !o.stdout.is_empty()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = Command::new("timeout")
+        .args([limit.as_str(), "ip", "netns", "exec", a, "iperf3", "-c", &target.ip().to_string(), "-p", &IPERF_PORT.to_string(), "-t", &secs.to_string(), "-J"])
+        .output()
+        .expect("run iperf3 client");
+    let _ = server.kill();
+    let _ = server.wait();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    json["end"]["sum_received"]["bits_per_second"].as_f64().map_or(f64::NAN, |b| b / 1e9)
+}
+
+pub fn run(settings: &Settings, agent: &Path) -> Results {
+    let mut results = Results {
+        seconds_per_run: settings.seconds,
+        rounds: settings.rounds,
+        rules: settings.rules.clone(),
+        tcp_seconds: settings.tcp_seconds,
+        iptables_binary: IPTABLES_RESTORE.to_owned(),
+        nf_conntrack_max: std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0),
+        ..Results::default()
+    };
+    log("flood: building one node with two pods per variant");
+    let mut topos: Vec<Topology> = Variant::ALL.iter().map(|&v| Topology::new(v, agent)).collect();
+    let _sinks: Vec<Sink> = topos.iter().map(|t| Sink::start(&t.node.pod("b").ns)).collect();
+    for &rules in &settings.rules {
+        for t in &mut topos {
+            t.install(rules);
+        }
+        for round in 0..settings.rounds {
+            for t in &mut topos {
+                for kind in Kind::ALL {
+                    let run = flood_once(t, rules, kind, round, settings.seconds);
+                    results.runs.push(run);
+                }
+            }
+            log(format!("flood: {rules} rules, round {} of {} done", round + 1, settings.rounds));
+        }
+        for kind in Kind::ALL {
+            let pick = |v: Variant| -> Vec<&Run> { results.runs.iter().filter(|r| r.variant == v && r.rules == rules && r.kind == kind).collect() };
+            let none = pick(Variant::None);
+            let base_of = |round: usize| none.iter().find(|r| r.round == round).map_or(f64::NAN, |r| handled_pps(r));
+            for v in Variant::ALL {
+                let runs = pick(v);
+                let pps = median(&runs.iter().map(|r| handled_pps(r)).collect::<Vec<_>>());
+                // Paired with the no-enforcement run of the same round, then the median.
+                let ratios: Vec<f64> = runs.iter().map(|r| handled_pps(r) / base_of(r.round)).collect();
+                let added: Vec<f64> = runs.iter().map(|r| 1e9 / handled_pps(r) - 1e9 / base_of(r.round)).collect();
+                let summary = Summary {
+                    variant: v,
+                    rules,
+                    kind,
+                    pps,
+                    sent_pps: median(&runs.iter().map(|r| r.sent_pps).collect::<Vec<_>>()),
+                    delivered_fraction: median(&runs.iter().map(|r| r.delivered as f64 / r.sent.max(1) as f64).collect::<Vec<_>>()),
+                    cpu_ns_per_packet: median(&runs.iter().map(|r| r.cpu_ns_per_packet).collect::<Vec<_>>()),
+                    sender_cpu_ns_per_packet: median(&runs.iter().map(|r| r.sender_cpu_ns_per_packet).collect::<Vec<_>>()),
+                    ratio: median(&ratios),
+                    added_ns: median(&added),
+                    rounds: runs.len(),
+                };
+                log(format!(
+                    "flood {rules:>5} rules, {:<29} {:<38} {:>9.0} pps ({:.2}x), delivered {:>5.1}%, {:.0} ns CPU/packet",
+                    kind.label(),
+                    v.label(),
+                    summary.pps,
+                    summary.ratio,
+                    summary.delivered_fraction * 100.0,
+                    summary.cpu_ns_per_packet
+                ));
+                results.summary.push(summary);
+            }
+        }
+    }
+    // TCP: no enforcement vs the classifier (b isolated, a allowed on the iperf3 port).
+    let mut tcp: Vec<(Variant, Vec<f64>)> = vec![(Variant::None, Vec::new()), (Variant::Bpf, Vec::new())];
+    for _ in 0..settings.tcp_rounds {
+        for (v, samples) in &mut tcp {
+            let topo = topos.iter().find(|t| t.variant == *v).expect("topology");
+            samples.push(iperf(topo, settings.tcp_seconds));
+        }
+    }
+    let base = median(&tcp[0].1);
+    for (v, samples) in tcp {
+        let gbits = median(&samples);
+        log(format!("tcp: {} {gbits:.2} Gbit/s ({:.2}x)", v.label(), gbits / base));
+        results.tcp.push(TcpSummary { variant: v, gbits, samples, ratio: gbits / base });
+    }
+    for t in &topos {
+        let _ = std::fs::remove_dir_all(&t.scratch);
+        if let Some(b) = &t.bpffs {
+            let _ = Command::new(agent).args(["cleanup", "--bpffs"]).arg(&b.path).stdout(Stdio::null()).status();
+        }
+    }
+    drop(_sinks);
+    drop(topos);
+    results
+}
