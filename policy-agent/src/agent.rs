@@ -57,10 +57,10 @@ pub struct RunArgs {
     /// path; for debugging only.
     #[arg(long)]
     pub ebpf_debug: bool,
-    /// Capacity of the ipcache (pod addresses cluster-wide plus ipBlock prefixes).
-    #[arg(long, default_value_t = policy_common::ipcache::MAX_ENTRIES)]
+    /// Capacity of the ipcache's address map (pod and node addresses, cluster-wide).
+    #[arg(long, default_value_t = policy_common::ipcache::MAX_ADDRESSES)]
     pub ipcache_size: u32,
-    /// Capacity of the policy map (allow entries of all local pods).
+    /// Capacity of the policy map (allow entries of all local pods, but `endPort` blocks).
     #[arg(long, default_value_t = policy_common::policy::MAX_ENTRIES)]
     pub policy_map_size: u32,
     /// Capacity of the conntrack map (tracked flows of all local pods).
@@ -84,7 +84,7 @@ fn node_name(args: &RunArgs) -> Result<String, AgentError> {
 pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let node = node_name(&args)?;
     let pins = PinLayout::new(&args.bpffs);
-    let sizes = MapSizes { ipcache: Some(args.ipcache_size), policy: Some(args.policy_map_size), conntrack: Some(args.conntrack_size) };
+    let sizes = MapSizes { addresses: Some(args.ipcache_size), policy: Some(args.policy_map_size), conntrack: Some(args.conntrack_size) };
     let mut datapath = Datapath::load_with_sizes(pins.clone(), sizes)?;
     let mut syncer = Syncer::adopt(datapath.take_maps()?)?;
     let mut flags = args.flow_log.config_flags();
@@ -406,9 +406,13 @@ impl Agent {
         view.endpoints = endpoints;
         let pins = self.datapath.pins();
         let fill = |name: &'static str, entries: usize| (name, MapFill { entries, capacity: datapath::capacity(pins, name).unwrap_or(0) });
+        let addresses = loaded.ipcache.keys().filter(|(len, key)| key.is_address(*len)).count();
+        let port_blocks = loaded.policy.keys().filter(|(len, _)| policy_common::policy::is_port_block(*len)).count();
         view.maps = BTreeMap::from([
-            fill(datapath::map_name::IPCACHE, loaded.ipcache.len()),
-            fill(datapath::map_name::POLICY, loaded.policy.len()),
+            fill(datapath::map_name::ADDRESSES, addresses),
+            fill(datapath::map_name::PREFIXES, loaded.ipcache.len() - addresses),
+            fill(datapath::map_name::POLICY, loaded.policy.len() - port_blocks),
+            fill(datapath::map_name::PORT_RANGES, port_blocks),
             fill(datapath::map_name::ENDPOINTS, loaded.endpoints.len()),
         ]);
         if let Ok(n) = conntrack_entries(self.syncer.maps()) {

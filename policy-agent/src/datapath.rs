@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -23,10 +23,13 @@ use policy_common::{
     endpoint::{EndpointInfo, EndpointKey},
     event::Config,
     ipcache::{IpcacheKey, IpcacheValue},
-    policy::{PolicyKey, PolicyValue},
+    policy::{PolicyKey, PolicyValue, is_port_block},
 };
 
-use crate::AgentError;
+use crate::{
+    AgentError,
+    compile::{MapContents, MapOp},
+};
 
 /// Where the agent pins everything unless told otherwise.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/policy";
@@ -36,16 +39,19 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// Map names, as declared in policy-ebpf/src/maps.rs (the kernel keeps 15 characters).
 pub mod map_name {
-    pub const IPCACHE: &str = "IPCACHE_V1";
-    pub const ENDPOINTS: &str = "ENDPOINTS_V1";
-    pub const POLICY: &str = "POLICY_V1";
+    pub const ADDRESSES: &str = "ADDRESSES_V1";
+    pub const PREFIXES: &str = "PREFIXES_V1";
+    pub const ENDPOINTS: &str = "ENDPOINTS_V2";
+    pub const POLICY: &str = "POLICY_V2";
+    pub const PORT_RANGES: &str = "PORT_RANGES_V1";
     pub const CONNTRACK: &str = "CONNTRACK_V1";
     pub const FRAGMENTS: &str = "FRAGMENTS_V1";
     pub const COUNTERS: &str = "COUNTERS_V1";
     pub const EVENTS: &str = "EVENTS_V1";
     pub const CONFIG: &str = "CONFIG_V1";
     pub const EVENT_RATE: &str = "EVENT_RATE_V1";
-    pub const ALL: [&str; 9] = [IPCACHE, ENDPOINTS, POLICY, CONNTRACK, FRAGMENTS, COUNTERS, EVENTS, CONFIG, EVENT_RATE];
+    pub const ALL: [&str; 11] =
+        [ADDRESSES, PREFIXES, ENDPOINTS, POLICY, PORT_RANGES, CONNTRACK, FRAGMENTS, COUNTERS, EVENTS, CONFIG, EVENT_RATE];
 }
 
 /// The two attachment points on a pod's host-side veth.
@@ -181,7 +187,9 @@ fn is_bpffs(path: &Path) -> Result<bool, AgentError> {
 /// already pinned keeps the size it was created with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MapSizes {
-    pub ipcache: Option<u32>,
+    /// Pod and node addresses (the ipcache's hash map).
+    pub addresses: Option<u32>,
+    /// Exact, protocol and any-protocol allow entries (the policy hash map).
     pub policy: Option<u32>,
     pub conntrack: Option<u32>,
 }
@@ -222,7 +230,7 @@ impl Datapath {
         check_pinned_layouts(&pins)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pins.root());
-        for (name, size) in [(map_name::IPCACHE, sizes.ipcache), (map_name::POLICY, sizes.policy), (map_name::CONNTRACK, sizes.conntrack)] {
+        for (name, size) in [(map_name::ADDRESSES, sizes.addresses), (map_name::POLICY, sizes.policy), (map_name::CONNTRACK, sizes.conntrack)] {
             if let Some(size) = size {
                 loader.map_max_entries(name, size);
             }
@@ -357,10 +365,12 @@ fn program_mut(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, Agen
 /// A map pinned by an older agent with another key or value size would be reused blindly by
 /// the loader; refuse instead (names carry a version suffix, so this means a corrupt pin).
 fn check_pinned_layouts(pins: &PinLayout) -> Result<(), AgentError> {
-    let expected: [(&str, usize, usize); 5] = [
-        (map_name::IPCACHE, 4 + size_of::<IpcacheKey>(), size_of::<IpcacheValue>()),
+    let expected: [(&str, usize, usize); 7] = [
+        (map_name::ADDRESSES, size_of::<IpcacheKey>(), size_of::<IpcacheValue>()),
+        (map_name::PREFIXES, 4 + size_of::<IpcacheKey>(), size_of::<IpcacheValue>()),
         (map_name::ENDPOINTS, size_of::<EndpointKey>(), size_of::<EndpointInfo>()),
-        (map_name::POLICY, 4 + size_of::<PolicyKey>(), size_of::<PolicyValue>()),
+        (map_name::POLICY, size_of::<PolicyKey>(), size_of::<PolicyValue>()),
+        (map_name::PORT_RANGES, 4 + size_of::<PolicyKey>(), size_of::<PolicyValue>()),
         (map_name::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>()),
         (map_name::COUNTERS, 4, size_of::<Counter>()),
     ];
@@ -388,9 +398,11 @@ fn check_pinned_layouts(pins: &PinLayout) -> Result<(), AgentError> {
 
 /// Typed handles on every map the agent reads or writes.
 pub struct Maps {
-    pub ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
+    pub addresses: HashMap<MapData, IpcacheKey, IpcacheValue>,
+    pub prefixes: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
     pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
-    pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    pub port_ranges: LpmTrie<MapData, PolicyKey, PolicyValue>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub counters: PerCpuArray<MapData, Counter>,
     pub config: Array<MapData, Config>,
@@ -413,14 +425,80 @@ impl Maps {
             T::try_from(map).map_err(|e| ebpf_error(format!("map {name}"), e))
         }
         Ok(Self {
-            ipcache: typed(take(map_name::IPCACHE)?, map_name::IPCACHE)?,
+            addresses: typed(take(map_name::ADDRESSES)?, map_name::ADDRESSES)?,
+            prefixes: typed(take(map_name::PREFIXES)?, map_name::PREFIXES)?,
             endpoints: typed(take(map_name::ENDPOINTS)?, map_name::ENDPOINTS)?,
             policy: typed(take(map_name::POLICY)?, map_name::POLICY)?,
+            port_ranges: typed(take(map_name::PORT_RANGES)?, map_name::PORT_RANGES)?,
             conntrack: typed(take(map_name::CONNTRACK)?, map_name::CONNTRACK)?,
             counters: typed(take(map_name::COUNTERS)?, map_name::COUNTERS)?,
             config: typed(take(map_name::CONFIG)?, map_name::CONFIG)?,
             events: typed(take(map_name::EVENTS)?, map_name::EVENTS)?,
         })
+    }
+
+    /// Applies one write of the compiler's logical maps to the kernel's: whole addresses to
+    /// the address hash, other prefixes to the prefix trie, port blocks to the range trie,
+    /// other allow entries to the policy hash. Returns the map written. Removing what is not
+    /// there is not an error.
+    pub fn write(&mut self, op: &MapOp) -> Result<&'static str, (&'static str, MapError)> {
+        let (map, result) = match *op {
+            MapOp::IpcacheUpsert { prefix_len, key, value } if key.is_address(prefix_len) => {
+                (map_name::ADDRESSES, self.addresses.insert(key, value, 0))
+            }
+            MapOp::IpcacheUpsert { prefix_len, key, value } => (map_name::PREFIXES, self.prefixes.insert(&Key::new(prefix_len, key), value, 0)),
+            MapOp::IpcacheRemove { prefix_len, key } if key.is_address(prefix_len) => {
+                (map_name::ADDRESSES, ignore_missing(self.addresses.remove(&key)))
+            }
+            MapOp::IpcacheRemove { prefix_len, key } => (map_name::PREFIXES, ignore_missing(self.prefixes.remove(&Key::new(prefix_len, key)))),
+            MapOp::PolicyUpsert { prefix_len, key, value } if is_port_block(prefix_len) => {
+                (map_name::PORT_RANGES, self.port_ranges.insert(&Key::new(prefix_len, key), value, 0))
+            }
+            MapOp::PolicyUpsert { key, value, .. } => (map_name::POLICY, self.policy.insert(key, value, 0)),
+            MapOp::PolicyRemove { prefix_len, key } if is_port_block(prefix_len) => {
+                (map_name::PORT_RANGES, ignore_missing(self.port_ranges.remove(&Key::new(prefix_len, key))))
+            }
+            MapOp::PolicyRemove { key, .. } => (map_name::POLICY, ignore_missing(self.policy.remove(&key))),
+            MapOp::EndpointUpsert { ifindex, info } => (map_name::ENDPOINTS, self.endpoints.insert(EndpointKey { ifindex }, info, 0)),
+            MapOp::EndpointRemove { ifindex } => (map_name::ENDPOINTS, ignore_missing(self.endpoints.remove(&EndpointKey { ifindex }))),
+        };
+        result.map(|()| map).map_err(|e| (map, e))
+    }
+
+    /// Reads the compiler-owned maps back into their logical form.
+    pub fn read(&self) -> Result<MapContents, AgentError> {
+        let err = |map: &'static str| move |e: MapError| ebpf_error(format!("read {map}"), e);
+        let mut contents = MapContents::default();
+        for entry in self.addresses.iter() {
+            let (key, value) = entry.map_err(err(map_name::ADDRESSES))?;
+            let bits = if key.family() == policy_common::family::IPV4 { 32 } else { 128 };
+            contents.ipcache.insert((IpcacheKey::lpm_prefix_len(bits), key), value);
+        }
+        for entry in self.prefixes.iter() {
+            let (key, value) = entry.map_err(err(map_name::PREFIXES))?;
+            contents.ipcache.insert((key.prefix_len(), key.data()), value);
+        }
+        for entry in self.endpoints.iter() {
+            let (key, value) = entry.map_err(err(map_name::ENDPOINTS))?;
+            contents.endpoints.insert(key.ifindex, value);
+        }
+        for entry in self.policy.iter() {
+            let (key, value) = entry.map_err(err(map_name::POLICY))?;
+            contents.policy.insert((key.hash_prefix_len(), key), value);
+        }
+        for entry in self.port_ranges.iter() {
+            let (key, value) = entry.map_err(err(map_name::PORT_RANGES))?;
+            contents.policy.insert((key.prefix_len(), key.data()), value);
+        }
+        Ok(contents)
+    }
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
     }
 }
 

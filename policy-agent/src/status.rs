@@ -12,7 +12,6 @@ use crate::{
     AgentError,
     datapath::{DEFAULT_BPFFS, Hook, Maps, PinLayout},
     netif,
-    sync::read_contents,
 };
 
 #[derive(clap::Args, Debug)]
@@ -106,7 +105,7 @@ fn print_status(status: &serde_json::Value) {
 
 fn print_pinned(pins: &PinLayout) -> Result<(), AgentError> {
     let maps = Maps::open_pinned(pins)?;
-    let contents = read_contents(&maps)?;
+    let contents = maps.read()?;
     let links = pins.pinned_links();
     println!("{:<16} {:>8} {:>8} {:<8} {:<8} {:>8} {:<9}", "INTERFACE", "IFINDEX", "ENDPOINT", "INGRESS", "EGRESS", "ENTRIES", "ATTACHED");
     for (ifindex, info) in &contents.endpoints {
@@ -122,6 +121,6 @@ fn print_pinned(pins: &PinLayout) -> Result<(), AgentError> {
             format!("{attached}/2"),
         );
     }
-    println!("maps: ipcache {} / {}, policy {} / {}, endpoints {} / {}", contents.ipcache.len(), policy_common::ipcache::MAX_ENTRIES, contents.policy.len(), policy_common::policy::MAX_ENTRIES, contents.endpoints.len(), policy_common::endpoint::MAX_ENTRIES);
+    println!("entries: ipcache {}, policy {}, endpoints {}", contents.ipcache.len(), contents.policy.len(), contents.endpoints.len());
     Ok(())
 }

@@ -4,13 +4,13 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{MapError, lpm_trie::Key};
-use policy_common::{endpoint, endpoint::EndpointKey};
+use aya::maps::MapError;
+use policy_common::endpoint;
 
 use crate::{
     AgentError,
     compile::{EndpointSlot, MapContents, MapOp},
-    datapath::{Maps, map_name},
+    datapath::Maps,
 };
 
 /// A write that failed. The endpoint it concerns is named when there is one, so the agent can
@@ -47,7 +47,7 @@ pub struct Syncer {
 impl Syncer {
     /// Takes over the maps, reading what an earlier agent left in them.
     pub fn adopt(maps: Maps) -> Result<Self, AgentError> {
-        let loaded = read_contents(&maps)?;
+        let loaded = maps.read()?;
         let ids = loaded.endpoints.iter().map(|(ifindex, info)| (*ifindex, info.id)).collect();
         Ok(Self { maps, loaded, ids })
     }
@@ -116,26 +116,7 @@ impl Syncer {
     }
 
     fn write(&mut self, op: &MapOp) -> Result<(), AgentError> {
-        let maps = &mut self.maps;
-        let result = match *op {
-            MapOp::PolicyUpsert { prefix_len, key, value } => {
-                maps.policy.insert(&Key::new(prefix_len, key), value, 0).map_err(|e| (map_name::POLICY, e))
-            }
-            MapOp::IpcacheUpsert { prefix_len, key, value } => {
-                maps.ipcache.insert(&Key::new(prefix_len, key), value, 0).map_err(|e| (map_name::IPCACHE, e))
-            }
-            MapOp::EndpointUpsert { ifindex, info } => {
-                maps.endpoints.insert(EndpointKey { ifindex }, info, 0).map_err(|e| (map_name::ENDPOINTS, e))
-            }
-            MapOp::EndpointRemove { ifindex } => ignore_missing(maps.endpoints.remove(&EndpointKey { ifindex })).map_err(|e| (map_name::ENDPOINTS, e)),
-            MapOp::IpcacheRemove { prefix_len, key } => {
-                ignore_missing(maps.ipcache.remove(&Key::new(prefix_len, key))).map_err(|e| (map_name::IPCACHE, e))
-            }
-            MapOp::PolicyRemove { prefix_len, key } => {
-                ignore_missing(maps.policy.remove(&Key::new(prefix_len, key))).map_err(|e| (map_name::POLICY, e))
-            }
-        };
-        result.map_err(|(map, error)| map_error(map, op, error))
+        self.maps.write(op).map(|_| ()).map_err(|(map, error)| map_error(map, op, error))
     }
 
     /// Removes the conntrack entries of an endpoint id that is going away, so a pod that later
@@ -143,14 +124,6 @@ impl Syncer {
     fn flush_conntrack(&mut self, id: u32) -> usize {
         let stale: Vec<_> = self.maps.conntrack.keys().filter_map(Result::ok).filter(|k| k.endpoint == id).collect();
         stale.iter().filter(|k| self.maps.conntrack.remove(k).is_ok()).count()
-    }
-}
-
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        other => other,
     }
 }
 
@@ -163,21 +136,3 @@ fn map_error(map: &'static str, op: &MapOp, error: MapError) -> AgentError {
     }
 }
 
-/// Reads the three compiler-owned maps as they are in the kernel.
-pub fn read_contents(maps: &Maps) -> Result<MapContents, AgentError> {
-    let err = |map: &'static str| move |e: MapError| AgentError::Ebpf { what: format!("read {map}"), source: Box::new(e) };
-    let mut contents = MapContents::default();
-    for entry in maps.ipcache.iter() {
-        let (key, value) = entry.map_err(err(map_name::IPCACHE))?;
-        contents.ipcache.insert((key.prefix_len(), key.data()), value);
-    }
-    for entry in maps.endpoints.iter() {
-        let (key, value) = entry.map_err(err(map_name::ENDPOINTS))?;
-        contents.endpoints.insert(key.ifindex, value);
-    }
-    for entry in maps.policy.iter() {
-        let (key, value) = entry.map_err(err(map_name::POLICY))?;
-        contents.policy.insert((key.prefix_len(), key.data()), value);
-    }
-    Ok(contents)
-}

@@ -11,10 +11,13 @@ use std::{
 };
 
 use aya::{
-    maps::{MapData, lpm_trie::Key, ring_buf::RingBuf},
+    maps::{MapData, ring_buf::RingBuf},
     programs::{TestRun as _, TestRunOptions},
 };
-use policy_agent::datapath::{Datapath, Hook, Maps, PinLayout};
+use policy_agent::{
+    compile::MapOp,
+    datapath::{Datapath, Hook, Maps, PinLayout},
+};
 use policy_common::{
     Direction,
     counters::Reason,
@@ -22,7 +25,7 @@ use policy_common::{
     event::{CONFIG_EVENTS_ALLOWED, CONFIG_EVENTS_DENIED, Config, VerdictEvent},
     identity,
     ipcache::{IpcacheKey, IpcacheValue},
-    policy::{PREFIX_ANY_PROTOCOL, PREFIX_FULL, PREFIX_PROTOCOL, PolicyKey, PolicyValue, PortRangePrefixes},
+    policy::{PREFIX_ANY_PROTOCOL, PREFIX_FULL, PREFIX_PROTOCOL, PolicyKey, PolicyValue, PortRangePrefixes, lookup},
     proto,
 };
 use packet::{ACK, FIN, Frame, L4, SYN, arp};
@@ -57,6 +60,10 @@ fn v6(a: Ipv6Addr) -> IpAddr {
 struct Fixture {
     datapath: Datapath,
     maps: Maps,
+    /// The endpoint's flags and lookup mask, rewritten whenever an entry kind is added (as
+    /// the compiler's render does).
+    flags: u32,
+    lookups: [u8; 2],
     _bpffs: Bpffs,
 }
 
@@ -69,12 +76,28 @@ impl Fixture {
         for (addr, id) in [(v4(PEER), PEER_ID), (v4(OTHER), OTHER_ID), (v6(PEER6), PEER_ID)] {
             insert_identity(&mut maps, addr, if addr.is_ipv4() { 32 } else { 128 }, id);
         }
-        Self { datapath, maps, _bpffs: bpffs }
+        Self { datapath, maps, flags: 0, lookups: [0; 2], _bpffs: bpffs }
     }
 
     fn endpoint(&mut self, flags: u32) {
-        let info = EndpointInfo { id: ENDPOINT, flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6, ipv4: POD.octets(), ipv6: POD6.octets() };
+        self.flags = flags;
+        let info = EndpointInfo {
+            id: ENDPOINT,
+            flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6,
+            ipv4: POD.octets(),
+            ipv6: POD6.octets(),
+            lookups: self.lookups,
+            _pad: [0; 2],
+        };
         self.maps.endpoints.insert(EndpointKey { ifindex: LO }, info, 0).expect("endpoint");
+    }
+
+    /// Writes an allow entry the way the agent does (through `Maps::write`).
+    fn entry(&mut self, prefix_len: u32, key: PolicyKey) {
+        self.maps.write(&MapOp::PolicyUpsert { prefix_len, key, value: PolicyValue { cookie: COOKIE } }).expect("policy entry");
+        let direction = key.direction().expect("direction");
+        self.lookups[direction as usize] |= lookup::bit(prefix_len, key.identity());
+        self.endpoint(self.flags);
     }
 
     fn allow(&mut self, peer: u32, direction: Direction, protocol: Option<u8>, port: Option<u16>) {
@@ -83,14 +106,12 @@ impl Fixture {
             (Some(p), None) => (PREFIX_PROTOCOL, p, 0),
             (Some(p), Some(port)) => (PREFIX_FULL, p, port),
         };
-        let key = Key::new(prefix, PolicyKey::new(ENDPOINT, peer, direction, protocol, port));
-        self.maps.policy.insert(&key, PolicyValue { cookie: COOKIE }, 0).expect("policy entry");
+        self.entry(prefix, PolicyKey::new(ENDPOINT, peer, direction, protocol, port));
     }
 
     fn allow_range(&mut self, peer: u32, direction: Direction, protocol: u8, first: u16, last: u16) {
         for block in PortRangePrefixes::new(first, last) {
-            let key = Key::new(block.lpm_prefix_len(), PolicyKey::new(ENDPOINT, peer, direction, protocol, block.port));
-            self.maps.policy.insert(&key, PolicyValue { cookie: COOKIE }, 0).expect("range entry");
+            self.entry(block.lpm_prefix_len(), PolicyKey::new(ENDPOINT, peer, direction, protocol, block.port));
         }
     }
 
@@ -118,11 +139,12 @@ impl Fixture {
 }
 
 fn insert_identity(maps: &mut Maps, addr: IpAddr, bits: u8, identity: u32) {
-    let data = match addr {
+    let key = match addr {
         IpAddr::V4(a) => IpcacheKey::v4(a.octets()),
         IpAddr::V6(a) => IpcacheKey::v6(a.octets()),
     };
-    maps.ipcache.insert(&Key::new(IpcacheKey::lpm_prefix_len(bits), data), IpcacheValue { identity }, 0).expect("ipcache");
+    let op = MapOp::IpcacheUpsert { prefix_len: IpcacheKey::lpm_prefix_len(bits), key, value: IpcacheValue { identity } };
+    maps.write(&op).expect("ipcache");
 }
 
 fn drain_events(ring: &mut RingBuf<MapData>) -> Vec<VerdictEvent> {
@@ -432,6 +454,8 @@ struct Cluster {
     node: Node,
     bpffs: Bpffs,
     maps: Maps,
+    /// Flags and lookup masks of each pod's endpoint, as written last.
+    endpoints: std::collections::BTreeMap<&'static str, (u32, u32, [u8; 2])>,
 }
 
 const A4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 1);
@@ -458,22 +482,35 @@ impl Cluster {
         for (addr, bits, id) in [(v4(A4), 32, A_ID), (v4(B4), 32, B_ID), (v6(A6), 128, A_ID), (v6(B6), 128, B_ID)] {
             insert_identity(&mut maps, addr, bits, id);
         }
-        let mut cluster = Self { node, bpffs, maps };
+        let mut cluster = Self { node, bpffs, maps, endpoints: std::collections::BTreeMap::new() };
         cluster.endpoint("a", A_EP, 0);
         cluster.endpoint("b", B_EP, 0);
         cluster
     }
 
-    fn endpoint(&mut self, pod: &str, id: u32, flags: u32) {
+    fn endpoint(&mut self, pod: &'static str, id: u32, flags: u32) {
+        let lookups = self.endpoints.get(pod).map_or([0; 2], |e| e.2);
+        self.endpoints.insert(pod, (id, flags, lookups));
         let p = self.node.pod(pod);
         let ifindex = self.node.ns.ifindex(&p.host_if);
-        let info = EndpointInfo { id, flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6, ipv4: p.ipv4.octets(), ipv6: p.ipv6.octets() };
+        let info = EndpointInfo {
+            id,
+            flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6,
+            ipv4: p.ipv4.octets(),
+            ipv6: p.ipv6.octets(),
+            lookups,
+            _pad: [0; 2],
+        };
         self.maps.endpoints.insert(EndpointKey { ifindex }, info, 0).expect("endpoint");
     }
 
-    fn allow(&mut self, endpoint: u32, peer: u32, direction: Direction, protocol: u8, port: u16) {
-        let key = Key::new(PREFIX_FULL, PolicyKey::new(endpoint, peer, direction, protocol, port));
-        self.maps.policy.insert(&key, PolicyValue { cookie: COOKIE }, 0).expect("policy");
+    fn allow(&mut self, pod: &'static str, peer: u32, direction: Direction, protocol: u8, port: u16) {
+        let (id, flags, mut lookups) = self.endpoints[pod];
+        let key = PolicyKey::new(id, peer, direction, protocol, port);
+        self.maps.write(&MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: COOKIE } }).expect("policy");
+        lookups[direction as usize] |= lookup::bit(PREFIX_FULL, peer);
+        self.endpoints.insert(pod, (id, flags, lookups));
+        self.endpoint(pod, id, flags);
     }
 
     fn target(&self, pod: &str, v6: bool, port: u16) -> SocketAddr {
@@ -493,8 +530,8 @@ fn real_tcp_and_udp_between_pods_follow_the_maps() {
     }
     // b accepts only a on TCP 80 and UDP 80, and may not open connections itself.
     c.endpoint("b", B_EP, FLAG_INGRESS_ISOLATED | FLAG_EGRESS_ISOLATED);
-    c.allow(B_EP, A_ID, Direction::Ingress, proto::TCP, 80);
-    c.allow(B_EP, A_ID, Direction::Ingress, proto::UDP, 80);
+    c.allow("b", A_ID, Direction::Ingress, proto::TCP, 80);
+    c.allow("b", A_ID, Direction::Ingress, proto::UDP, 80);
     let a = &c.node.pod("a").ns;
     let b = &c.node.pod("b").ns;
     for v6 in [false, true] {
@@ -516,8 +553,8 @@ fn real_tcp_and_udp_between_pods_follow_the_maps() {
 fn sctp_over_raw_sockets_follows_the_maps() {
     let mut c = Cluster::new();
     c.endpoint("b", B_EP, FLAG_INGRESS_ISOLATED);
-    c.allow(B_EP, A_ID, Direction::Ingress, proto::SCTP, 80);
-    c.allow(B_EP, A_ID, Direction::Ingress, proto::TCP, 81);
+    c.allow("b", A_ID, Direction::Ingress, proto::SCTP, 80);
+    c.allow("b", A_ID, Direction::Ingress, proto::TCP, 81);
     for v6 in [false, true] {
         let sink = SctpSink::start(&c.node.pod("b").ns, v6, Duration::from_millis(800));
         let a = &c.node.pod("a").ns;

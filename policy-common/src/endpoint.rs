@@ -31,8 +31,12 @@ pub struct EndpointInfo {
     pub flags: u32,
     pub ipv4: [u8; 4],
     pub ipv6: [u8; 16],
+    /// Per direction (indexed by [`Direction`](crate::Direction)), which kinds of policy
+    /// entries exist ([`policy::lookup`](crate::policy::lookup) bits).
+    pub lookups: [u8; 2],
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 28);
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 32);
 
 impl EndpointInfo {
     pub const fn has(&self, flag: u32) -> bool {

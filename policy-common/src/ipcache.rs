@@ -1,7 +1,11 @@
-//! The ipcache: an LPM trie from an IPv4 or IPv6 prefix to a security identity.
+//! The ipcache: IPv4 and IPv6 addresses and prefixes to security identities.
 //!
-//! IPv4 and IPv6 share one trie; the leading family byte keeps them apart, so the LPM prefix
-//! length is `FAMILY_BITS` plus the address prefix length.
+//! Logically one longest-prefix-match table. The kernel keeps it in two maps so that the cost
+//! stays flat however many pods there are: whole addresses (/32, /128: pods, the node) in a
+//! hash map, looked up first since they are the most specific, and the other prefixes
+//! (ipBlock CIDRs and excepts, usually few) in an LPM trie. IPv4 and IPv6 share each map; the
+//! leading family byte keeps them apart, so an LPM prefix length is `FAMILY_BITS` plus the
+//! address prefix length.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -9,7 +13,10 @@ use crate::family;
 
 /// Bits of the key that precede the address (family and padding).
 pub const FAMILY_BITS: u32 = 32;
-pub const MAX_ENTRIES: u32 = 65_536;
+/// Capacity of the address hash map (pod and node addresses, cluster-wide).
+pub const MAX_ADDRESSES: u32 = 65_536;
+/// Capacity of the prefix trie (ipBlock prefixes).
+pub const MAX_PREFIXES: u32 = 16_384;
 
 /// Data part of the ipcache LPM key (the prefix length lives in aya's `Key` wrapper).
 #[repr(C)]
@@ -47,6 +54,12 @@ impl IpcacheKey {
     /// LPM prefix length for an address prefix of `bits`.
     pub const fn lpm_prefix_len(bits: u8) -> u32 {
         FAMILY_BITS + bits as u32
+    }
+
+    /// Whether an entry of this prefix length is a whole address (it goes to the hash map).
+    pub const fn is_address(&self, lpm_prefix_len: u32) -> bool {
+        let bits = if self.family == crate::family::IPV4 { 32 } else { 128 };
+        lpm_prefix_len == FAMILY_BITS + bits
     }
 }
 

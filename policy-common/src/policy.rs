@@ -1,18 +1,27 @@
-//! The policy map: one node-wide LPM trie of allow entries, keyed by
-//! (endpoint, peer identity, direction, protocol, port).
+//! Allow entries, keyed by (endpoint, peer identity, direction, protocol, port).
 //!
-//! Protocol and port come last so that "any port of a protocol" and port ranges are prefixes
-//! (as in Cilium's `policy.h`): a full key is 96 bits, a whole protocol is 80, any protocol 72.
-//! The classifier looks up the peer's identity first, then the wildcard identity [`ANY`].
-//! Entries only ever allow: a pod with no matching entry in an isolated direction is dropped.
+//! Logically one longest-prefix-match table (as in Cilium's `policy.h`): protocol and port
+//! come last so that "any port of a protocol" and port ranges are prefixes; a full key is 96
+//! bits, a whole protocol 80, any protocol 72, an `endPort` block 81 to 95. The kernel keeps it
+//! in two maps so that the cost stays flat as entries grow: exact ports, whole protocols and
+//! any protocol in a hash map (the wildcard fields are zero: port 0 and protocol 0 never occur
+//! as real ones, and matching them is what the wildcard allows anyway), and port blocks in an
+//! LPM trie. The classifier looks up the peer's identity, then the wildcard identity
+//! [`ANY`], each in longest-prefix order (exact, block, protocol, any protocol), and only the
+//! kinds the endpoint's [`lookups`] mask says exist. Entries only ever allow: a pod with no
+//! matching entry in an isolated direction is dropped.
 //!
 //! [`ANY`]: crate::identity::ANY
+//! [`lookups`]: crate::endpoint::EndpointInfo::lookups
 
 use bytemuck::{Pod, Zeroable};
 
 use crate::Direction;
 
+/// Capacity of the hash map of exact, protocol and any-protocol entries.
 pub const MAX_ENTRIES: u32 = 65_536;
+/// Capacity of the trie of `endPort` blocks.
+pub const MAX_RANGE_ENTRIES: u32 = 16_384;
 /// Prefix length of a key that matches one port exactly.
 pub const PREFIX_FULL: u32 = 96;
 /// Prefix length of a key that matches every port of its protocol.
@@ -61,6 +70,48 @@ impl PolicyKey {
 
     pub const fn port(&self) -> u16 {
         u16::from_be_bytes(self.port)
+    }
+
+    /// The prefix length of an entry of the hash map, from its wildcard fields.
+    pub const fn hash_prefix_len(&self) -> u32 {
+        if self.protocol == 0 {
+            PREFIX_ANY_PROTOCOL
+        } else if self.port() == 0 {
+            PREFIX_PROTOCOL
+        } else {
+            PREFIX_FULL
+        }
+    }
+}
+
+/// Whether an entry of this prefix length is a port block (it goes to the range trie).
+pub const fn is_port_block(prefix_len: u32) -> bool {
+    prefix_len > PREFIX_PROTOCOL && prefix_len < PREFIX_FULL
+}
+
+/// Bits of an endpoint's per-direction lookup mask: which kinds of entries exist, so the
+/// classifier skips lookups that cannot hit. The low nibble is for the peer's own identity,
+/// the high one for the wildcard identity.
+pub mod lookup {
+    pub const EXACT: u8 = 1 << 0;
+    pub const PORT_BLOCK: u8 = 1 << 1;
+    pub const PROTOCOL: u8 = 1 << 2;
+    pub const ANY_PROTOCOL: u8 = 1 << 3;
+    /// Shift of the wildcard identity's nibble.
+    pub const ANY_IDENTITY_SHIFT: u8 = 4;
+
+    /// The mask bit of an entry with this prefix length and identity.
+    pub const fn bit(prefix_len: u32, identity: u32) -> u8 {
+        let kind = if prefix_len == super::PREFIX_FULL {
+            EXACT
+        } else if super::is_port_block(prefix_len) {
+            PORT_BLOCK
+        } else if prefix_len == super::PREFIX_PROTOCOL {
+            PROTOCOL
+        } else {
+            ANY_PROTOCOL
+        };
+        if identity == crate::identity::ANY { kind << ANY_IDENTITY_SHIFT } else { kind }
     }
 }
 

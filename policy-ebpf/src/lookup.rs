@@ -1,39 +1,71 @@
-//! Identity and policy lookups: the peer address to an identity (ipcache), then the allow
-//! entry for (endpoint, identity, direction, protocol, port): exact identity first, then the
-//! wildcard identity (as in Cilium's policy.h). Only allow entries exist.
+//! Identity and policy lookups: the peer address to an identity (whole addresses in a hash
+//! map, then ipBlock prefixes in an LPM trie), then the allow entry for (endpoint, identity,
+//! direction, protocol, port): the peer's identity first, then the wildcard identity, each in
+//! longest-prefix order (as in Cilium's policy.h). Only the kinds of entries the endpoint's
+//! mask says exist are looked up, so a typical pod costs one or two hash lookups however
+//! many entries the node holds.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use policy_common::{
     Direction, family, identity,
-    ipcache::{self, IpcacheKey},
-    policy::{self, PolicyKey},
+    ipcache::IpcacheKey,
+    policy::{self, PolicyKey, lookup},
 };
 
-use crate::maps::{IPCACHE, POLICY};
+use crate::maps::{ADDRESSES, POLICY, PORT_RANGES, PREFIXES};
 
 #[inline(always)]
 pub fn identity_of(addr_family: u8, addr: &[u8; 16]) -> u32 {
-    let (data, bits) = if addr_family == family::IPV4 {
+    let (key, bits) = if addr_family == family::IPV4 {
         (IpcacheKey::v4([addr[0], addr[1], addr[2], addr[3]]), 32)
     } else {
         (IpcacheKey::v6(*addr), 128)
     };
-    let key = Key::new(IpcacheKey::lpm_prefix_len(bits), data);
-    match IPCACHE.get(&key) {
+    if let Some(value) = ADDRESSES.get_ptr(&key) {
+        // SAFETY: a value pointer from a successful lookup, read once.
+        return unsafe { (*value).identity };
+    }
+    match PREFIXES.get(Key::new(IpcacheKey::lpm_prefix_len(bits), key)) {
         Some(value) => value.identity,
         None => identity::WORLD,
     }
 }
 
-/// The cookie of the entry that allows this flow, if any.
+/// The cookie of the entry that allows this flow, if any. `mask` is the endpoint's lookup
+/// mask for the direction.
 #[inline(always)]
-pub fn allowed(endpoint: u32, peer: u32, direction: Direction, protocol: u8, port: u16) -> Option<u32> {
-    let exact = Key::new(policy::PREFIX_FULL, PolicyKey::new(endpoint, peer, direction, protocol, port));
-    if let Some(value) = POLICY.get(&exact) {
-        return Some(value.cookie);
+pub fn allowed(endpoint: u32, mask: u8, peer: u32, direction: Direction, protocol: u8, port: u16) -> Option<u32> {
+    if let Some(cookie) = allowed_for(endpoint, mask, peer, direction, protocol, port) {
+        return Some(cookie);
     }
-    let any = Key::new(policy::PREFIX_FULL, PolicyKey::new(endpoint, identity::ANY, direction, protocol, port));
-    POLICY.get(&any).map(|value| value.cookie)
+    allowed_for(endpoint, mask >> lookup::ANY_IDENTITY_SHIFT, identity::ANY, direction, protocol, port)
 }
 
-const _: () = assert!(ipcache::FAMILY_BITS == 32);
+#[inline(always)]
+fn allowed_for(endpoint: u32, mask: u8, identity: u32, direction: Direction, protocol: u8, port: u16) -> Option<u32> {
+    if mask & lookup::EXACT != 0
+        && let Some(cookie) = hash_entry(PolicyKey::new(endpoint, identity, direction, protocol, port))
+    {
+        return Some(cookie);
+    }
+    if mask & lookup::PORT_BLOCK != 0
+        && let Some(value) = PORT_RANGES.get(Key::new(policy::PREFIX_FULL, PolicyKey::new(endpoint, identity, direction, protocol, port)))
+    {
+        return Some(value.cookie);
+    }
+    if mask & lookup::PROTOCOL != 0
+        && let Some(cookie) = hash_entry(PolicyKey::new(endpoint, identity, direction, protocol, 0))
+    {
+        return Some(cookie);
+    }
+    if mask & lookup::ANY_PROTOCOL != 0 {
+        return hash_entry(PolicyKey::new(endpoint, identity, direction, 0, 0));
+    }
+    None
+}
+
+#[inline(always)]
+fn hash_entry(key: PolicyKey) -> Option<u32> {
+    // SAFETY: a value pointer from a successful lookup, read once.
+    POLICY.get_ptr(&key).map(|value| unsafe { (*value).cookie })
+}

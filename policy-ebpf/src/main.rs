@@ -152,7 +152,8 @@ fn judge(
     };
     let peer_identity = lookup::identity_of(packet.family, peer);
     // The destination port is the one a policy names, on either side of the connection.
-    match lookup::allowed(endpoint.id, peer_identity, direction, packet.tuple.protocol, packet.tuple.dport) {
+    let mask = endpoint.lookups[direction as usize & 1];
+    match lookup::allowed(endpoint.id, mask, peer_identity, direction, packet.tuple.protocol, packet.tuple.dport) {
         Some(cookie) => {
             if packet.kind == Kind::Normal {
                 conntrack::create(&key, packet, direction, cookie, time);

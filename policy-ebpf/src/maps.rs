@@ -14,14 +14,24 @@ use policy_common::{
     policy::{self, PolicyKey, PolicyValue},
 };
 
-#[map(name = "IPCACHE_V1")]
-pub static IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(ipcache::MAX_ENTRIES, 0);
+/// Whole addresses (/32, /128) to identities.
+#[map(name = "ADDRESSES_V1")]
+pub static ADDRESSES: HashMap<IpcacheKey, IpcacheValue> = HashMap::pinned(ipcache::MAX_ADDRESSES, 0);
 
-#[map(name = "ENDPOINTS_V1")]
+/// Other prefixes (ipBlocks) to identities.
+#[map(name = "PREFIXES_V1")]
+pub static PREFIXES: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(ipcache::MAX_PREFIXES, 0);
+
+#[map(name = "ENDPOINTS_V2")]
 pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(endpoint::MAX_ENTRIES, 0);
 
-#[map(name = "POLICY_V1")]
-pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(policy::MAX_ENTRIES, 0);
+/// Exact-port, whole-protocol and any-protocol allow entries (wildcard fields zero).
+#[map(name = "POLICY_V2")]
+pub static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(policy::MAX_ENTRIES, 0);
+
+/// `endPort` blocks.
+#[map(name = "PORT_RANGES_V1")]
+pub static PORT_RANGES: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(policy::MAX_RANGE_ENTRIES, 0);
 
 #[map(name = "CONNTRACK_V1")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(conntrack::MAX_ENTRIES, 0);

@@ -11,7 +11,7 @@ use policy_common::endpoint::{
 };
 use policy_common::identity;
 use policy_common::ipcache::{IpcacheKey, IpcacheValue};
-use policy_common::policy::{PREFIX_ANY_PROTOCOL, PREFIX_FULL, PREFIX_PROTOCOL, PolicyKey, PolicyValue};
+use policy_common::policy::{PREFIX_ANY_PROTOCOL, PREFIX_FULL, PREFIX_PROTOCOL, PolicyKey, PolicyValue, lookup};
 
 use super::{Compiled, PodRef};
 use crate::resolve::IpPrefix;
@@ -65,13 +65,7 @@ pub fn render(compiled: &Compiled, slots: &BTreeMap<PodRef, EndpointSlot>, audit
         if endpoint.ipv6.is_some() {
             flags |= FLAG_HAS_IPV6;
         }
-        let info = EndpointInfo {
-            id: slot.id,
-            flags,
-            ipv4: endpoint.ipv4.map(|a| a.octets()).unwrap_or_default(),
-            ipv6: endpoint.ipv6.map(|a| a.octets()).unwrap_or_default(),
-        };
-        contents.endpoints.insert(slot.ifindex, info);
+        let mut lookups = [0u8; 2];
         for (rule, cookie) in &endpoint.rules {
             // Prefix lengths: any protocol 72, whole protocol 80, port blocks 80 + bits.
             let (len, protocol, port) = match (rule.protocol, rule.port) {
@@ -81,7 +75,18 @@ pub fn render(compiled: &Compiled, slots: &BTreeMap<PodRef, EndpointSlot>, audit
             };
             let key = PolicyKey::new(slot.id, rule.peer, rule.direction, protocol, port);
             contents.policy.insert((len, key), PolicyValue { cookie: *cookie });
+            // Tell the classifier which kinds of lookups can hit for this endpoint.
+            lookups[rule.direction as usize] |= lookup::bit(len, rule.peer);
         }
+        let info = EndpointInfo {
+            id: slot.id,
+            flags,
+            ipv4: endpoint.ipv4.map(|a| a.octets()).unwrap_or_default(),
+            ipv6: endpoint.ipv6.map(|a| a.octets()).unwrap_or_default(),
+            lookups,
+            _pad: [0; 2],
+        };
+        contents.endpoints.insert(slot.ifindex, info);
     }
     contents
 }

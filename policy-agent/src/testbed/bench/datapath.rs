@@ -14,7 +14,6 @@ use std::{
 };
 
 use aya::{
-    maps::lpm_trie::Key,
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use policy_common::{
@@ -24,13 +23,16 @@ use policy_common::{
     event::{CONFIG_EVENTS_DENIED, Config},
     family,
     ipcache::{IpcacheKey, IpcacheValue},
-    policy::{PREFIX_FULL, PolicyKey, PolicyValue},
+    policy::{PREFIX_FULL, PolicyKey, PolicyValue, lookup},
     proto,
 };
 use serde::{Deserialize, Serialize};
 
 use super::{log, median, packet};
-use crate::datapath::{Datapath, Hook, MapSizes, Maps, PinLayout};
+use crate::{
+    compile::MapOp,
+    datapath::{Datapath, Hook, MapSizes, Maps, PinLayout},
+};
 
 /// BPF_PROG_TEST_RUN runs on the loopback device: the endpoint entry is keyed by ifindex 1.
 const LO: u32 = 1;
@@ -180,10 +182,13 @@ fn fill(maps: &mut Maps, from: usize, to: usize) {
     let far = u64::MAX / 2;
     for i in from..to {
         let id = IpcacheValue { identity: identity(i) };
-        maps.ipcache.insert(&Key::new(IpcacheKey::lpm_prefix_len(32), IpcacheKey::v4(peer_v4(i).octets())), id, 0).expect("ipcache v4");
-        maps.ipcache.insert(&Key::new(IpcacheKey::lpm_prefix_len(128), IpcacheKey::v6(peer_v6(i).octets())), id, 0).expect("ipcache v6");
+        let v4 = MapOp::IpcacheUpsert { prefix_len: IpcacheKey::lpm_prefix_len(32), key: IpcacheKey::v4(peer_v4(i).octets()), value: id };
+        let v6 = MapOp::IpcacheUpsert { prefix_len: IpcacheKey::lpm_prefix_len(128), key: IpcacheKey::v6(peer_v6(i).octets()), value: id };
         let key = PolicyKey::new(endpoint_of(i), identity(i), Direction::Ingress, proto::TCP, port_of(i));
-        maps.policy.insert(&Key::new(PREFIX_FULL, key), PolicyValue { cookie: 16 + i as u32 }, 0).expect("policy");
+        let allow = MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: 16 + i as u32 } };
+        for op in [v4, v6, allow] {
+            maps.write(&op).expect("map write");
+        }
         let (fam, pod, peer) = if i % 2 == 0 {
             (family::IPV4, IpAddr::V4(POD_V4), IpAddr::V4(peer_v4(i)))
         } else {
@@ -197,7 +202,7 @@ fn fill(maps: &mut Maps, from: usize, to: usize) {
 pub fn run(cfg: &Settings, bpffs_root: &std::path::Path) -> Results {
     let max = cfg.sizes.iter().copied().max().unwrap_or(10);
     let sizes = MapSizes {
-        ipcache: Some((2 * max + 1024) as u32),
+        addresses: Some((2 * max + 1024) as u32),
         policy: Some((max + 1024) as u32),
         conntrack: Some((2 * (max + cfg.new_flow_calls) + 4096).next_power_of_two() as u32),
     };
@@ -225,7 +230,11 @@ pub fn run(cfg: &Settings, bpffs_root: &std::path::Path) -> Results {
                 ("IPv4", IpAddr::V4(POD_V4), IpAddr::V4(peer_v4(mid)))
             };
             let set_endpoint = |maps: &mut Maps, flags: u32| {
-                let info = EndpointInfo { id: ep, flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6, ipv4: POD_V4.octets(), ipv6: POD_V6.octets() };
+                // As the compiler writes it for a pod with exact-port rules plus the node's
+                // any-protocol entry: two lookups for a denied flow.
+                let mut lookups = [0; 2];
+                lookups[Direction::Ingress as usize] = lookup::EXACT | lookup::ANY_PROTOCOL;
+                let info = EndpointInfo { id: ep, flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6, ipv4: POD_V4.octets(), ipv6: POD_V6.octets(), lookups, _pad: [0; 2] };
                 maps.endpoints.insert(EndpointKey { ifindex: LO }, info, 0).expect("endpoint");
             };
             let syn = packet::tcp(peer, 40000, pod, port, packet::SYN);

@@ -22,18 +22,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::lpm_trie::Key;
 use policy_common::{
     Direction,
     endpoint::{EndpointInfo, EndpointKey, FLAG_HAS_IPV4, FLAG_HAS_IPV6, FLAG_INGRESS_ISOLATED},
     ipcache::{IpcacheKey, IpcacheValue},
-    policy::{PREFIX_FULL, PolicyKey, PolicyValue, PortRangePrefixes},
+    policy::{PREFIX_FULL, PolicyKey, PolicyValue, PortRangePrefixes, lookup},
     proto,
 };
 use serde::{Deserialize, Serialize};
 
 use super::{CpuTicks, log, median, thread_cpu_ns};
 use crate::{
+    compile::MapOp,
     datapath::{Maps, PinLayout},
     testbed::{Bpffs, Netns, Node},
 };
@@ -218,19 +218,30 @@ impl Topology {
             }
             let mut maps = Maps::open_pinned(&PinLayout::new(&bpffs.path)).expect("pinned maps");
             let id = IpcacheValue { identity: A_ID };
-            maps.ipcache.insert(&Key::new(IpcacheKey::lpm_prefix_len(32), IpcacheKey::v4(A4.octets())), id, 0).expect("ipcache");
-            maps.ipcache.insert(&Key::new(IpcacheKey::lpm_prefix_len(128), IpcacheKey::v6(A6.octets())), id, 0).expect("ipcache");
+            for (len, key) in [(32, IpcacheKey::v4(A4.octets())), (128, IpcacheKey::v6(A6.octets()))] {
+                maps.write(&MapOp::IpcacheUpsert { prefix_len: IpcacheKey::lpm_prefix_len(len), key, value: id }).expect("ipcache");
+            }
             let ifindex = |short: &str| topo.node.ns.ifindex(&topo.node.pod(short).host_if);
             let (ifa, ifb) = (ifindex("a"), ifindex("b"));
-            let info = |id, flags: u32, v4: Ipv4Addr, v6: Ipv6Addr| EndpointInfo { id, flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6, ipv4: v4.octets(), ipv6: v6.octets() };
-            maps.endpoints.insert(EndpointKey { ifindex: ifa }, info(A_EP, 0, A4, A6), 0).expect("endpoint a");
-            maps.endpoints.insert(EndpointKey { ifindex: ifb }, info(B_EP, FLAG_INGRESS_ISOLATED, B4, B6), 0).expect("endpoint b");
+            // b's ingress: a UDP port range (port blocks) and the iperf3 port (exact).
+            let mut lookups = [0; 2];
+            lookups[Direction::Ingress as usize] = lookup::PORT_BLOCK | lookup::EXACT;
+            let info = |id, flags: u32, v4: Ipv4Addr, v6: Ipv6Addr, lookups| EndpointInfo {
+                id,
+                flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6,
+                ipv4: v4.octets(),
+                ipv6: v6.octets(),
+                lookups,
+                _pad: [0; 2],
+            };
+            maps.endpoints.insert(EndpointKey { ifindex: ifa }, info(A_EP, 0, A4, A6, [0; 2]), 0).expect("endpoint a");
+            maps.endpoints.insert(EndpointKey { ifindex: ifb }, info(B_EP, FLAG_INGRESS_ISOLATED, B4, B6, lookups), 0).expect("endpoint b");
             for block in PortRangePrefixes::new(ALLOWED_FIRST, ALLOWED_LAST) {
-                let key = Key::new(block.lpm_prefix_len(), PolicyKey::new(B_EP, A_ID, Direction::Ingress, proto::UDP, block.port));
-                maps.policy.insert(&key, PolicyValue { cookie: 16 }, 0).expect("policy");
+                let key = PolicyKey::new(B_EP, A_ID, Direction::Ingress, proto::UDP, block.port);
+                maps.write(&MapOp::PolicyUpsert { prefix_len: block.lpm_prefix_len(), key, value: PolicyValue { cookie: 16 } }).expect("policy");
             }
-            let key = Key::new(PREFIX_FULL, PolicyKey::new(B_EP, A_ID, Direction::Ingress, proto::TCP, IPERF_PORT));
-            maps.policy.insert(&key, PolicyValue { cookie: 17 }, 0).expect("policy");
+            let key = PolicyKey::new(B_EP, A_ID, Direction::Ingress, proto::TCP, IPERF_PORT);
+            maps.write(&MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: 17 } }).expect("policy");
             topo.bpffs = Some(bpffs);
             topo.maps = Some(maps);
         }
@@ -260,9 +271,11 @@ impl Topology {
                 let maps = self.maps.as_mut().expect("maps");
                 for i in 0..fillers {
                     let id = 5000 + i as u32;
-                    maps.ipcache.insert(&Key::new(IpcacheKey::lpm_prefix_len(32), IpcacheKey::v4(filler_peer(i).octets())), IpcacheValue { identity: id }, 0).expect("ipcache");
-                    let key = Key::new(PREFIX_FULL, PolicyKey::new(B_EP, id, Direction::Ingress, proto::UDP, filler_port(i)));
-                    maps.policy.insert(&key, PolicyValue { cookie: 18 }, 0).expect("policy");
+                    let peer = IpcacheKey::v4(filler_peer(i).octets());
+                    maps.write(&MapOp::IpcacheUpsert { prefix_len: IpcacheKey::lpm_prefix_len(32), key: peer, value: IpcacheValue { identity: id } })
+                        .expect("ipcache");
+                    let key = PolicyKey::new(B_EP, id, Direction::Ingress, proto::UDP, filler_port(i));
+                    maps.write(&MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: 18 } }).expect("policy");
                 }
             }
             Variant::Iptables | Variant::Ipset => {
