@@ -1,7 +1,7 @@
 //! Connection tracking: flows that were let through once pass without a policy lookup,
 //! in both directions, until their lifetime runs out.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use policy_common::{
     Direction, proto,
     conntrack::*,
@@ -12,10 +12,12 @@ use crate::{
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple},
 };
 
+/// Monotonic time at tick resolution: lifetimes are seconds long, and the coarse clock is a
+/// cached read where the precise one reads the clock source on every packet.
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: a helper with no arguments and no preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The key of `tuple` on `endpoint`, normalised to the pod's side so that both directions of

@@ -50,7 +50,8 @@ pub fn report(
     }
     let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) else { return };
     let mut event: VerdictEvent = Zeroable::zeroed();
-    event.timestamp_ns = time;
+    // SAFETY: a helper with no arguments; the precise clock only for events (flow-log times).
+    event.timestamp_ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     event.endpoint = endpoint;
     event.ifindex = ifindex;
     event.cookie = cookie;
