@@ -91,7 +91,7 @@ impl Address {
             return Ok(Address::Ip(ip));
         }
         match text.split_once('/') {
-            // Namespace names are DNS labels, so `10.0.0.0/8` is not mistaken for a pod.
+            // Namespace names are DNS labels, so `198.18.0.0/16` is not mistaken for a pod.
             Some((namespace, name))
                 if !namespace.is_empty()
                     && namespace.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -441,9 +441,9 @@ mod tests {
     #[test]
     fn address_parsing() {
         assert_eq!(Address::parse("x/a"), Ok(Address::Pod(NamespacedName::new("x", "a"))));
-        assert_eq!(Address::parse("10.0.0.1"), Ok(Address::Ip("10.0.0.1".parse().unwrap())));
-        assert_eq!(Address::parse("2001:db8::1"), Ok(Address::Ip("2001:db8::1".parse().unwrap())));
-        for bad in ["x", "/a", "x/", "x/a/b", "10.0.0.0/8", "300.1.1.1"] {
+        assert_eq!(Address::parse("198.18.0.1"), Ok(Address::Ip("198.18.0.1".parse().unwrap())));
+        assert_eq!(Address::parse("2001:2:0:ff::1"), Ok(Address::Ip("2001:2:0:ff::1".parse().unwrap())));
+        for bad in ["x", "/a", "x/", "x/a/b", "198.18.0.0/16", "198.300.1.1"] {
             assert!(Address::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_port("80"), Ok(80));

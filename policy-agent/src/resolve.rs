@@ -785,22 +785,26 @@ mod tests {
 
     #[test]
     fn prefixes_and_blocks() {
-        let p = IpPrefix::parse("10.1.2.3/8").unwrap();
-        assert_eq!(p.to_string(), "10.0.0.0/8");
-        assert!(IpPrefix::parse("10.0.0.0").is_err());
-        assert!(IpPrefix::parse("10.0.0.0/33").is_err());
-        assert!(IpPrefix::parse("2001:db8::/129").is_err());
-        assert!(IpPrefix::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
-        assert!(!IpPrefix::parse("0.0.0.0/0").unwrap().contains("::1".parse().unwrap()));
+        let p = IpPrefix::parse("198.18.18.3/16").unwrap();
+        assert_eq!(p.to_string(), "198.18.0.0/16");
+        assert!(IpPrefix::parse("198.18.0.0").is_err());
+        assert!(IpPrefix::parse("198.18.0.0/33").is_err());
+        assert!(IpPrefix::parse("2001:2:0:ff::/129").is_err());
+        assert!(IpPrefix::parse("0.0.0.0/0").unwrap().contains("198.19.255.4".parse().unwrap()));
+        assert!(!IpPrefix::parse("0.0.0.0/0").unwrap().contains("2001:2::1".parse().unwrap()));
         let block =
-            CidrBlock::parse(&IPBlock { cidr: "10.0.0.0/8".into(), except: Some(vec!["10.1.0.0/16".into()]) }).unwrap();
-        assert!(block.contains("10.2.0.1".parse().unwrap()));
-        assert!(!block.contains("10.1.0.1".parse().unwrap()));
+            CidrBlock::parse(&IPBlock { cidr: "198.18.0.0/16".into(), except: Some(vec!["198.18.16.0/20".into()]) })
+                .unwrap();
+        assert!(block.contains("198.18.32.1".parse().unwrap()));
+        assert!(!block.contains("198.18.16.1".parse().unwrap()));
         assert!(
-            CidrBlock::parse(&IPBlock { cidr: "10.0.0.0/16".into(), except: Some(vec!["10.1.0.0/24".into()]) })
+            CidrBlock::parse(&IPBlock { cidr: "198.18.0.0/20".into(), except: Some(vec!["198.18.16.0/24".into()]) })
                 .is_err()
         );
-        assert!(CidrBlock::parse(&IPBlock { cidr: "10.0.0.0/16".into(), except: Some(vec!["::/64".into()]) }).is_err());
+        assert!(
+            CidrBlock::parse(&IPBlock { cidr: "198.18.0.0/20".into(), except: Some(vec!["2001:2::/64".into()]) })
+                .is_err()
+        );
     }
 
     #[test]

@@ -28,7 +28,10 @@ const LABEL_VALUES: [&str; 3] = ["a", "b", "c"];
 const PORT_NAMES: [&str; 5] = ["http", "dns", "metrics", "nope", "80"];
 const CONTAINER_PORTS: [u16; 4] = [80, 81, 8080, 53];
 const PROTOCOLS: [&str; 3] = ["TCP", "UDP", "SCTP"];
-const EXTERNAL: [&str; 6] = ["198.18.0.200", "198.19.0.5", "10.0.0.1", "2001:2::ff", "2001:2:0:1::5", "2001:db8::1"];
+/// Held by no pod or node: one inside the pods' /24 (/112), one inside their /17 but not /18
+/// (/56 but not /64), one outside their /16 (/52).
+const EXTERNAL: [&str; 6] =
+    ["198.18.0.200", "198.18.64.5", "198.19.0.1", "2001:2::ff", "2001:2:0:1::5", "2001:2:0:f000::1"];
 /// (protocol, port) probed for every pair.
 const PROBES: [(&str, u16); 8] =
     [("TCP", 80), ("TCP", 81), ("TCP", 443), ("TCP", 8080), ("UDP", 53), ("UDP", 80), ("UDP", 81), ("SCTP", 80)];
@@ -285,14 +288,21 @@ fn masked(addr: IpAddr, len: u8) -> String {
 }
 
 fn to_ip_block(cidr: &CidrGen) -> IPBlock {
-    const V4_LENS: [u8; 9] = [32, 31, 30, 28, 24, 16, 15, 8, 0];
-    const V6_LENS: [u8; 9] = [128, 127, 124, 120, 112, 64, 48, 32, 0];
+    // Every address is inside 198.18.0.0/15 and 2001:2::/48; /0 is the only wider prefix.
+    const V4_LENS: [u8; 9] = [32, 31, 30, 28, 24, 18, 17, 16, 0];
+    const V6_LENS: [u8; 9] = [128, 127, 124, 120, 112, 64, 56, 52, 0];
     let max = if cidr.ipv6 { 128 } else { 32 };
     let len = if cidr.ipv6 { V6_LENS[cidr.len] } else { V4_LENS[cidr.len] };
+    // A longer except of a /0 is the widest in-range prefix, which covers the same pool
+    // addresses as a /1../5 would.
+    let widest = if cidr.ipv6 { 48 } else { 16 };
     let except = cidr
         .except
         .iter()
-        .map(|(base, extra)| masked(pool_address(*base, cidr.ipv6), (len + extra).min(max)))
+        .map(|(base, extra)| {
+            let except_len = if len == 0 && *extra > 0 { widest } else { (len + extra).min(max) };
+            masked(pool_address(*base, cidr.ipv6), except_len)
+        })
         .collect::<Vec<_>>();
     IPBlock { cidr: masked(pool_address(cidr.base, cidr.ipv6), len), except: (!except.is_empty()).then_some(except) }
 }

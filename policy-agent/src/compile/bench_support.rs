@@ -33,13 +33,15 @@ fn tcp(port: IntOrString, end_port: Option<i32>) -> NetworkPolicyPort {
 
 /// The node to compile for: holds `pods / NODES` of the pods.
 pub fn synthetic_node() -> NodeContext {
-    NodeContext { name: "node-0".to_owned(), ips: vec![Ipv4Addr::new(192, 168, 0, 1).into()] }
+    NodeContext { name: "node-0".to_owned(), ips: vec![Ipv4Addr::new(198, 18, 100, 1).into()] }
 }
 
 /// `pods` pods in namespaces of 100 (10 apps x 3 tiers each, dual-stack, spread over
 /// [`NODES`] nodes) and `policies` policies mixing the shapes real clusters use: default
 /// deny, pod and namespace selectors, matchExpressions, ipBlocks with except, numeric, named
-/// and ranged ports.
+/// and ranged ports. Addresses stay inside 198.18.0.0/15 and 2001:2::/48: pods in
+/// 198.18.128.0/17 (distinct up to 32768 pods) and 2001:2:0:8000::/64, nodes in 198.18.100.0/24,
+/// ipBlocks in 198.19.0.0/16.
 pub fn synthetic_cluster(pods: usize, policies: usize) -> ClusterState {
     let namespaces = pods.div_ceil(PODS_PER_NAMESPACE).max(1);
     let mut state = ClusterState::default();
@@ -60,8 +62,8 @@ pub fn synthetic_cluster(pods: usize, policies: usize) -> ClusterState {
         let app = format!("app-{}", i % APPS_PER_NAMESPACE);
         let tier = ["web", "api", "db"][i % 3].to_owned();
         let index = u32::try_from(i).unwrap_or(u32::MAX);
-        let v4 = Ipv4Addr::from(0x0a00_0000 | index);
-        let v6 = Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0000_0000_u128 | u128::from(index));
+        let v4 = Ipv4Addr::from(0xc612_8000 | index);
+        let v6 = Ipv6Addr::from(0x2001_0002_0000_8000_0000_0000_0000_0000_u128 | u128::from(index));
         let node = i % NODES;
         let pod = Pod {
             metadata: ObjectMeta {
@@ -92,7 +94,7 @@ pub fn synthetic_cluster(pods: usize, policies: usize) -> ClusterState {
             }),
             status: Some(PodStatus {
                 phase: Some("Running".to_owned()),
-                host_ip: Some(format!("192.168.0.{}", node + 1)),
+                host_ip: Some(format!("198.18.100.{}", node + 1)),
                 pod_ip: Some(v4.to_string()),
                 pod_ips: Some(vec![PodIP { ip: v4.to_string() }, PodIP { ip: v6.to_string() }]),
                 ..PodStatus::default()
@@ -149,8 +151,8 @@ pub fn synthetic_cluster(pods: usize, policies: usize) -> ClusterState {
                 egress: Some(vec![NetworkPolicyEgressRule {
                     to: Some(vec![NetworkPolicyPeer {
                         ip_block: Some(IPBlock {
-                            cidr: format!("172.{}.0.0/16", 16 + p % 16),
-                            except: Some(vec![format!("172.{}.{}.0/24", 16 + p % 16, p % 256)]),
+                            cidr: format!("198.19.{}.0/20", 16 * (p % 16)),
+                            except: Some(vec![format!("198.19.{}.0/24", 16 * (p % 16) + (p % 256) / 16)]),
                         }),
                         ..NetworkPolicyPeer::default()
                     }]),
