@@ -216,24 +216,30 @@ pub fn ipcache_lookup(contents: &MapContents, addr: IpAddr) -> u32 {
         .unwrap_or(identity::WORLD)
 }
 
-/// LPM lookup in the policy map for one identity: the longest entry whose prefix matches.
+/// LPM lookup in the policy map for one identity: the longest entry whose prefix matches,
+/// among the kinds the endpoint's lookup mask lists (the classifier skips the others, so the
+/// model does too: a wrong mask shows up as a wrong verdict here).
 fn policy_lpm(
     contents: &MapContents,
-    endpoint: u32,
+    endpoint: &EndpointInfo,
     peer: u32,
     direction: Direction,
     protocol: u8,
     port: u16,
 ) -> Option<u32> {
-    for len in (PREFIX_PROTOCOL..=PREFIX_FULL).rev() {
+    let listed = |len: u32| endpoint.lookups[direction as usize] & lookup::bit(len, peer) != 0;
+    for len in (PREFIX_PROTOCOL..=PREFIX_FULL).rev().filter(|len| listed(*len)) {
         let bits = len - PREFIX_PROTOCOL;
         let mask = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
-        let key = PolicyKey::new(endpoint, peer, direction, protocol, port & mask);
+        let key = PolicyKey::new(endpoint.id, peer, direction, protocol, port & mask);
         if let Some(value) = contents.policy.get(&(len, key)) {
             return Some(value.cookie);
         }
     }
-    let key = PolicyKey::new(endpoint, peer, direction, 0, 0);
+    if !listed(PREFIX_ANY_PROTOCOL) {
+        return None;
+    }
+    let key = PolicyKey::new(endpoint.id, peer, direction, 0, 0);
     contents.policy.get(&(PREFIX_ANY_PROTOCOL, key)).map(|v| v.cookie)
 }
 
@@ -251,8 +257,8 @@ pub fn lookup(
 ) -> Option<(u32, u32)> {
     let endpoint = contents.endpoints.get(&ifindex)?;
     let peer_identity = ipcache_lookup(contents, peer);
-    policy_lpm(contents, endpoint.id, peer_identity, direction, protocol, port)
-        .or_else(|| policy_lpm(contents, endpoint.id, identity::ANY, direction, protocol, port))
+    policy_lpm(contents, endpoint, peer_identity, direction, protocol, port)
+        .or_else(|| policy_lpm(contents, endpoint, identity::ANY, direction, protocol, port))
         .map(|cookie| (cookie, peer_identity))
 }
 
