@@ -211,7 +211,9 @@ impl Agent {
         let current = self.compilation.take().filter(|c| c.generation == generation && c.node_ips == node_ips);
         if current.is_some() && self.settled && routes == self.routes && self.interfaces_unchanged() {
             self.compilation = current;
-            metrics::write(&self.view).last_loop = Some(Instant::now());
+            let mut view = metrics::write(&self.view);
+            view.last_loop = Some(Instant::now());
+            view.passes += 1;
             return;
         }
         let compilation = current.unwrap_or_else(|| self.compile(source, generation, node_ips));
@@ -421,6 +423,7 @@ impl Agent {
         view.identities = compiled.identities.len();
         view.problems.clone_from(&compilation.problems);
         view.syncs += 1;
+        view.passes += 1;
         view.sync_failures += failures as u64;
         view.sync_duration.observe(elapsed);
         if self.last_change != Some(compilation.changed_at) {

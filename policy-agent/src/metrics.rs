@@ -96,6 +96,10 @@ pub struct AgentView {
     pub maps: BTreeMap<&'static str, MapFill>,
     pub identities: usize,
     pub problems: Vec<String>,
+    /// Passes of the agent's loop, including those that found nothing to do: a pass that
+    /// starts after a change has seen it (tests wait on this).
+    pub passes: u64,
+    /// Passes that compiled or wrote something.
     pub syncs: u64,
     pub sync_failures: u64,
     #[serde(skip)]
@@ -127,6 +131,7 @@ impl AgentView {
             maps: BTreeMap::new(),
             identities: 0,
             problems: Vec::new(),
+            passes: 0,
             syncs: 0,
             sync_failures: 0,
             sync_duration: Histogram::new(LATENCY_BUCKETS),

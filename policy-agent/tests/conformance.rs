@@ -301,13 +301,13 @@ impl Cluster {
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("status thread panicked")));
             match answer.map(|body| serde_json::from_str::<serde_json::Value>(&body)) {
-                Ok(Ok(v)) if v["syncs"].is_u64() => {
+                Ok(Ok(v)) if v["passes"].is_u64() => {
                     if !errors.is_empty() {
                         eprintln!("note: /status failed {} time(s) before answering: {errors:?}", errors.len());
                     }
                     return v;
                 }
-                Ok(Ok(v)) => errors.push(format!("no syncs in {v}")),
+                Ok(Ok(v)) => errors.push(format!("no passes in {v}")),
                 Ok(Err(e)) => errors.push(format!("bad JSON: {e}")),
                 Err(e) => errors.push(e.to_string()),
             }
@@ -316,17 +316,18 @@ impl Cluster {
         }
     }
 
-    fn syncs(&self) -> u64 {
-        self.status()["syncs"].as_u64().expect("checked by status()")
+    fn passes(&self) -> u64 {
+        self.status()["passes"].as_u64().expect("checked by status()")
     }
 
-    /// Waits until the agent has enforced everything written so far: two full passes that
-    /// started after the last write (each pass rescans the directory first), then checks
+    /// Waits until the agent has enforced everything written so far: two passes of its loop
+    /// that started after the last write (each pass is preceded by a rescan of the directory,
+    /// and a pass that sees a change compiles and syncs it), then checks
     /// that nothing was refused and every pod is attached.
     fn settle(&mut self) {
         let start = Instant::now();
-        let first = self.syncs();
-        while self.syncs() < first + 2 {
+        let first = self.passes();
+        while self.passes() < first + 2 {
             assert!(start.elapsed() < Duration::from_secs(15), "agent did not sync in 15 s; log:\n{}", self.agent().log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
