@@ -2,9 +2,6 @@
 //! packets through BPF_PROG_TEST_RUN, and with real TCP, UDP and SCTP traffic between pods
 //! in network namespaces. Run by `cargo xtask test` (root, one test thread).
 
-#[path = "common/packet.rs"]
-mod packet;
-
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
@@ -28,9 +25,9 @@ use policy_common::{
     policy::{PREFIX_ANY_PROTOCOL, PREFIX_FULL, PREFIX_PROTOCOL, PolicyKey, PolicyValue, PortRangePrefixes, lookup},
     proto,
 };
-use packet::{ACK, FIN, Frame, L4, SYN, arp};
 use policy_agent::testbed::{
     Bpffs, Node,
+    packet::{ACK, FIN, Frame, L4, SYN, arp},
     probe::{SctpSink, Servers, sctp_send_init, tcp_ok, udp_ok},
 };
 

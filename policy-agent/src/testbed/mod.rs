@@ -5,6 +5,7 @@
 
 pub mod matrix;
 pub mod apiserver;
+pub mod packet;
 pub mod probe;
 pub mod bench;
 

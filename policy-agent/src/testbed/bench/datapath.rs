@@ -28,9 +28,10 @@ use policy_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{log, median, packet};
+use super::{log, median};
 use crate::{
     compile::MapOp,
+    testbed::packet::{ACK, Frame, SYN},
     datapath::{Datapath, Hook, MapSizes, Maps, PinLayout},
 };
 
@@ -237,9 +238,9 @@ pub fn run(cfg: &Settings, bpffs_root: &std::path::Path) -> Results {
                 let info = EndpointInfo { id: ep, flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6, ipv4: POD_V4.octets(), ipv6: POD_V6.octets(), lookups, _pad: [0; 2] };
                 maps.endpoints.insert(EndpointKey { ifindex: LO }, info, 0).expect("endpoint");
             };
-            let syn = packet::tcp(peer, 40000, pod, port, packet::SYN);
-            let ack = packet::tcp(peer, 40000, pod, port, packet::ACK);
-            let denied = packet::tcp(peer, 40001, pod, DENIED_PORT, packet::SYN);
+            let syn = Frame::tcp(peer, 40000, pod, port, SYN).padded();
+            let ack = Frame::tcp(peer, 40000, pod, port, ACK).padded();
+            let denied = Frame::tcp(peer, 40001, pod, DENIED_PORT, SYN).padded();
             set_endpoint(&mut maps, FLAG_INGRESS_ISOLATED);
             // Opens the flow the established packets belong to.
             run_prog(prog, &syn, 1, TC_ACT_OK);
@@ -268,7 +269,7 @@ pub fn run(cfg: &Settings, bpffs_root: &std::path::Path) -> Results {
             let (mut new_calls, mut est_calls, mut floor_calls) = (Vec::new(), Vec::new(), Vec::new());
             for j in 0..cfg.new_flow_calls {
                 let sport = 1024 + j as u16;
-                let fresh = packet::tcp(peer, sport, pod, port, packet::SYN);
+                let fresh = Frame::tcp(peer, sport, pod, port, SYN).padded();
                 floor_calls.push(floor.run(&fresh, 1));
                 est_calls.push(run_prog(prog, &ack, 1, TC_ACT_OK));
                 new_calls.push(run_prog(prog, &fresh, 1, TC_ACT_OK));

@@ -5,7 +5,6 @@
 pub mod control;
 pub mod datapath;
 pub mod flood;
-pub mod packet;
 pub mod report;
 
 use serde::{Deserialize, Serialize};

@@ -1,5 +1,4 @@
-//! Crafted frames for BPF_PROG_TEST_RUN.
-#![allow(dead_code, reason = "shared by several test files")]
+//! Crafted Ethernet frames for BPF_PROG_TEST_RUN (the datapath tests and benchmarks).
 
 use std::net::IpAddr;
 
@@ -59,6 +58,15 @@ impl Frame {
         frame.extend(self.ip());
         if let Some(n) = self.truncate {
             frame.truncate(n);
+        }
+        frame
+    }
+
+    /// The Ethernet frame, padded to the 64-byte minimum a real link carries.
+    pub fn padded(&self) -> Vec<u8> {
+        let mut frame = self.build();
+        if frame.len() < 64 {
+            frame.resize(64, 0);
         }
         frame
     }
@@ -138,7 +146,7 @@ impl Frame {
                 t.extend([0, 12, 0, 0, b'p', b'i', b'n', b'g']);
                 (17, t)
             }
-            L4::Sctp { sport, dport } => (132, policy_agent::testbed::probe::sctp_init(*sport, *dport)),
+            L4::Sctp { sport, dport } => (132, super::probe::sctp_init(*sport, *dport)),
             L4::Icmp { kind, code, id } => {
                 let mut t = vec![*kind, *code, 0, 0];
                 t.extend(id.to_be_bytes());
