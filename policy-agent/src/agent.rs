@@ -358,6 +358,10 @@ impl Agent {
     ) {
         let compiled = &compilation.compiled;
         let loaded = self.syncer.loaded();
+        let mut entries_by_endpoint: BTreeMap<u32, usize> = BTreeMap::new();
+        for (_, key) in loaded.policy.keys() {
+            *entries_by_endpoint.entry(key.endpoint()).or_default() += 1;
+        }
         let mut endpoints = Vec::new();
         let mut pods_by_endpoint = BTreeMap::new();
         let mut isolated_by = BTreeMap::new();
@@ -390,7 +394,7 @@ impl Agent {
                 identities,
                 ingress_isolated: endpoint.ingress_isolated,
                 egress_isolated: endpoint.egress_isolated,
-                policy_entries: slot.map_or(0, |s| loaded.policy.keys().filter(|(_, k)| k.endpoint() == s.id).count()),
+                policy_entries: slot.and_then(|s| entries_by_endpoint.get(&s.id).copied()).unwrap_or(0),
                 attached,
                 programs: programs.get(pod).cloned().unwrap_or_default(),
                 error: errors.get(pod).cloned().or_else(|| placement.error.clone()),
@@ -417,9 +421,6 @@ impl Agent {
             fill(datapath::map_name::PORT_RANGES, port_blocks),
             fill(datapath::map_name::ENDPOINTS, loaded.endpoints.len()),
         ]);
-        if let Ok(n) = conntrack_entries(self.syncer.maps()) {
-            view.maps.insert(datapath::map_name::CONNTRACK, fill(datapath::map_name::CONNTRACK, n).1);
-        }
         view.identities = compiled.identities.len();
         view.problems.clone_from(&compilation.problems);
         view.syncs += 1;
@@ -444,6 +445,3 @@ impl Agent {
     }
 }
 
-fn conntrack_entries(maps: &datapath::Maps) -> Result<usize, AgentError> {
-    Ok(maps.conntrack.keys().filter(Result::is_ok).count())
-}

@@ -10,8 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Map, MapData, PerCpuArray};
-use policy_common::{Direction, counters::Reason, counters::Counter};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use policy_common::{
+    Direction,
+    conntrack::{CtKey, CtValue},
+    counters::{Counter, Reason},
+};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -213,10 +217,30 @@ pub fn render_metrics(view: &AgentView, counters: Option<&PerCpuArray<MapData, C
     out
 }
 
-/// Opens the pinned counter map for metrics (read-only use).
-pub fn open_counters(pins: &PinLayout) -> Option<PerCpuArray<MapData, Counter>> {
-    let data = MapData::from_pin(pins.map(map_name::COUNTERS)).ok()?;
-    PerCpuArray::try_from(Map::PerCpuArray(data)).ok()
+/// The pinned maps the server reads on request: per-packet counters and conntrack, whose
+/// size is counted only when asked for (one syscall per flow; not work for every sync).
+pub struct PinnedReaders {
+    counters: Option<PerCpuArray<MapData, Counter>>,
+    conntrack: Option<(HashMap<MapData, CtKey, CtValue>, u32)>,
+}
+
+impl PinnedReaders {
+    pub fn open(pins: &PinLayout) -> Self {
+        let counters = MapData::from_pin(pins.map(map_name::COUNTERS))
+            .ok()
+            .and_then(|data| PerCpuArray::try_from(Map::PerCpuArray(data)).ok());
+        let conntrack = MapData::from_pin(pins.map(map_name::CONNTRACK)).ok().and_then(|data| {
+            let capacity = data.info().ok()?.max_entries();
+            Some((HashMap::try_from(Map::LruHashMap(data)).ok()?, capacity))
+        });
+        Self { counters, conntrack }
+    }
+
+    /// The conntrack map's fill, counted now.
+    fn conntrack_fill(&self) -> Option<MapFill> {
+        let (map, capacity) = self.conntrack.as_ref()?;
+        Some(MapFill { entries: map.keys().filter(Result::is_ok).count(), capacity: *capacity })
+    }
 }
 
 /// How long the loop may be silent before `/healthz` fails.
@@ -225,11 +249,11 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Serves `/metrics`, `/healthz`, `/readyz` and `/status` on `addr` until the process ends.
 pub async fn serve(addr: &str, view: SharedView, pins: PinLayout) -> Result<(), AgentError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Serve { addr: addr.to_owned(), source })?;
-    let counters = Arc::new(std::sync::Mutex::new(open_counters(&pins)));
+    let readers = Arc::new(std::sync::Mutex::new(PinnedReaders::open(&pins)));
     loop {
         let Ok((mut stream, _)) = listener.accept().await else { continue };
         let view = view.clone();
-        let counters = counters.clone();
+        let readers = readers.clone();
         tokio::spawn(async move {
             // Read the whole request head (up to the blank line): answering and closing with
             // unread request bytes would make the kernel reset the connection.
@@ -250,7 +274,7 @@ pub async fn serve(addr: &str, view: SharedView, pins: PinLayout) -> Result<(), 
             let n = buf.len();
             let request = String::from_utf8_lossy(&buf[..n]);
             let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (status, content_type, body) = respond(path, &view, &counters);
+            let (status, content_type, body) = respond(path, &view, &readers);
             let head = format!("HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
             let _ = stream.write_all(head.as_bytes()).await;
             let _ = stream.write_all(body.as_bytes()).await;
@@ -258,17 +282,16 @@ pub async fn serve(addr: &str, view: SharedView, pins: PinLayout) -> Result<(), 
     }
 }
 
-fn respond(
-    path: &str,
-    view: &SharedView,
-    counters: &std::sync::Mutex<Option<PerCpuArray<MapData, Counter>>>,
-) -> (&'static str, &'static str, String) {
+fn respond(path: &str, view: &SharedView, readers: &std::sync::Mutex<PinnedReaders>) -> (&'static str, &'static str, String) {
+    let readers = readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if matches!(path, "/metrics" | "/status")
+        && let Some(fill) = readers.conntrack_fill()
+    {
+        write(view).maps.insert(map_name::CONNTRACK, fill);
+    }
     let view = read(view);
     match path {
-        "/metrics" => {
-            let counters = counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            ("200 OK", "text/plain; version=0.0.4", render_metrics(&view, counters.as_ref()))
-        }
+        "/metrics" => ("200 OK", "text/plain; version=0.0.4", render_metrics(&view, readers.counters.as_ref())),
         "/healthz" => {
             if view.last_loop.is_some_and(|t| t.elapsed() < HEALTH_TIMEOUT) || view.last_loop.is_none() {
                 ("200 OK", "text/plain", "ok\n".into())
