@@ -188,7 +188,7 @@ fn agent_pid(dir: &Path) -> Option<String> {
         pid.parse::<u32>().ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_agent = args.iter().any(|a| *a == b"run") && args.iter().any(|a| *a == needle.as_bytes());
+        let is_agent = args.iter().any(|a| *a == b"run") && args.contains(&needle.as_bytes());
         let not_ip = args.first().is_some_and(|a| !a.ends_with(b"/ip") && *a != b"ip");
         (is_agent && not_ip).then_some(pid)
     })

@@ -139,9 +139,7 @@ impl EmptyProgram {
 }
 
 fn run_prog(prog: &SchedClassifier, data: &[u8], repeat: u32, expect: u32) -> f64 {
-    let mut opts = TestRunOptions::default();
-    opts.data_in = Some(data);
-    opts.repeat = repeat;
+    let opts = TestRunOptions { data_in: Some(data), repeat, ..TestRunOptions::default() };
     let result = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
     assert_eq!(result.return_value, expect, "unexpected verdict in the benchmark setup");
     result.duration.as_nanos() as f64

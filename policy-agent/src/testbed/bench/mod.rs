@@ -21,7 +21,7 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
         return f64::NAN;
     }
     v.sort_by(f64::total_cmp);
-    if (p - 50.0).abs() < f64::EPSILON && v.len() % 2 == 0 {
+    if (p - 50.0).abs() < f64::EPSILON && v.len().is_multiple_of(2) {
         let mid = v.len() / 2;
         return (v[mid - 1] + v[mid]) / 2.0;
     }
