@@ -41,10 +41,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub mod map_name {
     pub const ADDRESSES: &str = "ADDRESSES_V1";
     pub const PREFIXES: &str = "PREFIXES_V1";
-    pub const ENDPOINTS: &str = "ENDPOINTS_V2";
+    pub const ENDPOINTS: &str = "ENDPOINTS_V3";
     pub const POLICY: &str = "POLICY_V2";
     pub const PORT_RANGES: &str = "PORT_RANGES_V1";
-    pub const CONNTRACK: &str = "CONNTRACK_V1";
+    pub const CONNTRACK: &str = "CONNTRACK_V2";
     pub const FRAGMENTS: &str = "FRAGMENTS_V1";
     pub const COUNTERS: &str = "COUNTERS_V1";
     pub const EVENTS: &str = "EVENTS_V1";

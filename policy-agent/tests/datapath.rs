@@ -85,6 +85,7 @@ impl Fixture {
             ipv6: POD6.octets(),
             lookups: self.lookups,
             _pad: [0; 2],
+            revision: 0,
         };
         self.maps.endpoints.insert(EndpointKey { ifindex: LO }, info, 0).expect("endpoint");
     }
@@ -497,6 +498,7 @@ impl Cluster {
             ipv6: p.ipv6.octets(),
             lookups,
             _pad: [0; 2],
+            revision: 0,
         };
         self.maps.endpoints.insert(EndpointKey { ifindex }, info, 0).expect("endpoint");
     }

@@ -82,8 +82,12 @@ pub struct CtValue {
     pub origin: u8,
     pub tcp_flags: u8,
     pub _pad: [u8; 2],
+    /// The endpoint's [`revision`](crate::endpoint::EndpointInfo::revision) when the flow
+    /// was last judged.
+    pub revision: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
 
 /// Non-first fragments of a datagram whose first fragment passed; keyed like the IP
 /// reassembly id. Only the first fragment carries ports, so this is how the rest are judged.

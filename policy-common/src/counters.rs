@@ -33,6 +33,10 @@ pub enum Reason {
     DropFragment = 10,
     /// A packet leaving an isolated pod with a source address that is not the pod's.
     DropSpoofed = 11,
+    /// A frame a pod interface never legitimately carries: a VLAN tag, an EtherType other
+    /// than IPv4, IPv6 and ARP, ARP with another sender address, neighbour discovery or MLD
+    /// that breaks its RFC's addressing rules, an ICMP redirect, an oversized ICMP error.
+    DropFrame = 12,
 }
 
 /// Slots reserved per endpoint (room to add reasons without a layout change).
@@ -40,7 +44,7 @@ pub const REASON_SLOTS: u32 = 16;
 pub const MAX_ENTRIES: u32 = endpoint::MAX_ENTRIES * 2 * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::PassNotIsolated,
         Reason::PassNonIp,
         Reason::PassEstablished,
@@ -53,6 +57,7 @@ impl Reason {
         Reason::DropMalformed,
         Reason::DropFragment,
         Reason::DropSpoofed,
+        Reason::DropFrame,
     ];
 
     pub const fn from_u32(value: u32) -> Option<Self> {
@@ -60,7 +65,7 @@ impl Reason {
     }
 
     pub const fn is_drop(self) -> bool {
-        matches!(self, Reason::DropPolicy | Reason::DropMalformed | Reason::DropFragment | Reason::DropSpoofed)
+        matches!(self, Reason::DropPolicy | Reason::DropMalformed | Reason::DropFragment | Reason::DropSpoofed | Reason::DropFrame)
     }
 
     /// The `snake_case` name used in metrics and flow logs.
@@ -78,6 +83,7 @@ impl Reason {
             Reason::DropMalformed => "drop_malformed",
             Reason::DropFragment => "drop_fragment",
             Reason::DropSpoofed => "drop_spoofed",
+            Reason::DropFrame => "drop_frame",
         }
     }
 

@@ -35,8 +35,13 @@ pub struct EndpointInfo {
     /// entries exist ([`policy::lookup`](crate::policy::lookup) bits).
     pub lookups: [u8; 2],
     pub _pad: [u8; 2],
+    /// Changes whenever anything that could change a verdict of this endpoint changes (its
+    /// flags, its allow entries, the identities of addresses). A conntrack entry written
+    /// under another revision is judged again before it lets a packet through, so a revoked
+    /// flow (or one opened in audit mode) is cut and one still allowed is kept.
+    pub revision: u32,
 }
-const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 32);
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 36);
 
 impl EndpointInfo {
     pub const fn has(&self, flag: u32) -> bool {

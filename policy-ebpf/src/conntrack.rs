@@ -117,6 +117,8 @@ pub fn create(key: &CtKey, packet: &Packet, direction: Direction, cookie: u32, t
         origin: direction as u8,
         tcp_flags: seen,
         _pad: [0; 2],
+        revision: 0,
+        _pad2: 0,
     };
     let _ = CONNTRACK.insert(key, &value, 0);
 }

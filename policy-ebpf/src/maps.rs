@@ -22,7 +22,7 @@ pub static ADDRESSES: HashMap<IpcacheKey, IpcacheValue> = HashMap::pinned(ipcach
 #[map(name = "PREFIXES_V1")]
 pub static PREFIXES: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(ipcache::MAX_PREFIXES, 0);
 
-#[map(name = "ENDPOINTS_V2")]
+#[map(name = "ENDPOINTS_V3")]
 pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(endpoint::MAX_ENTRIES, 0);
 
 /// Exact-port, whole-protocol and any-protocol allow entries (wildcard fields zero).
@@ -33,7 +33,7 @@ pub static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(policy::MAX
 #[map(name = "PORT_RANGES_V1")]
 pub static PORT_RANGES: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(policy::MAX_RANGE_ENTRIES, 0);
 
-#[map(name = "CONNTRACK_V1")]
+#[map(name = "CONNTRACK_V2")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(conntrack::MAX_ENTRIES, 0);
 
 #[map(name = "FRAGMENTS_V1")]

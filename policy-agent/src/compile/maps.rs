@@ -85,6 +85,7 @@ pub fn render(compiled: &Compiled, slots: &BTreeMap<PodRef, EndpointSlot>, audit
             ipv6: endpoint.ipv6.map(|a| a.octets()).unwrap_or_default(),
             lookups,
             _pad: [0; 2],
+            revision: 0,
         };
         contents.endpoints.insert(slot.ifindex, info);
     }

@@ -194,7 +194,7 @@ fn fill(maps: &mut Maps, from: usize, to: usize) {
             (family::IPV6, IpAddr::V6(POD_V6), IpAddr::V6(peer_v6(i)))
         };
         let ct = CtKey::new(endpoint_of(i), fam, proto::TCP, addr16(pod), port_of(i), addr16(peer), 20000 + (i % 40000) as u16);
-        maps.conntrack.insert(ct, CtValue { expires_ns: far, cookie: 16, origin: 0, tcp_flags: 0, _pad: [0; 2] }, 0).expect("conntrack");
+        maps.conntrack.insert(ct, CtValue { expires_ns: far, cookie: 16, origin: 0, tcp_flags: 0, _pad: [0; 2], revision: 0, _pad2: 0 }, 0).expect("conntrack");
     }
 }
 
@@ -233,7 +233,7 @@ pub fn run(cfg: &Settings, bpffs_root: &std::path::Path) -> Results {
                 // any-protocol entry: two lookups for a denied flow.
                 let mut lookups = [0; 2];
                 lookups[Direction::Ingress as usize] = lookup::EXACT | lookup::ANY_PROTOCOL;
-                let info = EndpointInfo { id: ep, flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6, ipv4: POD_V4.octets(), ipv6: POD_V6.octets(), lookups, _pad: [0; 2] };
+                let info = EndpointInfo { id: ep, flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6, ipv4: POD_V4.octets(), ipv6: POD_V6.octets(), lookups, _pad: [0; 2], revision: 0 };
                 maps.endpoints.insert(EndpointKey { ifindex: LO }, info, 0).expect("endpoint");
             };
             let syn = Frame::tcp(peer, 40000, pod, port, SYN).padded();

@@ -233,6 +233,7 @@ impl Topology {
                 ipv6: v6.octets(),
                 lookups,
                 _pad: [0; 2],
+            revision: 0,
             };
             maps.endpoints.insert(EndpointKey { ifindex: ifa }, info(A_EP, 0, A4, A6, [0; 2]), 0).expect("endpoint a");
             maps.endpoints.insert(EndpointKey { ifindex: ifb }, info(B_EP, FLAG_INGRESS_ISOLATED, B4, B6, lookups), 0).expect("endpoint b");
