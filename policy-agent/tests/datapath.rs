@@ -25,7 +25,7 @@ use policy_common::{
     policy::{PREFIX_ANY_PROTOCOL, PREFIX_FULL, PREFIX_PROTOCOL, PolicyKey, PolicyValue, PortRangePrefixes, lookup},
     proto,
 };
-use policy_agent::testbed::{
+use testbed::{
     Bpffs, Node,
     packet::{ACK, FIN, Frame, L4, SYN, arp},
     probe::{SctpSink, Servers, sctp_send_init, tcp_ok, udp_ok},

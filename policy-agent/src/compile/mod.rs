@@ -7,8 +7,6 @@
 mod maps;
 mod policy;
 
-pub mod bench_support;
-
 #[cfg(test)]
 mod tests;
 

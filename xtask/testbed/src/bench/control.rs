@@ -14,13 +14,12 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{log, median, percentile, proc_status_kib};
+use policy_agent::compile::{EndpointSlot, MapContents, compile, diff, render};
+
 use crate::{
-    compile::{
-        EndpointSlot, MapContents,
-        bench_support::{synthetic_cluster, synthetic_node},
-        compile, diff, render,
-    },
-    testbed::{AgentRun, Bpffs, NODE_V4, Node, probe::Servers},
+    AgentRun, Bpffs, NODE_V4, Node,
+    probe::Servers,
+    synthetic::{synthetic_cluster, synthetic_node},
 };
 
 // --- Compile -------------------------------------------------------------------------------
@@ -204,6 +203,8 @@ fn cleanup_agent(agent: &Path, bpffs: &Path) {
 pub struct Latency {
     pub change: String,
     pub expect: String,
+    /// Raw; empty in summary.json.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples_ms: Vec<f64>,
     pub p50_ms: f64,
     pub p99_ms: f64,

@@ -1,10 +1,10 @@
 //! Times the policy compiler on a synthetic cluster (run in release mode):
-//! `cargo run --release -p policy-agent --example compile_bench [PODS] [POLICIES]`.
+//! `cargo run --release -p policy-testbed --bin compile_bench [PODS] [POLICIES]`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use policy_agent::compile::bench_support::{synthetic_cluster, synthetic_node};
+use testbed::synthetic::{synthetic_cluster, synthetic_node};
 use policy_agent::compile::{EndpointSlot, MapContents, compile, diff, render};
 
 fn main() {

@@ -13,7 +13,7 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::{Pod, PodIP, PodStatus};
-use policy_agent::testbed::{
+use testbed::{
     Bpffs, NODE_V4, Node,
     probe::{Servers, tcp_ok},
 };
@@ -85,7 +85,7 @@ fn main() -> ExitCode {
 }
 
 fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/three-tier")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../manifests/examples/three-tier")
 }
 
 fn run(args: &Args) -> Result<bool, String> {

@@ -1,4 +1,5 @@
-//! REPORT.md, results.json and SVG plots (hand-written SVG: lines and bars).
+//! REPORT.md, summary.json (the medians), SVG plots (hand-written SVG: lines and bars), and
+//! results.json with every raw sample, kept out of the repository.
 
 use std::{fmt::Write as _, path::{Path, PathBuf}};
 
@@ -64,13 +65,14 @@ fn thousands(n: usize) -> String {
     out
 }
 
-/// Writes everything under `dir`; returns the files written.
-pub fn write(results: &Results, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// Writes the raw samples to `raw_dir`/results.json and the report to `dir` (REPORT.md,
+/// summary.json, SVGs); returns the files written.
+pub fn write(results: &Results, dir: &Path, raw_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
-    let mut files = Vec::new();
-    let json = dir.join("results.json");
+    std::fs::create_dir_all(raw_dir)?;
+    let json = raw_dir.join("results.json");
     std::fs::write(&json, serde_json::to_string_pretty(results).expect("json"))?;
-    files.push(json);
+    let mut files = vec![json, write_summary(results, dir)?];
     let mut plots = Vec::new();
     if let Some(dp) = &results.datapath {
         let p = dir.join("datapath.svg");
@@ -93,6 +95,49 @@ pub fn write(results: &Results, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     std::fs::write(&md, markdown(results))?;
     files.push(md);
     Ok(files)
+}
+
+/// Writes `dir`/summary.json: `results` without the raw samples, one table row a line.
+pub fn write_summary(results: &Results, dir: &Path) -> std::io::Result<PathBuf> {
+    let path = dir.join("summary.json");
+    let value = serde_json::to_value(summary(results)).expect("json");
+    std::fs::write(&path, rows_per_line(&value, 0) + "\n")?;
+    Ok(path)
+}
+
+/// `results` with every per-run sample dropped: the medians, percentiles and counts remain.
+pub fn summary(results: &Results) -> Results {
+    let mut s = results.clone();
+    if let Some(dp) = &mut s.datapath {
+        dp.rows.iter_mut().for_each(|row| row.samples.clear());
+    }
+    if let Some(fl) = &mut s.flood {
+        fl.runs.clear();
+        fl.tcp.iter_mut().for_each(|t| t.samples.clear());
+    }
+    if let Some(lat) = &mut s.latency {
+        lat.rows.iter_mut().for_each(|row| row.samples_ms.clear());
+    }
+    s
+}
+
+/// JSON with objects spread over lines down to the tables, and each table row on one line:
+/// small, and a new run's diff shows which rows changed.
+fn rows_per_line(v: &serde_json::Value, depth: usize) -> String {
+    let indent = "  ".repeat(depth + 1);
+    let close = "  ".repeat(depth);
+    match v {
+        serde_json::Value::Object(map) if depth < 2 => {
+            let fields: Vec<String> =
+                map.iter().map(|(k, x)| format!("{indent}{}: {}", serde_json::Value::from(k.as_str()), rows_per_line(x, depth + 1))).collect();
+            format!("{{\n{}\n{close}}}", fields.join(",\n"))
+        }
+        serde_json::Value::Array(items) if items.iter().any(serde_json::Value::is_object) => {
+            let rows: Vec<String> = items.iter().map(|x| format!("{indent}{x}")).collect();
+            format!("[\n{}\n{close}]", rows.join(",\n"))
+        }
+        other => other.to_string(),
+    }
 }
 
 fn machine_line(m: &Machine) -> String {
@@ -322,7 +367,7 @@ fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "* Floods are IPv4 only; the classifier's IPv6 path is covered by TEST_RUN. One sender thread: the numbers are per-core forwarding cost, not a node's capacity.");
     let _ = writeln!(s, "* The netfilter translations are hand-written equivalents of one pod's ingress policy, not the output of kube-router itself.\n");
     let _ = writeln!(s, "## README section (ready to paste)\n");
-    let _ = writeln!(s, "```markdown\n## Performance\n\n{}\nReproduce with `cargo xtask bench` (root; about {} minutes; `--quick` for a two-minute smoke run). It installs iptables, ipset, nftables and iperf3 from Debian, builds in release, and writes [bench/REPORT.md](bench/REPORT.md) (method, every table, plots) and `bench/results.json`.\n```", headline(r), ((r.run_secs / 60.0).ceil() as u64).max(1));
+    let _ = writeln!(s, "```markdown\n## Performance\n\n{}\nReproduce with `cargo xtask bench` (root; about {} minutes; `--quick` for a two-minute smoke run). It installs iptables, ipset, nftables and iperf3 from Debian, builds in release, and writes [bench/REPORT.md](bench/REPORT.md) (method, every table, plots) `bench/summary.json` (the medians; every raw sample goes to `target/bench/results.json`).\n```", headline(r), ((r.run_secs / 60.0).ceil() as u64).max(1));
     s
 }
 

@@ -29,11 +29,12 @@ use policy_common::{
 use serde::{Deserialize, Serialize};
 
 use super::{log, median};
-use crate::{
+use policy_agent::{
     compile::MapOp,
-    testbed::packet::{ACK, Frame, SYN},
     datapath::{Datapath, Hook, MapSizes, Maps, PinLayout},
 };
+
+use crate::packet::{ACK, Frame, SYN};
 
 /// BPF_PROG_TEST_RUN runs on the loopback device: the endpoint entry is keyed by ifindex 1.
 const LO: u32 = 1;
@@ -60,6 +61,8 @@ pub struct Row {
     pub ns: f64,
     /// Median minus the floor measured the same way.
     pub net_ns: f64,
+    /// Raw; empty in summary.json.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<f64>,
 }
 

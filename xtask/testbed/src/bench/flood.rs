@@ -32,11 +32,12 @@ use policy_common::{
 use serde::{Deserialize, Serialize};
 
 use super::{CpuTicks, log, median, thread_cpu_ns};
-use crate::{
+use policy_agent::{
     compile::MapOp,
     datapath::{Maps, PinLayout},
-    testbed::{Bpffs, Netns, Node},
 };
+
+use crate::{Bpffs, Netns, Node};
 
 pub const A4: Ipv4Addr = Ipv4Addr::new(198, 18, 40, 1);
 pub const B4: Ipv4Addr = Ipv4Addr::new(198, 18, 40, 2);
@@ -149,6 +150,8 @@ pub struct Summary {
 pub struct TcpSummary {
     pub variant: Variant,
     pub gbits: f64,
+    /// Raw; empty in summary.json.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<f64>,
     pub ratio: f64,
 }
@@ -158,6 +161,8 @@ pub struct Results {
     pub seconds_per_run: f64,
     pub rounds: usize,
     pub rules: Vec<usize>,
+    /// Raw, one per round; empty in summary.json.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runs: Vec<Run>,
     pub summary: Vec<Summary>,
     pub tcp_seconds: u32,
@@ -206,7 +211,7 @@ impl Topology {
         let mut node = Node::new(&suffix);
         node.add_pod("a", A4, A6);
         node.add_pod("b", B4, B6);
-        let scratch = std::env::temp_dir().join(format!("{}-{suffix}", crate::testbed::run_prefix()));
+        let scratch = std::env::temp_dir().join(format!("{}-{suffix}", crate::run_prefix()));
         std::fs::create_dir_all(&scratch).expect("scratch dir");
         let mut topo = Self { variant, node, bpffs: None, maps: None, next_flow: 0, scratch };
         if variant == Variant::Bpf {
@@ -373,7 +378,7 @@ fn send_flood(ns: &Netns, dst: Ipv4Addr, kind: Kind, first_flow: u64, secs: f64)
         assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
         // SAFETY: we own fd.
         let _owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        let (addr, addr_len) = crate::testbed::probe::sockaddr(&SocketAddr::new(IpAddr::V4(dst), 0));
+        let (addr, addr_len) = crate::probe::sockaddr(&SocketAddr::new(IpAddr::V4(dst), 0));
         let mut bufs = vec![[0u8; 8 + PAYLOAD]; BATCH];
         let fixed_dport = if kind == Kind::Denied { DENIED_PORT } else { ALLOWED_FIRST };
         for b in &mut bufs {

@@ -1,4 +1,4 @@
-//! A synthetic cluster for benchmarks (`examples/compile_bench.rs`, `cargo xtask bench`).
+//! A synthetic cluster for benchmarks (`src/bin/compile_bench.rs`, `cargo xtask bench`).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -11,8 +11,8 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::NodeContext;
-use crate::state::ClusterState;
+use policy_agent::compile::NodeContext;
+use policy_agent::state::ClusterState;
 
 /// Nodes the synthetic pods are spread over; [`synthetic_node`] is the first of them.
 pub const NODES: usize = 50;
@@ -100,7 +100,7 @@ pub fn synthetic_cluster(pods: usize, policies: usize) -> ClusterState {
                 ..PodStatus::default()
             }),
         };
-        state.insert(crate::state::Object::Pod(Box::new(pod)));
+        state.insert(policy_agent::state::Object::Pod(Box::new(pod)));
     }
     for p in 0..policies {
         let namespace = format!("ns-{}", p % namespaces);
@@ -197,7 +197,7 @@ pub fn synthetic_cluster(pods: usize, policies: usize) -> ClusterState {
             },
             spec: Some(spec),
         };
-        state.insert(crate::state::Object::NetworkPolicy(Box::new(policy)));
+        state.insert(policy_agent::state::Object::NetworkPolicy(Box::new(policy)));
     }
     state
 }
