@@ -130,6 +130,12 @@ impl Compiled {
     }
 }
 
+/// Endpoint slots numbered 1, 2, ... in pod order, as the agent would hand them out on a
+/// fresh node: for compiling without a datapath (explain, benchmarks).
+pub fn sequential_slots(compiled: &Compiled) -> BTreeMap<PodRef, EndpointSlot> {
+    compiled.endpoints.keys().zip(1u32..).map(|(pod, n)| (pod.clone(), EndpointSlot { ifindex: n, id: n })).collect()
+}
+
 /// Whether a pod is enforced on its node: scheduled there, with an IP, not in the host
 /// network, not terminated.
 pub fn is_local_endpoint(pod: &Pod, node: &str) -> bool {

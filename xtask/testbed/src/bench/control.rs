@@ -4,7 +4,6 @@
 //! agent's memory at rest with a large cluster.
 
 use std::{
-    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
@@ -14,7 +13,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{log, median, percentile, proc_status_kib};
-use policy_agent::compile::{EndpointSlot, MapContents, compile, diff, render};
+use policy_agent::compile::{MapContents, compile, diff, render, sequential_slots};
 
 use crate::{
     AgentRun, Bpffs, NODE_V4, Node,
@@ -61,8 +60,7 @@ pub fn compile_child(pods: usize, policies: usize, runs: usize) {
         compiled = Some(c);
     }
     let compiled = compiled.expect("compiled once");
-    let slots: BTreeMap<_, _> =
-        compiled.endpoints.keys().zip(1u32..).map(|(pod, n)| (pod.clone(), EndpointSlot { ifindex: n, id: n })).collect();
+    let slots = sequential_slots(&compiled);
     let start = Instant::now();
     let contents = render(&compiled, &slots, false);
     let render_ms = start.elapsed().as_secs_f64() * 1e3;
