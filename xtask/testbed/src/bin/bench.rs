@@ -5,7 +5,7 @@
 //! every raw sample to `--raw`/results.json. Root only.
 //!
 //! Usage: bench --agent PATH [--quick] [--out DIR] [--raw DIR] [--only datapath,flood,control]
-//!        bench summarize RESULTS_JSON DIR          (rewrite DIR/summary.json from raw results)
+//!        bench report RESULTS_JSON DIR             (rewrite the report in DIR from raw results)
 //!        bench compile-child PODS POLICIES RUNS   (internal: one compile in a child)
 
 use std::{path::PathBuf, process::ExitCode, time::{Duration, Instant}};
@@ -69,8 +69,8 @@ fn main() -> ExitCode {
         control::compile_child(n(2), n(3), n(4));
         return ExitCode::SUCCESS;
     }
-    if argv.get(1).map(String::as_str) == Some("summarize") {
-        return summarize(argv.get(2..4).unwrap_or_default());
+    if argv.get(1).map(String::as_str) == Some("report") {
+        return report_from(argv.get(2..4).unwrap_or_default());
     }
     let args = match parse_args() {
         Ok(a) => a,
@@ -131,18 +131,21 @@ fn main() -> ExitCode {
     }
 }
 
-/// `summarize RESULTS_JSON DIR`: DIR/summary.json from the raw results of an earlier run.
-fn summarize(args: &[String]) -> ExitCode {
+/// `report RESULTS_JSON DIR`: REPORT.md, summary.json and the SVGs from the raw results of
+/// an earlier run (after a change to the report's wording, say).
+fn report_from(args: &[String]) -> ExitCode {
     let [raw, dir] = args else {
-        eprintln!("bench: summarize RESULTS_JSON DIR");
+        eprintln!("bench: report RESULTS_JSON DIR");
         return ExitCode::from(2);
     };
     let results: Result<report::Results, String> = std::fs::read_to_string(raw)
         .map_err(|e| e.to_string())
         .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()));
-    match results.and_then(|r| report::write_summary(&r, std::path::Path::new(dir)).map_err(|e| e.to_string())) {
-        Ok(path) => {
-            log(format!("wrote {}", path.display()));
+    match results.and_then(|r| report::write_report(&r, std::path::Path::new(dir)).map_err(|e| e.to_string())) {
+        Ok(files) => {
+            for f in files {
+                log(format!("wrote {}", f.display()));
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
