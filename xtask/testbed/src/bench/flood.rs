@@ -519,56 +519,9 @@ pub fn run(settings: &Settings, agent: &Path) -> Results {
             }
             log(format!("flood: {rules} rules, round {} of {} done", round + 1, settings.rounds));
         }
-        for kind in Kind::ALL {
-            let pick = |v: Variant| -> Vec<&Run> { results.runs.iter().filter(|r| r.variant == v && r.rules == rules && r.kind == kind).collect() };
-            let none = pick(Variant::None);
-            let base_of = |round: usize| none.iter().find(|r| r.round == round).map_or(f64::NAN, |r| handled_pps(r));
-            for v in Variant::ALL {
-                let runs = pick(v);
-                let pps = median(&runs.iter().map(|r| handled_pps(r)).collect::<Vec<_>>());
-                // Paired with the no-enforcement run of the same round, then the median.
-                let ratios: Vec<f64> = runs.iter().map(|r| handled_pps(r) / base_of(r.round)).collect();
-                let added: Vec<f64> = runs.iter().map(|r| 1e9 / handled_pps(r) - 1e9 / base_of(r.round)).collect();
-                let summary = Summary {
-                    variant: v,
-                    rules,
-                    kind,
-                    pps,
-                    sent_pps: median(&runs.iter().map(|r| r.sent_pps).collect::<Vec<_>>()),
-                    delivered_fraction: median(&runs.iter().map(|r| r.delivered as f64 / r.sent.max(1) as f64).collect::<Vec<_>>()),
-                    cpu_ns_per_packet: median(&runs.iter().map(|r| r.cpu_ns_per_packet).collect::<Vec<_>>()),
-                    sender_cpu_ns_per_packet: median(&runs.iter().map(|r| r.sender_cpu_ns_per_packet).collect::<Vec<_>>()),
-                    ratio: median(&ratios),
-                    added_ns: median(&added),
-                    rounds: runs.len(),
-                };
-                log(format!(
-                    "flood {rules:>5} rules, {:<29} {:<38} {:>9.0} pps ({:.2}x), delivered {:>5.1}%, {:.0} ns CPU/packet",
-                    kind.label(),
-                    v.label(),
-                    summary.pps,
-                    summary.ratio,
-                    summary.delivered_fraction * 100.0,
-                    summary.cpu_ns_per_packet
-                ));
-                results.summary.push(summary);
-            }
-        }
+        results.summary.extend(summarize(&results.runs, rules));
     }
-    // TCP: no enforcement vs the classifier (b isolated, a allowed on the iperf3 port).
-    let mut tcp: Vec<(Variant, Vec<f64>)> = vec![(Variant::None, Vec::new()), (Variant::Bpf, Vec::new())];
-    for _ in 0..settings.tcp_rounds {
-        for (v, samples) in &mut tcp {
-            let topo = topos.iter().find(|t| t.variant == *v).expect("topology");
-            samples.push(iperf(topo, settings.tcp_seconds));
-        }
-    }
-    let base = median(&tcp[0].1);
-    for (v, samples) in tcp {
-        let gbits = median(&samples);
-        log(format!("tcp: {} {gbits:.2} Gbit/s ({:.2}x)", v.label(), gbits / base));
-        results.tcp.push(TcpSummary { variant: v, gbits, samples, ratio: gbits / base });
-    }
+    results.tcp = tcp_throughput(&topos, settings);
     for t in &topos {
         let _ = std::fs::remove_dir_all(&t.scratch);
         if let Some(b) = &t.bpffs {
@@ -578,4 +531,63 @@ pub fn run(settings: &Settings, agent: &Path) -> Results {
     drop(_sinks);
     drop(topos);
     results
+}
+
+/// Per variant and kind of flood, the medians of the rounds run with `rules` rules.
+fn summarize(runs: &[Run], rules: usize) -> Vec<Summary> {
+    let mut summaries = Vec::new();
+    for kind in Kind::ALL {
+        let pick = |v: Variant| -> Vec<&Run> { runs.iter().filter(|r| r.variant == v && r.rules == rules && r.kind == kind).collect() };
+        let none = pick(Variant::None);
+        let base_of = |round: usize| none.iter().find(|r| r.round == round).map_or(f64::NAN, |r| handled_pps(r));
+        for v in Variant::ALL {
+            let runs = pick(v);
+            let med = |f: &dyn Fn(&Run) -> f64| median(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
+            // Paired with the no-enforcement run of the same round, then the median.
+            let summary = Summary {
+                variant: v,
+                rules,
+                kind,
+                pps: med(&handled_pps),
+                sent_pps: med(&|r| r.sent_pps),
+                delivered_fraction: med(&|r| r.delivered as f64 / r.sent.max(1) as f64),
+                cpu_ns_per_packet: med(&|r| r.cpu_ns_per_packet),
+                sender_cpu_ns_per_packet: med(&|r| r.sender_cpu_ns_per_packet),
+                ratio: med(&|r| handled_pps(r) / base_of(r.round)),
+                added_ns: med(&|r| 1e9 / handled_pps(r) - 1e9 / base_of(r.round)),
+                rounds: runs.len(),
+            };
+            log(format!(
+                "flood {rules:>5} rules, {:<29} {:<38} {:>9.0} pps ({:.2}x), delivered {:>5.1}%, {:.0} ns CPU/packet",
+                kind.label(),
+                v.label(),
+                summary.pps,
+                summary.ratio,
+                summary.delivered_fraction * 100.0,
+                summary.cpu_ns_per_packet
+            ));
+            summaries.push(summary);
+        }
+    }
+    summaries
+}
+
+/// TCP: no enforcement vs the classifier (b isolated, a allowed on the iperf3 port), rounds
+/// interleaved.
+fn tcp_throughput(topos: &[Topology], settings: &Settings) -> Vec<TcpSummary> {
+    let mut tcp: Vec<(Variant, Vec<f64>)> = vec![(Variant::None, Vec::new()), (Variant::Bpf, Vec::new())];
+    for _ in 0..settings.tcp_rounds {
+        for (v, samples) in &mut tcp {
+            let topo = topos.iter().find(|t| t.variant == *v).expect("topology");
+            samples.push(iperf(topo, settings.tcp_seconds));
+        }
+    }
+    let base = median(&tcp[0].1);
+    tcp.into_iter()
+        .map(|(v, samples)| {
+            let gbits = median(&samples);
+            log(format!("tcp: {} {gbits:.2} Gbit/s ({:.2}x)", v.label(), gbits / base));
+            TcpSummary { variant: v, gbits, samples, ratio: gbits / base }
+        })
+        .collect()
 }
