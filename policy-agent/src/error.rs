@@ -16,6 +16,14 @@ pub enum AgentError {
     #[error("{path}: {what}")]
     Manifest { path: PathBuf, what: String },
 
+    /// A system call about the node's interfaces (getifaddrs, ioctls) failed.
+    #[error("{what}: {source}")]
+    Syscall {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// Bad command-line input (names the flag).
     #[error("{flag}: {what}")]
     Usage { flag: &'static str, what: String },

@@ -105,6 +105,8 @@ pub struct AgentView {
     pub passes: u64,
     /// Passes that compiled or wrote something.
     pub syncs: u64,
+    /// Passes skipped because the node's addresses or routes could not be read.
+    pub skipped_passes: u64,
     pub sync_failures: u64,
     #[serde(skip)]
     pub sync_duration: Histogram,
@@ -137,6 +139,7 @@ impl AgentView {
             problems: Vec::new(),
             passes: 0,
             syncs: 0,
+            skipped_passes: 0,
             sync_failures: 0,
             sync_duration: Histogram::new(LATENCY_BUCKETS),
             enforcement_latency: Histogram::new(LATENCY_BUCKETS),

@@ -262,6 +262,20 @@ pub fn is_terminated(pod: &Pod) -> bool {
     matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
 }
 
+/// Whether a pod's IPs are its own: not in the host network and not terminated. (Such a
+/// pod on this node is an endpoint; anywhere, its addresses get its identity.)
+pub fn is_live_pod(pod: &Pod) -> bool {
+    !is_host_network(pod) && !is_terminated(pod)
+}
+
+/// Who wins an address that several live pods report: a pod that is not terminating over
+/// one that is, then the newest (creationTimestamp), then the first by name. Sorts first.
+fn claim_order<'p>(pod_ref: &'p PodRef, pod: &'p Pod) -> impl Ord + 'p {
+    let terminating = pod.metadata.deletion_timestamp.is_some();
+    let created = std::cmp::Reverse(pod.metadata.creation_timestamp.as_ref());
+    (terminating, created, pod_ref)
+}
+
 pub fn is_host_network(pod: &Pod) -> bool {
     pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
 }
@@ -487,13 +501,15 @@ pub fn resolve_identities(
     }
 
     // Pods with addresses, and their label groups numbered in content order.
-    let live: Vec<(&PodRef, &Pod, Vec<IpAddr>)> = state
+    let mut live: Vec<(&PodRef, &Pod, Vec<IpAddr>)> = state
         .pods
         .iter()
-        .filter(|(_, pod)| !is_host_network(pod) && !is_terminated(pod))
+        .filter(|(_, pod)| is_live_pod(pod))
         .map(|(pod_ref, pod)| (pod_ref, pod, pod_ips(pod, problems)))
         .filter(|(_, _, ips)| !ips.is_empty())
         .collect();
+    // Claims are taken in this order: the winner of a shared address comes first.
+    live.sort_by(|a, b| claim_order(a.0, a.1).cmp(&claim_order(b.0, b.1)));
     let mut group_index: BTreeMap<(&str, &Labels), usize> = BTreeMap::new();
     for (pod_ref, pod, _) in &live {
         group_index.insert(group_of(pod_ref, pod), 0);
@@ -805,6 +821,49 @@ mod tests {
             CidrBlock::parse(&IPBlock { cidr: "198.18.0.0/20".into(), except: Some(vec!["2001:2::/64".into()]) })
                 .is_err()
         );
+    }
+
+    fn pod_at(name: &str, app: &str, ip: &str, created: i64, deleting: bool) -> crate::state::Object {
+        let mut value = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "ns", "labels": {"app": app},
+                         "creationTimestamp": jiff_time(created)},
+            "spec": {"nodeName": "elsewhere", "containers": []},
+            "status": {"podIP": ip},
+        });
+        if deleting {
+            value["metadata"]["deletionTimestamp"] = serde_json::Value::String(jiff_time(created + 100));
+        }
+        crate::state::Object::Pod(Box::new(serde_json::from_value(value).unwrap()))
+    }
+
+    fn jiff_time(seconds: i64) -> String {
+        format!("2026-01-01T00:{:02}:{:02}Z", seconds / 60, seconds % 60)
+    }
+
+    /// The labels of the pod that holds `ip` in the resolved table.
+    fn owner_app(objects: Vec<crate::state::Object>, ip: &str) -> String {
+        let state = ClusterState::from_objects(objects);
+        let inputs = IdentityInputs { blocks: &[], egress_named_ports: &BTreeSet::new() };
+        let table = resolve_identities(&state, "node", &[], &inputs, &mut Vec::new());
+        let (_, identity) = table.pod_addresses[&ip.parse::<IpAddr>().unwrap()];
+        match &table.info[&identity] {
+            IdentityInfo::Pod { labels, .. } => labels["app"].clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_shared_ip_goes_to_the_newest_pod_that_is_not_terminating() {
+        let ip = "198.18.7.7";
+        // "a" sorts first by name, but "b" is newer.
+        assert_eq!(owner_app(vec![pod_at("a", "old", ip, 10, false), pod_at("b", "new", ip, 20, false)], ip), "new");
+        // The newest is terminating: the other one wins.
+        assert_eq!(owner_app(vec![pod_at("a", "old", ip, 10, false), pod_at("b", "new", ip, 20, true)], ip), "old");
+        // Equal times: the first by name.
+        assert_eq!(owner_app(vec![pod_at("b", "bee", ip, 10, false), pod_at("a", "ay", ip, 10, false)], ip), "ay");
+        // Only terminating pods: the newest of them.
+        assert_eq!(owner_app(vec![pod_at("a", "old", ip, 10, true), pod_at("b", "new", ip, 20, true)], ip), "new");
     }
 
     #[test]

@@ -384,9 +384,13 @@ fn a_full_policy_map_is_reported_and_fails_closed() {
     let b = n.endpoint("b");
     assert!(b["error"].as_str().unwrap_or_default().contains("full"), "the pod names the full map: {b}");
     assert_eq!(b["ingress_isolated"], true);
-    // Closed, never open: what could not be written is denied; nothing else is let in.
+    // Closed, never open: b's writes failed, so b is closed as a whole (its link is down)
+    // until they succeed; nothing is let in, not even what was written.
     assert!(!n.reaches("c", "b", 80));
     assert!(!n.reaches("a", "b", 81));
+    assert!(!n.reaches("a", "b", 80), "a pod whose writes failed is closed");
+    assert!(n.reaches("a", "c", 80), "other pods are untouched");
+    assert!(n.status()["problems"].as_array().is_some_and(|p| p.iter().any(|p| p.as_str().is_some_and(|p| p.contains("e2e/b")))), "reported as a problem");
     let metrics = n.get("/metrics").expect("metrics");
     assert!(metric(&metrics, "policy_sync_failures_total") >= 1, "{metrics}");
     assert!(metric(&metrics, "policy_map_fill_ratio{map=\"POLICY_V2\"}") >= 1, "{metrics}");
@@ -411,4 +415,38 @@ fn a_recreated_interface_is_attached_again() {
     assert!(n.reaches("a", "b", 80));
     // Depending on whether a pass saw the interface missing, the old link was detached then,
     // or found stale now and replaced: enforcement on the new interface is what counts.
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn a_pod_without_a_host_route_to_a_veth_stays_pending() {
+    let mut n = AgentNode::new("nort", &three_pods());
+    // d: a /32 route, but to a bridge (as a bridge CNI has). e: only covering routes, over a's veth.
+    let d = pod("d", "app=d", 4);
+    let e = PodSpec { name: "e", labels: "app=e", v4: Ipv4Addr::new(198, 18, 21, 5), v6: Ipv6Addr::new(0x2001, 2, 0, 21, 0, 0, 0, 5) };
+    n.write("10-pod-d.yaml", &pod_yaml(&d));
+    n.write("10-pod-e.yaml", &pod_yaml(&e));
+    n.write("20-policy.yaml", &ingress_policy("d-from-a", "d", "a", "80"));
+    n.write("21-policy.yaml", &ingress_policy("e-from-a", "e", "a", "80"));
+    let a_if = n.node.pod("a").host_if.clone();
+    for cmd in [
+        vec!["ip", "link", "add", "pbr0", "type", "bridge"],
+        vec!["ip", "link", "set", "pbr0", "up"],
+        vec!["ip", "route", "add", "198.18.20.4/32", "dev", "pbr0"],
+        vec!["ip", "route", "add", "198.18.21.0/24", "dev", &a_if],
+        vec!["ip", "-6", "route", "add", "2001:2:0:21::/64", "dev", &a_if],
+    ] {
+        assert!(n.node.ns.exec(&cmd).status.success(), "{cmd:?}");
+    }
+    n.start();
+    std::thread::sleep(Duration::from_millis(500));
+    for (name, why) in [("d", "not a veth"), ("e", "no route")] {
+        let status = n.endpoint(name);
+        assert_eq!(status["attached"], false, "{status}");
+        assert!(status["interface"].is_null(), "{status}");
+        assert!(status["error"].as_str().unwrap_or_default().contains(why), "{status}");
+    }
+    let a = n.endpoint("a");
+    assert_eq!((a["attached"].as_bool(), a["interface"].as_str()), (Some(true), Some(a_if.as_str())), "{a}");
+    assert!(n.reaches("b", "a", 80), "a keeps its own (empty) policy, not e's");
 }

@@ -141,14 +141,20 @@ impl MapUpdates {
             key,
             value,
         }));
-        ops.extend(self.ipcache_upserts.iter().map(|&((prefix_len, key), value)| MapOp::IpcacheUpsert {
+        // Longest prefix first, so an except is in place before the cidr that holds it.
+        let mut ipcache_upserts = self.ipcache_upserts.clone();
+        ipcache_upserts.sort_by_key(|((prefix_len, _), _)| std::cmp::Reverse(*prefix_len));
+        ops.extend(ipcache_upserts.into_iter().map(|((prefix_len, key), value)| MapOp::IpcacheUpsert {
             prefix_len,
             key,
             value,
         }));
         ops.extend(self.endpoint_upserts.iter().map(|&(ifindex, info)| MapOp::EndpointUpsert { ifindex, info }));
         ops.extend(self.endpoint_removals.iter().map(|&ifindex| MapOp::EndpointRemove { ifindex }));
-        ops.extend(self.ipcache_removals.iter().map(|&(prefix_len, key)| MapOp::IpcacheRemove { prefix_len, key }));
+        // Shortest first: a cidr goes before its excepts, never the other way round.
+        let mut ipcache_removals = self.ipcache_removals.clone();
+        ipcache_removals.sort_by_key(|(prefix_len, _)| *prefix_len);
+        ops.extend(ipcache_removals.into_iter().map(|(prefix_len, key)| MapOp::IpcacheRemove { prefix_len, key }));
         ops.extend(self.policy_removals.iter().map(|&(prefix_len, key)| MapOp::PolicyRemove { prefix_len, key }));
         ops
     }
@@ -313,5 +319,46 @@ pub fn verdict(
             Some((cookie, peer_identity)) => Verdict::Allowed { cookie, peer_identity },
             None => Verdict::Denied { peer_identity },
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ipcache(entries: &[(&str, u32)]) -> MapContents {
+        let mut contents = MapContents::default();
+        for (prefix, identity) in entries {
+            let prefix = IpPrefix::parse(prefix).unwrap();
+            contents.ipcache.insert(ipcache_key(&prefix), IpcacheValue { identity: *identity });
+        }
+        contents
+    }
+
+    /// Replays the ordered writes one at a time; `check` sees every intermediate state.
+    fn replay(from: &MapContents, to: &MapContents, mut check: impl FnMut(&MapContents)) {
+        let mut state = from.clone();
+        for op in diff(from, to).ordered_ops() {
+            state.apply(&op);
+            check(&state);
+        }
+        assert_eq!(&state, to);
+    }
+
+    #[test]
+    fn ipcache_writes_go_longest_prefix_first() {
+        // An except (/24, identity 301) inside a cidr (/16, identity 300): the except's
+        // addresses must never be judged as the cidr's.
+        let (empty, both) = (ipcache(&[]), ipcache(&[("198.18.0.0/16", 300), ("198.18.5.0/24", 301), ("198.18.5.7/32", 302)]));
+        let except_addr: IpAddr = "198.18.5.1".parse().unwrap();
+        let host_addr: IpAddr = "198.18.5.7".parse().unwrap();
+        replay(&empty, &both, |state| {
+            assert_ne!(ipcache_lookup(state, except_addr), 300, "the cidr landed before its except");
+            assert!(![300, 301].contains(&ipcache_lookup(state, host_addr)), "a covering prefix landed before the address");
+        });
+        replay(&both, &empty, |state| {
+            assert_ne!(ipcache_lookup(state, except_addr), 300, "the except went before its cidr");
+            assert!(![300, 301].contains(&ipcache_lookup(state, host_addr)));
+        });
     }
 }

@@ -27,7 +27,7 @@ pub use maps::{
 use policy::{ParsedPeer, ParsedPolicy, ParsedPort, ParsedRule, parse_policy};
 
 use crate::resolve::{
-    self, IdentityInputs, IdentityTable, Labels, fnv1a64, is_host_network, is_terminated, node_name, pod_ips,
+    self, IdentityInputs, IdentityTable, Labels, fnv1a64, node_name, pod_ips,
     pod_labels, resolve_named_port,
 };
 pub use crate::resolve::{IdentityInfo, IpPrefix};
@@ -135,7 +135,7 @@ impl Compiled {
 /// Whether a pod is enforced on its node: scheduled there, with an IP, not in the host
 /// network, not terminated.
 pub fn is_local_endpoint(pod: &Pod, node: &str) -> bool {
-    node_name(pod) == Some(node) && !is_host_network(pod) && !is_terminated(pod)
+    node_name(pod) == Some(node) && resolve::is_live_pod(pod)
 }
 
 /// Compiles the state for one node. Pure: the same state and node give the same result.
