@@ -89,7 +89,56 @@ pub fn render(compiled: &Compiled, slots: &BTreeMap<PodRef, EndpointSlot>, audit
         };
         contents.endpoints.insert(slot.ifindex, info);
     }
+    set_revisions(&mut contents);
     contents
+}
+
+/// FNV-1a, 32 bits: a stable hash (the same input gives the same revision in every run, so
+/// a restarted agent rewrites nothing).
+#[derive(Clone, Copy)]
+struct Fnv32(u32);
+
+impl Fnv32 {
+    const fn new() -> Self {
+        Self(0x811c_9dc5)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 ^= u32::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0100_0193);
+        }
+    }
+}
+
+/// Sets each endpoint's revision: a hash of its flags, addresses and lookup masks, all its
+/// allow entries and a digest of the whole ipcache. Whatever could change one of its
+/// verdicts changes it, so the classifier judges its tracked flows again.
+fn set_revisions(contents: &mut MapContents) {
+    let mut ipcache = Fnv32::new();
+    for ((len, key), value) in &contents.ipcache {
+        ipcache.write(&len.to_le_bytes());
+        ipcache.write(bytemuck::bytes_of(key));
+        ipcache.write(bytemuck::bytes_of(value));
+    }
+    // One pass over the sorted policy entries, each into the hash of its endpoint id.
+    let mut entries: BTreeMap<u32, Fnv32> = BTreeMap::new();
+    for ((len, key), value) in &contents.policy {
+        let hash = entries.entry(key.endpoint()).or_insert_with(Fnv32::new);
+        hash.write(&len.to_le_bytes());
+        hash.write(bytemuck::bytes_of(key));
+        hash.write(bytemuck::bytes_of(value));
+    }
+    for info in contents.endpoints.values_mut() {
+        let mut hash = Fnv32::new();
+        hash.write(&info.flags.to_le_bytes());
+        hash.write(&info.ipv4);
+        hash.write(&info.ipv6);
+        hash.write(&info.lookups);
+        hash.write(&entries.get(&info.id).map_or(0, |h| h.0).to_le_bytes());
+        hash.write(&ipcache.0.to_le_bytes());
+        info.revision = hash.0;
+    }
 }
 
 /// Per-map changes that turn the loaded contents into the desired ones.
@@ -360,5 +409,50 @@ mod tests {
             assert_ne!(ipcache_lookup(state, except_addr), 300, "the except went before its cidr");
             assert!(![300, 301].contains(&ipcache_lookup(state, host_addr)));
         });
+    }
+}
+
+#[cfg(test)]
+mod revision_tests {
+    use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
+
+    use policy_common::Direction;
+
+    use super::*;
+    use crate::compile::{EndpointPolicy, RuleKey};
+
+    fn compiled(isolated: bool, peer: u32, world_prefix: &str) -> Compiled {
+        let mut endpoint = EndpointPolicy { ipv4: Some(Ipv4Addr::new(198, 18, 0, 10)), ingress_isolated: isolated, ..EndpointPolicy::default() };
+        endpoint.rules.insert(RuleKey { direction: Direction::Ingress, peer, protocol: Some(6), port: None }, 1000);
+        let mut other = EndpointPolicy { ipv4: Some(Ipv4Addr::new(198, 18, 0, 11)), ..EndpointPolicy::default() };
+        other.rules.insert(RuleKey { direction: Direction::Ingress, peer: 400, protocol: None, port: None }, 1001);
+        let mut compiled = Compiled::default();
+        compiled.endpoints.insert(PodRef::new("ns", "a"), endpoint);
+        compiled.endpoints.insert(PodRef::new("ns", "b"), other);
+        compiled.ipcache.insert(IpPrefix::parse("198.18.0.10/32").unwrap(), 300);
+        compiled.ipcache.insert(IpPrefix::parse(world_prefix).unwrap(), 301);
+        compiled
+    }
+
+    fn revision(compiled: &Compiled, audit: bool) -> u32 {
+        let slots = BTreeMap::from([
+            (PodRef::new("ns", "a"), EndpointSlot { ifindex: 10, id: 1 }),
+            (PodRef::new("ns", "b"), EndpointSlot { ifindex: 11, id: 2 }),
+        ]);
+        render(compiled, &slots, audit).endpoints[&10].revision
+    }
+
+    #[test]
+    fn the_revision_is_stable_and_follows_every_input() {
+        let base = revision(&compiled(true, 300, "198.18.64.0/18"), false);
+        assert_eq!(base, revision(&compiled(true, 300, "198.18.64.0/18"), false), "same input, same revision");
+        assert_ne!(base, revision(&compiled(false, 300, "198.18.64.0/18"), false), "flags");
+        assert_ne!(base, revision(&compiled(true, 300, "198.18.64.0/18"), true), "audit mode");
+        assert_ne!(base, revision(&compiled(true, 301, "198.18.64.0/18"), false), "an allow entry");
+        assert_ne!(base, revision(&compiled(true, 300, "198.18.128.0/18"), false), "any ipcache entry");
+        let mut other_changed = compiled(true, 300, "198.18.64.0/18");
+        other_changed.endpoints.get_mut(&PodRef::new("ns", "b")).unwrap().rules.clear();
+        assert_eq!(base, revision(&other_changed, false), "another endpoint's entries are not this one's");
     }
 }
