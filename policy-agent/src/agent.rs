@@ -14,7 +14,7 @@ use policy_common::{Direction, event::Config};
 
 use crate::{
     AgentError,
-    compile::{Compiled, EndpointPolicy, EndpointSlot, NodeContext, PodRef, compile, render},
+    compile::{Compiled, EndpointPolicy, EndpointSlot, IdentityAllocator, NodeContext, PodRef, compile_with, ipcache_prefix, render},
     datapath::{self, DEFAULT_BPFFS, Datapath, Hook, MapSizes, PinLayout},
     flowlog::{self, FlowLogMode},
     metrics::{self, AgentView, Directory, EndpointStatus, MapFill, SharedView},
@@ -114,6 +114,9 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         });
     }
 
+    // Identity numbers the maps already hold stay with the addresses that have them.
+    let mut identities = IdentityAllocator::default();
+    identities.adopt(syncer.loaded().ipcache.iter().filter_map(|((len, key), value)| Some((ipcache_prefix(*len, key)?, value.identity))));
     let mut source = match &args.manifests {
         Some(dir) => Source::Manifests(ManifestSource::new(dir)?),
         None => {
@@ -133,6 +136,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         compilation: None,
         routes: Vec::new(),
         settled: false,
+        identities,
     };
     let resync = Duration::from_millis(args.resync_ms.max(50));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -176,6 +180,8 @@ struct Agent {
     /// The last pass left every pod placed, written and attached: with unchanged inputs
     /// there is nothing to do.
     settled: bool,
+    /// Identity numbers across compiles.
+    identities: IdentityAllocator,
 }
 
 /// A compiled snapshot, with what it was compiled from: recompiling happens only when the
@@ -363,9 +369,10 @@ impl Agent {
     }
 
     /// Compiles a fresh snapshot of the source.
-    fn compile(&self, source: &Source, generation: u64, node_ips: Vec<IpAddr>) -> Compilation {
+    fn compile(&mut self, source: &Source, generation: u64, node_ips: Vec<IpAddr>) -> Compilation {
         let snapshot = source.snapshot();
-        let compiled = compile(&snapshot.state, &NodeContext { name: self.node.clone(), ips: node_ips.clone() });
+        let node = NodeContext { name: self.node.clone(), ips: node_ips.clone() };
+        let compiled = compile_with(&snapshot.state, &node, &mut self.identities, Instant::now());
         let problems = compiled.problems.iter().map(ToString::to_string).chain(snapshot.errors.iter().cloned()).collect();
         let pods_by_ip = snapshot
             .state

@@ -9,13 +9,15 @@
 //! - an address of this node: HOST, or a host identity keyed by its ipBlocks.
 //!
 //! So pods with equal labels share an identity and policy entries scale with identities, yet
-//! ipBlocks and egress named ports stay exact per address. Derived numbers are a hash of the
-//! key (FNV-1a 64) with linear probing in sorted key order: the same state gives the same
-//! numbers on every run, with no map iteration order or randomness involved.
+//! ipBlocks and egress named ports stay exact per address. Derived numbers come from an
+//! [`IdentityAllocator`]: a hash of the key (FNV-1a 64) with linear probing, kept by the key
+//! while it exists and held back after, so the same state gives the same numbers on every
+//! run and a number never moves to another label set while entries may name it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::IPBlock;
@@ -478,6 +480,7 @@ pub fn resolve_identities(
     node_name: &str,
     node_ips: &[IpAddr],
     inputs: &IdentityInputs<'_>,
+    allocator: &mut IdentityAllocator,
     problems: &mut Vec<Problem>,
 ) -> IdentityTable {
     let blocks = inputs.blocks;
@@ -580,12 +583,7 @@ pub fn resolve_identities(
         }
     }
 
-    let numbers = allocate(
-        keys.keys().filter(|k| !matches!(k, IdentityKey::Host(b) if b.is_empty())),
-        |key| fnv1a64(&canonical_bytes(key, blocks, &groups)),
-        identity::FIRST_DERIVED,
-        u64::from(identity::MAX_DERIVED),
-    );
+    let numbers = number_keys(&keys, blocks, &groups, allocator);
     let number_of = |key: &IdentityKey| -> u32 {
         match key {
             IdentityKey::Host(b) if b.is_empty() => identity::HOST,
@@ -657,6 +655,154 @@ pub fn resolve_identities(
         table.pod_addresses.insert(ip, (pod_ref, number_of(&key)));
     }
     table
+}
+
+/// The number of every derived key (all but plain HOST), from the allocator.
+fn number_keys<'k>(
+    keys: &'k BTreeMap<IdentityKey, Vec<IpPrefix>>,
+    blocks: &[CidrBlock],
+    groups: &[GroupData<'_>],
+    allocator: &mut IdentityAllocator,
+) -> BTreeMap<&'k IdentityKey, u32> {
+    let derived: Vec<(&IdentityKey, Vec<u8>)> = keys
+        .keys()
+        .filter(|k| !matches!(k, IdentityKey::Host(b) if b.is_empty()))
+        .map(|k| (k, canonical_bytes(k, blocks, groups)))
+        .collect();
+    let wanted: BTreeMap<&[u8], &[IpPrefix]> =
+        derived.iter().map(|(k, bytes)| (bytes.as_slice(), keys[*k].as_slice())).collect();
+    allocator.assign(&wanted);
+    derived.iter().filter_map(|(k, bytes)| Some((*k, allocator.number(bytes)?))).collect()
+}
+
+/// How long a freed identity number is held back before another key may get it: every map
+/// entry naming it goes in the sync that frees it, and tracked flows are judged again.
+pub const IDENTITY_HOLD_BACK: Duration = Duration::from_secs(600);
+
+/// Identity numbers across compiles. A number stays with its key while the key exists; a
+/// freed number is not given to another key for [`IDENTITY_HOLD_BACK`], so no map entry
+/// written for one label set ever applies to another. A new key takes its hash (probing
+/// linearly past numbers in use or held back), or on the first compile after a restart the
+/// number its addresses had in the pinned maps. The compiler stays pure: this state is an
+/// explicit input and output, and time is passed in.
+#[derive(Clone, Debug)]
+pub struct IdentityAllocator {
+    hash: fn(&[u8]) -> u64,
+    /// Number -> the canonical bytes of the key holding it, and back.
+    owners: BTreeMap<u32, Vec<u8>>,
+    numbers: BTreeMap<Vec<u8>, u32>,
+    /// Freed numbers and when they were freed.
+    held: BTreeMap<u32, Instant>,
+    /// The numbers prefixes had in the pinned maps, for the first compile.
+    adopted: BTreeMap<IpPrefix, u32>,
+    now: Instant,
+}
+
+impl Default for IdentityAllocator {
+    fn default() -> Self {
+        Self::with_hash(fnv1a64)
+    }
+}
+
+impl IdentityAllocator {
+    /// An allocator with another hash (the tests force collisions with a tiny one).
+    pub fn with_hash(hash: fn(&[u8]) -> u64) -> Self {
+        Self {
+            hash,
+            owners: BTreeMap::new(),
+            numbers: BTreeMap::new(),
+            held: BTreeMap::new(),
+            adopted: BTreeMap::new(),
+            now: Instant::now(),
+        }
+    }
+
+    /// Sets the time of the next compile (when numbers freed by it are freed).
+    pub fn set_time(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    /// Records the numbers of the ipcache entries found in the pinned maps: the next compile
+    /// gives each key the number its addresses had.
+    pub fn adopt(&mut self, entries: impl IntoIterator<Item = (IpPrefix, u32)>) {
+        let derived = identity::FIRST_DERIVED..identity::MAX_DERIVED;
+        self.adopted.extend(entries.into_iter().filter(|(_, n)| derived.contains(n)));
+    }
+
+    /// The number of a key, if it has one.
+    pub fn number(&self, key: &[u8]) -> Option<u32> {
+        self.numbers.get(key).copied()
+    }
+
+    /// Whether a number is held back (freed less than [`IDENTITY_HOLD_BACK`] ago).
+    pub fn is_held(&self, number: u32) -> bool {
+        self.held.contains_key(&number)
+    }
+
+    /// Gives every key (canonical bytes, with the prefixes it covers) a number.
+    fn assign(&mut self, keys: &BTreeMap<&[u8], &[IpPrefix]>) {
+        let now = self.now;
+        let gone: Vec<Vec<u8>> = self.numbers.keys().filter(|k| !keys.contains_key(k.as_slice())).cloned().collect();
+        for key in gone {
+            if let Some(number) = self.numbers.remove(&key) {
+                self.owners.remove(&number);
+                self.held.insert(number, now);
+            }
+        }
+        self.held.retain(|_, freed| now.saturating_duration_since(*freed) < IDENTITY_HOLD_BACK);
+        self.assign_adopted(keys);
+        for key in keys.keys() {
+            if !self.numbers.contains_key(*key) {
+                if let Some(number) = self.free_from((self.hash)(key)) {
+                    self.give(key, number);
+                }
+            }
+        }
+    }
+
+    /// After a restart: each new key takes the number most of its prefixes had, if it is
+    /// free; the numbers no key took are held back (entries may still name them).
+    fn assign_adopted(&mut self, keys: &BTreeMap<&[u8], &[IpPrefix]>) {
+        let adopted = std::mem::take(&mut self.adopted);
+        if adopted.is_empty() {
+            return;
+        }
+        for (key, prefixes) in keys {
+            if self.numbers.contains_key(*key) {
+                continue;
+            }
+            let mut votes: BTreeMap<u32, usize> = BTreeMap::new();
+            for number in prefixes.iter().filter_map(|p| adopted.get(p)) {
+                *votes.entry(*number).or_default() += 1;
+            }
+            let best = votes.iter().filter(|(n, _)| self.is_free(**n)).max_by_key(|(n, count)| (**count, std::cmp::Reverse(**n)));
+            if let Some((&number, _)) = best {
+                self.give(key, number);
+            }
+        }
+        for number in adopted.into_values() {
+            if !self.owners.contains_key(&number) {
+                self.held.insert(number, self.now);
+            }
+        }
+    }
+
+    fn is_free(&self, number: u32) -> bool {
+        !self.owners.contains_key(&number) && !self.held.contains_key(&number)
+    }
+
+    /// The first free number from `hash`'s slot on, wrapping; `None` if all are taken.
+    fn free_from(&self, hash: u64) -> Option<u32> {
+        let first = u64::from(identity::FIRST_DERIVED);
+        let span = u64::from(identity::MAX_DERIVED) - first;
+        let start = hash % span;
+        (0..span).map(|i| (start + i) % span).map(|slot| u32::try_from(first + slot).unwrap_or(u32::MAX)).find(|n| self.is_free(*n))
+    }
+
+    fn give(&mut self, key: &[u8], number: u32) {
+        self.owners.insert(number, key.to_vec());
+        self.numbers.insert(key.to_vec(), number);
+    }
 }
 
 fn node_name_is(pod: &Pod, node: &str) -> bool {
@@ -845,7 +991,7 @@ mod tests {
     fn owner_app(objects: Vec<crate::state::Object>, ip: &str) -> String {
         let state = ClusterState::from_objects(objects);
         let inputs = IdentityInputs { blocks: &[], egress_named_ports: &BTreeSet::new() };
-        let table = resolve_identities(&state, "node", &[], &inputs, &mut Vec::new());
+        let table = resolve_identities(&state, "node", &[], &inputs, &mut IdentityAllocator::default(), &mut Vec::new());
         let (_, identity) = table.pod_addresses[&ip.parse::<IpAddr>().unwrap()];
         match &table.info[&identity] {
             IdentityInfo::Pod { labels, .. } => labels["app"].clone(),
@@ -878,5 +1024,163 @@ mod tests {
             b.iter().map(|(k, v)| (**k, *v)).collect::<Vec<_>>()
         );
         assert_eq!(a[&0], 263);
+    }
+
+    #[test]
+    fn a_freed_number_is_held_back_and_a_used_one_never_moves() {
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let none: &[IpPrefix] = &[];
+        let keys = |names: &[&'static [u8]]| names.iter().map(|n| (*n, none)).collect::<BTreeMap<&[u8], &[IpPrefix]>>();
+        // Every key hashes to the same slot.
+        let mut allocator = IdentityAllocator::with_hash(|_| 0);
+        allocator.set_time(t0);
+        allocator.assign(&keys(&[b"a", b"b"]));
+        assert_eq!((allocator.number(b"a"), allocator.number(b"b")), (Some(256), Some(257)));
+        // a goes: b keeps its number (it used to move to 256), and 256 is held back.
+        allocator.set_time(t0 + second);
+        allocator.assign(&keys(&[b"b", b"c"]));
+        assert_eq!((allocator.number(b"b"), allocator.number(b"c")), (Some(257), Some(258)));
+        assert!(allocator.is_held(256));
+        allocator.set_time(t0 + second + IDENTITY_HOLD_BACK - second);
+        allocator.assign(&keys(&[b"b", b"c", b"d"]));
+        assert_eq!(allocator.number(b"d"), Some(259), "256 is still held back");
+        allocator.set_time(t0 + second + IDENTITY_HOLD_BACK);
+        allocator.assign(&keys(&[b"b", b"c", b"d", b"e"]));
+        assert_eq!(allocator.number(b"e"), Some(256), "free again after the hold-back period");
+    }
+
+    #[test]
+    fn numbers_are_adopted_from_the_pinned_maps() {
+        let p = |text: &str| IpPrefix::parse(text).unwrap();
+        let (a1, a2, b1) = (p("198.18.0.1/32"), p("198.18.0.2/32"), p("198.18.0.3/32"));
+        let mut allocator = IdentityAllocator::with_hash(|_| 0);
+        allocator.adopt([(a1, 700), (a2, 700), (b1, 900), (p("198.18.0.9/32"), 800)]);
+        let (pa, pb) = ([a1, a2], [b1]);
+        allocator.assign(&BTreeMap::from([(b"a".as_slice(), pa.as_slice()), (b"b".as_slice(), pb.as_slice())]));
+        assert_eq!((allocator.number(b"a"), allocator.number(b"b")), (Some(700), Some(900)));
+        assert!(allocator.is_held(800), "a number no key took may still be named by entries");
+    }
+}
+
+/// Identity churn with forced collisions: after every single ordered write between two
+/// cluster states, what both states deny stays denied and what both allow stays allowed.
+#[cfg(test)]
+mod churn_tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::compile::{EndpointSlot, MapContents, NodeContext, compile_with, diff, render, verdict};
+    use crate::state::Object;
+
+    const PODS: usize = 6;
+    const LOCAL: usize = 3;
+
+    /// A hash space of eight numbers: most keys collide.
+    fn tiny_hash(bytes: &[u8]) -> u64 {
+        fnv1a64(bytes) % 8
+    }
+
+    fn pod_ip(i: usize) -> IpAddr {
+        IpAddr::from([198, 18, 0, 10 + i as u8])
+    }
+
+    fn pod(i: usize, app: usize) -> Object {
+        let node = if i < LOCAL { "n1" } else { "n2" };
+        let app = ["a", "b", "c"][app];
+        let value = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("p{i}"), "namespace": if i % 2 == 0 { "x" } else { "y" },
+                         "labels": {"app": app}},
+            "spec": {"nodeName": node, "containers": []},
+            "status": {"podIP": pod_ip(i).to_string()},
+        });
+        Object::Pod(Box::new(serde_json::from_value(value).unwrap()))
+    }
+
+    fn policy(index: usize) -> Object {
+        let (namespace, spec) = match index {
+            0 => ("x", json!({"podSelector": {"matchLabels": {"app": "a"}},
+                             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}], "ports": [{"port": 80}]}]})),
+            1 => ("x", json!({"podSelector": {},
+                             "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "c"}}}]}]})),
+            2 => ("y", json!({"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Egress"],
+                             "egress": [{"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "a"}}}], "ports": [{"port": 81}]}]})),
+            _ => ("y", json!({"podSelector": {},
+                             "ingress": [{"from": [{"ipBlock": {"cidr": "198.18.0.0/24", "except": ["198.18.0.12/32"]}}], "ports": [{"port": 80}]}]})),
+        };
+        let value = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                           "metadata": {"name": format!("np{index}"), "namespace": namespace}, "spec": spec});
+        Object::NetworkPolicy(Box::new(serde_json::from_value(value).unwrap()))
+    }
+
+    fn namespace(name: &str) -> Object {
+        let value = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"team": name}}});
+        Object::Namespace(serde_json::from_value(value).unwrap())
+    }
+
+    fn state(apps: &[usize], policies: &[bool], present: &[bool]) -> ClusterState {
+        let mut objects = vec![namespace("x"), namespace("y")];
+        objects.extend(policies.iter().enumerate().filter(|(_, on)| **on).map(|(i, _)| policy(i)));
+        objects.extend((0..PODS).filter(|i| present[*i]).map(|i| pod(i, apps[i])));
+        ClusterState::from_objects(objects)
+    }
+
+    fn slots(present: &[bool]) -> BTreeMap<crate::state::PodRef, EndpointSlot> {
+        (0..LOCAL)
+            .filter(|i| present[*i])
+            .map(|i| {
+                let pod_ref = crate::state::PodRef::new(if i % 2 == 0 { "x" } else { "y" }, format!("p{i}"));
+                (pod_ref, EndpointSlot { ifindex: 100 + i as u32, id: 1 + i as u32 })
+            })
+            .collect()
+    }
+
+    /// Every (endpoint, direction, peer, port) both states agree on keeps that verdict.
+    fn check(old: &MapContents, new: &MapContents, now: &MapContents, op: usize) -> Result<(), TestCaseError> {
+        let peers: Vec<IpAddr> = (0..PODS).map(pod_ip).chain([IpAddr::from([198, 18, 0, 200]), IpAddr::from([198, 19, 0, 1])]).collect();
+        for ifindex in old.endpoints.keys().filter(|i| new.endpoints.contains_key(i)) {
+            for direction in [policy_common::Direction::Ingress, policy_common::Direction::Egress] {
+                for peer in &peers {
+                    for port in [80, 81] {
+                        let judge = |maps: &MapContents| verdict(maps, *ifindex, direction, *peer, proto::TCP, port).allows();
+                        let (before, after) = (judge(old), judge(new));
+                        if before == after {
+                            prop_assert_eq!(judge(now), before, "after write {}: endpoint {} {:?} peer {} port {}", op, ifindex, direction, peer, port);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn every_write_keeps_agreed_verdicts_under_identity_churn(
+            apps in prop::collection::vec(0..3usize, PODS),
+            policies in prop::collection::vec(any::<bool>(), 4),
+            states in prop::collection::vec(prop::collection::vec(any::<bool>(), PODS), 2..6),
+        ) {
+            let node = NodeContext { name: "n1".into(), ips: vec![IpAddr::from([198, 18, 0, 1])] };
+            let mut allocator = IdentityAllocator::with_hash(tiny_hash);
+            let start = Instant::now();
+            let mut loaded = MapContents::default();
+            for (step, present) in states.iter().enumerate() {
+                let now = start + Duration::from_secs(step as u64);
+                let compiled = compile_with(&state(&apps, &policies, present), &node, &mut allocator, now);
+                let desired = render(&compiled, &slots(present), false);
+                let mut maps = loaded.clone();
+                for (index, op) in diff(&loaded, &desired).ordered_ops().iter().enumerate() {
+                    maps.apply(op);
+                    check(&loaded, &desired, &maps, index)?;
+                }
+                prop_assert_eq!(&maps, &desired);
+                loaded = desired;
+            }
+        }
     }
 }

@@ -40,6 +40,20 @@ fn ipcache_key(prefix: &IpPrefix) -> (u32, IpcacheKey) {
     (IpcacheKey::lpm_prefix_len(prefix.prefix_len()), key)
 }
 
+/// The prefix of an ipcache entry (the inverse of the key the compiler writes).
+pub fn ipcache_prefix(prefix_len: u32, key: &IpcacheKey) -> Option<IpPrefix> {
+    let bits = u8::try_from(prefix_len.checked_sub(IpcacheKey::lpm_prefix_len(0))?).ok()?;
+    let addr = match key.family() {
+        policy_common::family::IPV4 => {
+            let a = key.addr();
+            IpAddr::from([a[0], a[1], a[2], a[3]])
+        }
+        policy_common::family::IPV6 => IpAddr::from(*key.addr()),
+        _ => return None,
+    };
+    IpPrefix::new(addr, bits)
+}
+
 /// Turns compiled state into map entries. Endpoints without a slot (no interface yet) are
 /// left out; `audit` sets [`FLAG_AUDIT`] on every endpoint.
 pub fn render(compiled: &Compiled, slots: &BTreeMap<PodRef, EndpointSlot>, audit: bool) -> MapContents {

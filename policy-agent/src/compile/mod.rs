@@ -22,7 +22,7 @@ use policy_common::identity;
 use policy_common::policy::{COOKIE_NODE, FIRST_RULE_COOKIE, PortPrefix, PortRangePrefixes};
 
 pub use maps::{
-    EndpointSlot, MapContents, MapOp, MapUpdates, Verdict, diff, ipcache_lookup, isolated, lookup, render, verdict,
+    EndpointSlot, MapContents, MapOp, MapUpdates, Verdict, diff, ipcache_lookup, ipcache_prefix, isolated, lookup, render, verdict,
 };
 use policy::{ParsedPeer, ParsedPolicy, ParsedPort, ParsedRule, parse_policy};
 
@@ -30,7 +30,7 @@ use crate::resolve::{
     self, IdentityInputs, IdentityTable, Labels, fnv1a64, node_name, pod_ips,
     pod_labels, resolve_named_port,
 };
-pub use crate::resolve::{IdentityInfo, IpPrefix};
+pub use crate::resolve::{IdentityAllocator, IdentityInfo, IpPrefix};
 use crate::state::ClusterState;
 pub use crate::state::{NamespacedName, PodRef, Problem};
 
@@ -140,6 +140,12 @@ pub fn is_local_endpoint(pod: &Pod, node: &str) -> bool {
 
 /// Compiles the state for one node. Pure: the same state and node give the same result.
 pub fn compile(state: &ClusterState, node: &NodeContext) -> Compiled {
+    compile_with(state, node, &mut IdentityAllocator::default(), std::time::Instant::now())
+}
+
+/// [`compile`] with identity numbers kept across compiles by `allocator` (at time `now`).
+pub fn compile_with(state: &ClusterState, node: &NodeContext, allocator: &mut IdentityAllocator, now: std::time::Instant) -> Compiled {
+    allocator.set_time(now);
     let mut problems = Vec::new();
     let policies: Vec<ParsedPolicy> = state.policies.values().map(|p| parse_policy(p, &mut problems)).collect();
 
@@ -173,6 +179,7 @@ pub fn compile(state: &ClusterState, node: &NodeContext) -> Compiled {
         &node.name,
         &node.ips,
         &IdentityInputs { blocks: &blocks, egress_named_ports: &egress_named_ports },
+        allocator,
         &mut problems,
     );
 
