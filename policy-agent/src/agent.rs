@@ -38,9 +38,14 @@ pub struct RunArgs {
     /// bpffs directory for pinned maps and links (mounted if it is not on a bpffs).
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
-    /// Address for /metrics, /healthz, /readyz and /status.
+    /// Address for /healthz, /readyz and /metrics. On a loopback address it also serves
+    /// /status and per-pod counters; on any other (the node's) only counters without pod,
+    /// address or policy labels.
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub metrics_addr: String,
+    /// Loopback address for /status and per-pod /metrics (`policy-agent status` reads it).
+    #[arg(long, default_value = crate::status::DEFAULT_STATUS_ADDR)]
+    pub status_addr: String,
     /// Which verdicts to write to the flow log.
     #[arg(long, value_enum, default_value_t = FlowLogMode::Denied)]
     pub flow_log: FlowLogMode,
@@ -101,10 +106,14 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     tracing::info!(node = %node, bpffs = %pins.root().display(), adopted_endpoints = syncer.loaded().endpoints.len(), "classifier loaded");
 
     let view: SharedView = Arc::new(RwLock::new(AgentView::new(&node)));
-    let serve_view = view.clone();
-    let serve_pins = pins.clone();
-    let addr = args.metrics_addr.clone();
-    let server = tokio::spawn(async move { metrics::serve(&addr, serve_view, serve_pins).await });
+    let mut servers = Vec::new();
+    for (addr, flag, full_only) in [(&args.metrics_addr, "--metrics-addr", false), (&args.status_addr, "--status-addr", true)] {
+        let (listener, exposure) = metrics::bind(addr, flag, full_only).await?;
+        tracing::info!(addr = %addr, exposure = ?exposure, "serving");
+        let (serve_view, serve_pins) = (view.clone(), pins.clone());
+        servers.push((addr.clone(), tokio::spawn(metrics::serve(listener, exposure, serve_view, serve_pins))));
+    }
+    metrics::spawn_conntrack_counter(view.clone(), pins.clone());
     if args.flow_log != FlowLogMode::Off {
         let (flow_view, flow_pins, file) = (view.clone(), pins.clone(), args.flow_log_file.clone());
         tokio::spawn(async move {
@@ -140,13 +149,10 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     };
     let resync = Duration::from_millis(args.resync_ms.max(50));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| AgentError::Read { path: "SIGTERM handler".into(), source })?;
+        .map_err(|source| AgentError::Syscall { what: "install the SIGTERM handler".into(), source })?;
     loop {
-        if server.is_finished() {
-            return match server.await {
-                Ok(Err(e)) => Err(e),
-                _ => Err(AgentError::Usage { flag: "--metrics-addr", what: "metrics server stopped".into() }),
-            };
+        if let Some((addr, _)) = servers.iter().find(|(_, server)| server.is_finished()) {
+            return Err(AgentError::ServerStopped { addr: addr.clone() });
         }
         agent.reconcile(&source);
         tokio::select! {
@@ -440,6 +446,9 @@ impl Agent {
         }
         view.endpoints = endpoints;
         view.maps = maps;
+        if let Some(conntrack) = view.conntrack {
+            view.maps.insert(datapath::map_name::CONNTRACK, conntrack);
+        }
         view.identities = compiled.identities.len();
         view.problems.clone_from(&compilation.problems);
         view.problems.extend(outcome.errors.iter().map(|(pod, e)| format!("Pod {pod}: {e}")));
