@@ -106,13 +106,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     tracing::info!(node = %node, bpffs = %pins.root().display(), adopted_endpoints = syncer.loaded().endpoints.len(), "classifier loaded");
 
     let view: SharedView = Arc::new(RwLock::new(AgentView::new(&node)));
-    let mut servers = Vec::new();
-    for (addr, flag, full_only) in [(&args.metrics_addr, "--metrics-addr", false), (&args.status_addr, "--status-addr", true)] {
-        let (listener, exposure) = metrics::bind(addr, flag, full_only).await?;
-        tracing::info!(addr = %addr, exposure = ?exposure, "serving");
-        let (serve_view, serve_pins) = (view.clone(), pins.clone());
-        servers.push((addr.clone(), tokio::spawn(metrics::serve(listener, exposure, serve_view, serve_pins))));
-    }
+    let servers = start_servers(&args, &view, &pins).await?;
     metrics::spawn_conntrack_counter(view.clone(), pins.clone());
     if args.flow_log != FlowLogMode::Off {
         let (flow_view, flow_pins, file) = (view.clone(), pins.clone(), args.flow_log_file.clone());
@@ -165,6 +159,17 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     // Everything stays pinned: enforcement goes on until the next agent adopts it.
     tracing::info!("stopping; maps and links stay pinned and enforcing");
     Ok(())
+}
+
+/// Binds and serves `--metrics-addr` and `--status-addr`; returns each address with its task.
+async fn start_servers(args: &RunArgs, view: &SharedView, pins: &PinLayout) -> Result<Vec<(String, tokio::task::JoinHandle<()>)>, AgentError> {
+    let mut servers = Vec::new();
+    for (addr, flag, full_only) in [(&args.metrics_addr, "--metrics-addr", false), (&args.status_addr, "--status-addr", true)] {
+        let (listener, exposure) = metrics::bind(addr, flag, full_only).await?;
+        tracing::info!(addr = %addr, exposure = ?exposure, "serving");
+        servers.push((addr.clone(), tokio::spawn(metrics::serve(listener, exposure, view.clone(), pins.clone()))));
+    }
+    Ok(servers)
 }
 
 struct Agent {

@@ -457,6 +457,8 @@ pub struct IdentityTable {
     pub named_ports: BTreeMap<u32, BTreeMap<(String, u8), u16>>,
     /// Identity of each pod address (cluster-wide), for explain and status.
     pub pod_addresses: BTreeMap<IpAddr, (PodRef, u32)>,
+    /// The labels of every namespace in `groups`, for namespace selectors.
+    pub namespace_labels: BTreeMap<String, Labels>,
 }
 
 impl IdentityTable {
@@ -484,39 +486,71 @@ pub fn resolve_identities(
     problems: &mut Vec<Problem>,
 ) -> IdentityTable {
     let blocks = inputs.blocks;
-    let blocks_matching = |addr: IpAddr| -> BTreeSet<usize> {
-        blocks.iter().enumerate().filter(|(_, b)| b.contains(addr)).map(|(i, _)| i).collect()
-    };
-
     // Node addresses first: they win over a pod claiming the same address.
-    let mut node_addresses: BTreeSet<IpAddr> = node_ips.iter().copied().collect();
+    let node_addresses = node_addresses(state, node_name, node_ips, problems);
+    let mut keys: BTreeMap<IdentityKey, Vec<IpPrefix>> = BTreeMap::new();
+    for addr in &node_addresses {
+        keys.entry(IdentityKey::Host(blocks_matching(blocks, *addr))).or_default().push(IpPrefix::host(*addr));
+    }
+    let live = live_pods(state, problems);
+    let (group_index, groups) = label_groups(state, &live);
+    let claims = PodClaims { node_name, node_addresses: &node_addresses, inputs, group_index: &group_index };
+    let (pod_keys, claimed) = claims.claim(live, &mut keys, problems);
+    let world_prefixes = cidr_keys(blocks, &claimed, &node_addresses, &mut keys);
+    let numbers = number_keys(&keys, blocks, &groups, allocator);
+    let number_of = |key: &IdentityKey| -> u32 {
+        match key {
+            IdentityKey::Host(b) if b.is_empty() => identity::HOST,
+            _ => numbers.get(key).copied().unwrap_or(identity::WORLD),
+        }
+    };
+    let mut table = table_of(&keys, blocks, &groups, &number_of);
+    for prefix in world_prefixes {
+        table.ipcache.insert(prefix, identity::WORLD);
+    }
+    for (pod_ref, ip, key) in pod_keys {
+        table.pod_addresses.insert(ip, (pod_ref, number_of(&key)));
+    }
+    table
+}
+
+fn blocks_matching(blocks: &[CidrBlock], addr: IpAddr) -> BTreeSet<usize> {
+    blocks.iter().enumerate().filter(|(_, b)| b.contains(addr)).map(|(i, _)| i).collect()
+}
+
+/// The node's own addresses and those of its pods' hosts and hostNetwork pods.
+fn node_addresses(state: &ClusterState, node_name: &str, node_ips: &[IpAddr], problems: &mut Vec<Problem>) -> BTreeSet<IpAddr> {
+    let mut addresses: BTreeSet<IpAddr> = node_ips.iter().copied().collect();
     for pod in state.pods.values().filter(|p| node_name_is(p, node_name)) {
-        node_addresses.extend(host_ips(pod, problems));
+        addresses.extend(host_ips(pod, problems));
         if is_host_network(pod) && !is_terminated(pod) {
-            node_addresses.extend(pod_ips(pod, problems));
+            addresses.extend(pod_ips(pod, problems));
         }
     }
+    addresses
+}
 
-    let mut keys: BTreeMap<IdentityKey, Vec<IpPrefix>> = BTreeMap::new();
-    let mut claimed: BTreeMap<IpAddr, PodRef> = BTreeMap::new();
-    for addr in &node_addresses {
-        keys.entry(IdentityKey::Host(blocks_matching(*addr))).or_default().push(IpPrefix::host(*addr));
-    }
+type LivePod<'s> = (&'s PodRef, &'s Pod, Vec<IpAddr>);
 
-    // Pods with addresses, and their label groups numbered in content order.
-    let mut live: Vec<(&PodRef, &Pod, Vec<IpAddr>)> = state
+/// Live pods with addresses, in claim order: the winner of a shared address comes first.
+fn live_pods<'s>(state: &'s ClusterState, problems: &mut Vec<Problem>) -> Vec<LivePod<'s>> {
+    let mut live: Vec<LivePod<'s>> = state
         .pods
         .iter()
         .filter(|(_, pod)| is_live_pod(pod))
         .map(|(pod_ref, pod)| (pod_ref, pod, pod_ips(pod, problems)))
         .filter(|(_, _, ips)| !ips.is_empty())
         .collect();
-    // Claims are taken in this order: the winner of a shared address comes first.
     live.sort_by(|a, b| claim_order(a.0, a.1).cmp(&claim_order(b.0, b.1)));
-    let mut group_index: BTreeMap<(&str, &Labels), usize> = BTreeMap::new();
-    for (pod_ref, pod, _) in &live {
-        group_index.insert(group_of(pod_ref, pod), 0);
-    }
+    live
+}
+
+type GroupIndex<'s> = BTreeMap<(&'s str, &'s Labels), usize>;
+
+/// The (namespace, pod labels) groups of the live pods, numbered in content order, with
+/// their namespace's labels.
+fn label_groups<'s>(state: &'s ClusterState, live: &[LivePod<'s>]) -> (GroupIndex<'s>, Vec<GroupData<'s>>) {
+    let mut group_index: GroupIndex<'s> = live.iter().map(|(pod_ref, pod, _)| (group_of(pod_ref, pod), 0)).collect();
     let mut namespace_labels: BTreeMap<&str, Labels> = BTreeMap::new();
     let mut groups: Vec<GroupData<'_>> = Vec::with_capacity(group_index.len());
     for (index, ((namespace, pod_labels), slot)) in group_index.iter_mut().enumerate() {
@@ -524,42 +558,64 @@ pub fn resolve_identities(
         let ns_labels = namespace_labels.entry(namespace).or_insert_with(|| state.namespace_labels(namespace)).clone();
         groups.push(GroupData { namespace, pod_labels, namespace_labels: ns_labels });
     }
+    (group_index, groups)
+}
 
-    let mut pod_keys: Vec<(PodRef, IpAddr, IdentityKey)> = Vec::new();
-    for (pod_ref, pod, ips) in live {
-        let group = group_index.get(&group_of(pod_ref, pod)).copied().unwrap_or_default();
-        let named_ports: BTreeMap<(String, u8), u16> = inputs
-            .egress_named_ports
-            .iter()
-            .filter_map(|(name, protocol)| {
-                resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port))
-            })
-            .collect();
-        for ip in ips {
-            if node_addresses.contains(&ip) {
-                problems.push(Problem::new(
-                    format!("Pod {pod_ref}"),
-                    "status.podIPs",
-                    format!("{ip} is an address of node {node_name}; treated as the node"),
-                ));
-                continue;
+/// What deciding the pod addresses' keys needs.
+struct PodClaims<'a, 's> {
+    node_name: &'a str,
+    node_addresses: &'a BTreeSet<IpAddr>,
+    inputs: &'a IdentityInputs<'a>,
+    group_index: &'a GroupIndex<'s>,
+}
+
+impl PodClaims<'_, '_> {
+    /// Gives each pod address (not the node's, not already claimed) its key. Returns the
+    /// keys by address and who claimed each address.
+    fn claim(
+        &self,
+        live: Vec<LivePod<'_>>,
+        keys: &mut BTreeMap<IdentityKey, Vec<IpPrefix>>,
+        problems: &mut Vec<Problem>,
+    ) -> (Vec<(PodRef, IpAddr, IdentityKey)>, BTreeMap<IpAddr, PodRef>) {
+        let mut claimed: BTreeMap<IpAddr, PodRef> = BTreeMap::new();
+        let mut pod_keys = Vec::new();
+        for (pod_ref, pod, ips) in live {
+            let group = self.group_index.get(&group_of(pod_ref, pod)).copied().unwrap_or_default();
+            let named_ports: BTreeMap<(String, u8), u16> = self
+                .inputs
+                .egress_named_ports
+                .iter()
+                .filter_map(|(name, protocol)| resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port)))
+                .collect();
+            for ip in ips {
+                let taken_by = if self.node_addresses.contains(&ip) {
+                    Some(format!("{ip} is an address of node {}; treated as the node", self.node_name))
+                } else {
+                    claimed.get(&ip).map(|owner| format!("{ip} is also the address of pod {owner}; ignored here"))
+                };
+                if let Some(message) = taken_by {
+                    problems.push(Problem::new(format!("Pod {pod_ref}"), "status.podIPs", message));
+                    continue;
+                }
+                claimed.insert(ip, pod_ref.clone());
+                let key = IdentityKey::Pod { group, blocks: blocks_matching(self.inputs.blocks, ip), named_ports: named_ports.clone() };
+                keys.entry(key.clone()).or_default().push(IpPrefix::host(ip));
+                pod_keys.push((pod_ref.clone(), ip, key));
             }
-            if let Some(owner) = claimed.get(&ip) {
-                problems.push(Problem::new(
-                    format!("Pod {pod_ref}"),
-                    "status.podIPs",
-                    format!("{ip} is also the address of pod {owner}; ignored here"),
-                ));
-                continue;
-            }
-            claimed.insert(ip, pod_ref.clone());
-            let key = IdentityKey::Pod { group, blocks: blocks_matching(ip), named_ports: named_ports.clone() };
-            keys.entry(key.clone()).or_default().push(IpPrefix::host(ip));
-            pod_keys.push((pod_ref.clone(), ip, key));
         }
+        (pod_keys, claimed)
     }
+}
 
-    // Every cidr and except prefix, for addresses that are neither pods nor the node.
+/// Keys for every cidr and except prefix, for addresses that are neither pods nor the
+/// node. Returns the prefixes that must say WORLD (inside a block, in none).
+fn cidr_keys(
+    blocks: &[CidrBlock],
+    claimed: &BTreeMap<IpAddr, PodRef>,
+    node_addresses: &BTreeSet<IpAddr>,
+    keys: &mut BTreeMap<IdentityKey, Vec<IpPrefix>>,
+) -> Vec<IpPrefix> {
     let mut cidr_prefixes: BTreeSet<IpPrefix> = BTreeSet::new();
     for block in blocks {
         cidr_prefixes.insert(block.cidr);
@@ -582,15 +638,17 @@ pub fn resolve_identities(
             keys.entry(IdentityKey::Cidr(matching)).or_default().push(prefix);
         }
     }
+    world_prefixes
+}
 
-    let numbers = number_keys(&keys, blocks, &groups, allocator);
-    let number_of = |key: &IdentityKey| -> u32 {
-        match key {
-            IdentityKey::Host(b) if b.is_empty() => identity::HOST,
-            _ => numbers.get(key).copied().unwrap_or(identity::WORLD),
-        }
-    };
-
+/// The table of numbered keys: ipcache entries, what each identity is, label groups and
+/// block members.
+fn table_of(
+    keys: &BTreeMap<IdentityKey, Vec<IpPrefix>>,
+    blocks: &[CidrBlock],
+    groups: &[GroupData<'_>],
+    number_of: &dyn Fn(&IdentityKey) -> u32,
+) -> IdentityTable {
     let mut table = IdentityTable {
         blocks: blocks.to_vec(),
         block_members: vec![BTreeSet::new(); blocks.len()],
@@ -599,12 +657,9 @@ pub fn resolve_identities(
     table.info.insert(identity::HOST, IdentityInfo::Reserved("host"));
     table.info.insert(identity::WORLD, IdentityInfo::Reserved("world"));
     table.host_identities.insert(identity::HOST);
-    for prefix in world_prefixes {
-        table.ipcache.insert(prefix, identity::WORLD);
-    }
     let block_list = |set: &BTreeSet<usize>| set.iter().filter_map(|i| blocks.get(*i).cloned()).collect::<Vec<_>>();
     let mut group_identities: BTreeMap<usize, BTreeSet<u32>> = BTreeMap::new();
-    for (key, prefixes) in &keys {
+    for (key, prefixes) in keys {
         let number = number_of(key);
         for prefix in prefixes {
             table.ipcache.insert(*prefix, number);
@@ -614,15 +669,13 @@ pub fn resolve_identities(
                 group_identities.entry(*group).or_default().insert(number);
                 table.named_ports.insert(number, named_ports.clone());
                 let data = &groups[*group];
-                table.info.insert(
-                    number,
-                    IdentityInfo::Pod {
-                        namespace: data.namespace.to_owned(),
-                        labels: data.pod_labels.clone(),
-                        blocks: block_list(b),
-                        named_ports: named_ports.clone(),
-                    },
-                );
+                let info = IdentityInfo::Pod {
+                    namespace: data.namespace.to_owned(),
+                    labels: data.pod_labels.clone(),
+                    blocks: block_list(b),
+                    named_ports: named_ports.clone(),
+                };
+                table.info.insert(number, info);
                 b
             }
             IdentityKey::Cidr(b) => {
@@ -645,14 +698,12 @@ pub fn resolve_identities(
     }
     for (group, identities) in group_identities {
         let data = &groups[group];
+        table.namespace_labels.entry(data.namespace.to_owned()).or_insert_with(|| data.namespace_labels.clone());
         table.groups.entry(data.namespace.to_owned()).or_default().push(LabelGroup {
             namespace: data.namespace.to_owned(),
             pod_labels: data.pod_labels.clone(),
             identities,
         });
-    }
-    for (pod_ref, ip, key) in pod_keys {
-        table.pod_addresses.insert(ip, (pod_ref, number_of(&key)));
     }
     table
 }

@@ -215,17 +215,14 @@ pub fn compile_with(state: &ClusterState, node: &NodeContext, allocator: &mut Id
     };
 
     // Peers do not depend on the selected pod: resolve each rule's peers once.
-    let mut namespace_labels: BTreeMap<&str, Labels> = BTreeMap::new();
-    for namespace in table.groups.keys() {
-        namespace_labels.insert(namespace, state.namespace_labels(namespace));
-    }
+    let namespace_labels = &table.namespace_labels;
     let peer_sets: Vec<BTreeMap<(Direction, usize), PeerSet>> = policies
         .iter()
         .map(|policy| {
             let mut sets = BTreeMap::new();
             for direction in [Direction::Ingress, Direction::Egress] {
                 for rule in policy.rules(direction).into_iter().flatten() {
-                    sets.insert((direction, rule.index), resolve_peers(policy, rule, &table, &namespace_labels));
+                    sets.insert((direction, rule.index), resolve_peers(policy, rule, &table, namespace_labels));
                 }
             }
             sets
@@ -335,7 +332,7 @@ fn resolve_peers(
     policy: &ParsedPolicy,
     rule: &ParsedRule,
     table: &IdentityTable,
-    namespace_labels: &BTreeMap<&str, Labels>,
+    namespace_labels: &BTreeMap<String, Labels>,
 ) -> PeerSet {
     let Some(peers) = &rule.peers else {
         return PeerSet { any: true, identities: BTreeSet::new() };
