@@ -406,7 +406,7 @@ impl Agent {
         let mut placements = BTreeMap::new();
         let mut taken: BTreeMap<u32, &PodRef> = BTreeMap::new();
         for (pod, endpoint) in &compiled.endpoints {
-            let placement = match pod_interface(endpoint, host, &taken) {
+            let placement = match pod_interface(endpoint, host, &self.attached, &taken) {
                 Ok((name, ifindex)) => {
                     taken.insert(ifindex, pod);
                     match self.syncer.slot(ifindex) {
@@ -565,8 +565,15 @@ fn is_isolated(compiled: &Compiled, pod: &PodRef) -> bool {
 }
 
 /// The interface of a local pod: the host route to its addresses, if that leads to a veth
-/// that is no uplink and no other pod's. Else why not, for the pod's status.
-fn pod_interface(endpoint: &EndpointPolicy, host: &HostView, taken: &BTreeMap<u32, &PodRef>) -> Result<(String, u32), String> {
+/// that is no uplink and no other pod's. Else why not, for the pod's status. An interface
+/// this agent attached to (same index) was checked then: a failing ioctl now must not
+/// detach a pod that is enforced.
+fn pod_interface(
+    endpoint: &EndpointPolicy,
+    host: &HostView,
+    attached: &BTreeMap<String, u32>,
+    taken: &BTreeMap<u32, &PodRef>,
+) -> Result<(String, u32), String> {
     let addrs: Vec<IpAddr> = [endpoint.ipv4.map(IpAddr::V4), endpoint.ipv6.map(IpAddr::V6)].into_iter().flatten().collect();
     let names: BTreeSet<&str> = addrs.iter().filter_map(|a| netif::host_route_interface(&host.routes, *a)).collect();
     let name = match names.iter().collect::<Vec<_>>().as_slice() {
@@ -578,7 +585,7 @@ fn pod_interface(endpoint: &EndpointPolicy, host: &HostView, taken: &BTreeMap<u3
         return Err(format!("the route to {addrs:?} leads to {name}, which holds a node address: not a pod's veth"));
     }
     let ifindex = netif::ifindex(name).ok_or_else(|| format!("interface {name} of {addrs:?} does not exist; retrying"))?;
-    match netif::is_veth(name) {
+    match if attached.get(name) == Some(&ifindex) { Ok(true) } else { netif::is_veth(name) } {
         Ok(true) => {}
         Ok(false) => return Err(format!("the route to {addrs:?} leads to {name}, which is not a veth")),
         Err(e) => return Err(e.to_string()),
