@@ -561,6 +561,9 @@ fn label_groups<'s>(state: &'s ClusterState, live: &[LivePod<'s>]) -> (GroupInde
     (group_index, groups)
 }
 
+/// A pod address and its key.
+type PodKey = (PodRef, IpAddr, IdentityKey);
+
 /// What deciding the pod addresses' keys needs.
 struct PodClaims<'a, 's> {
     node_name: &'a str,
@@ -577,7 +580,7 @@ impl PodClaims<'_, '_> {
         live: Vec<LivePod<'_>>,
         keys: &mut BTreeMap<IdentityKey, Vec<IpPrefix>>,
         problems: &mut Vec<Problem>,
-    ) -> (Vec<(PodRef, IpAddr, IdentityKey)>, BTreeMap<IpAddr, PodRef>) {
+    ) -> (Vec<PodKey>, BTreeMap<IpAddr, PodRef>) {
         let mut claimed: BTreeMap<IpAddr, PodRef> = BTreeMap::new();
         let mut pod_keys = Vec::new();
         for (pod_ref, pod, ips) in live {
@@ -803,10 +806,10 @@ impl IdentityAllocator {
         self.held.retain(|_, freed| now.saturating_duration_since(*freed) < IDENTITY_HOLD_BACK);
         self.assign_adopted(keys);
         for key in keys.keys() {
-            if !self.numbers.contains_key(*key) {
-                if let Some(number) = self.free_from((self.hash)(key)) {
-                    self.give(key, number);
-                }
+            if !self.numbers.contains_key(*key)
+                && let Some(number) = self.free_from((self.hash)(key))
+            {
+                self.give(key, number);
             }
         }
     }
@@ -1142,7 +1145,7 @@ mod churn_tests {
         let app = ["a", "b", "c"][app];
         let value = json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": format!("p{i}"), "namespace": if i % 2 == 0 { "x" } else { "y" },
+            "metadata": {"name": format!("p{i}"), "namespace": if i.is_multiple_of(2) { "x" } else { "y" },
                          "labels": {"app": app}},
             "spec": {"nodeName": node, "containers": []},
             "status": {"podIP": pod_ip(i).to_string()},
@@ -1182,7 +1185,7 @@ mod churn_tests {
         (0..LOCAL)
             .filter(|i| present[*i])
             .map(|i| {
-                let pod_ref = crate::state::PodRef::new(if i % 2 == 0 { "x" } else { "y" }, format!("p{i}"));
+                let pod_ref = crate::state::PodRef::new(if i.is_multiple_of(2) { "x" } else { "y" }, format!("p{i}"));
                 (pod_ref, EndpointSlot { ifindex: 100 + i as u32, id: 1 + i as u32 })
             })
             .collect()
