@@ -14,12 +14,12 @@ use policy_common::{Direction, event::Config};
 
 use crate::{
     AgentError,
-    compile::{Compiled, EndpointSlot, NodeContext, PodRef, compile, render},
+    compile::{Compiled, EndpointPolicy, EndpointSlot, IdentityAllocator, NodeContext, PodRef, compile_with, ipcache_prefix, render},
     datapath::{self, DEFAULT_BPFFS, Datapath, Hook, MapSizes, PinLayout},
     flowlog::{self, FlowLogMode},
     metrics::{self, AgentView, Directory, EndpointStatus, MapFill, SharedView},
     netif,
-    sync::{EndpointRef, Syncer},
+    sync::{EndpointRef, SyncReport, Syncer},
     watch::{KubeSource, ManifestSource, Source},
 };
 
@@ -38,9 +38,14 @@ pub struct RunArgs {
     /// bpffs directory for pinned maps and links (mounted if it is not on a bpffs).
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
-    /// Address for /metrics, /healthz, /readyz and /status.
+    /// Address for /healthz, /readyz and /metrics. On a loopback address it also serves
+    /// /status and per-pod counters; on any other (the node's) only counters without pod,
+    /// address or policy labels.
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub metrics_addr: String,
+    /// Loopback address for /status and per-pod /metrics (`policy-agent status` reads it).
+    #[arg(long, default_value = crate::status::DEFAULT_STATUS_ADDR)]
+    pub status_addr: String,
     /// Which verdicts to write to the flow log.
     #[arg(long, value_enum, default_value_t = FlowLogMode::Denied)]
     pub flow_log: FlowLogMode,
@@ -101,10 +106,8 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     tracing::info!(node = %node, bpffs = %pins.root().display(), adopted_endpoints = syncer.loaded().endpoints.len(), "classifier loaded");
 
     let view: SharedView = Arc::new(RwLock::new(AgentView::new(&node)));
-    let serve_view = view.clone();
-    let serve_pins = pins.clone();
-    let addr = args.metrics_addr.clone();
-    let server = tokio::spawn(async move { metrics::serve(&addr, serve_view, serve_pins).await });
+    let servers = start_servers(&args, &view, &pins).await?;
+    metrics::spawn_conntrack_counter(view.clone(), pins.clone());
     if args.flow_log != FlowLogMode::Off {
         let (flow_view, flow_pins, file) = (view.clone(), pins.clone(), args.flow_log_file.clone());
         tokio::spawn(async move {
@@ -114,6 +117,9 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         });
     }
 
+    // Identity numbers the maps already hold stay with the addresses that have them.
+    let mut identities = IdentityAllocator::default();
+    identities.adopt(syncer.loaded().ipcache.iter().filter_map(|((len, key), value)| Some((ipcache_prefix(*len, key)?, value.identity))));
     let mut source = match &args.manifests {
         Some(dir) => Source::Manifests(ManifestSource::new(dir)?),
         None => {
@@ -133,16 +139,14 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         compilation: None,
         routes: Vec::new(),
         settled: false,
+        identities,
     };
     let resync = Duration::from_millis(args.resync_ms.max(50));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| AgentError::Read { path: "SIGTERM handler".into(), source })?;
+        .map_err(|source| AgentError::Syscall { what: "install the SIGTERM handler".into(), source })?;
     loop {
-        if server.is_finished() {
-            return match server.await {
-                Ok(Err(e)) => Err(e),
-                _ => Err(AgentError::Usage { flag: "--metrics-addr", what: "metrics server stopped".into() }),
-            };
+        if let Some((addr, _)) = servers.iter().find(|(_, server)| server.is_finished()) {
+            return Err(AgentError::ServerStopped { addr: addr.clone() });
         }
         agent.reconcile(&source);
         tokio::select! {
@@ -155,6 +159,17 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     // Everything stays pinned: enforcement goes on until the next agent adopts it.
     tracing::info!("stopping; maps and links stay pinned and enforcing");
     Ok(())
+}
+
+/// Binds and serves `--metrics-addr` and `--status-addr`; returns each address with its task.
+async fn start_servers(args: &RunArgs, view: &SharedView, pins: &PinLayout) -> Result<Vec<(String, tokio::task::JoinHandle<()>)>, AgentError> {
+    let mut servers = Vec::new();
+    for (addr, flag, full_only) in [(&args.metrics_addr, "--metrics-addr", false), (&args.status_addr, "--status-addr", true)] {
+        let (listener, exposure) = metrics::bind(addr, flag, full_only).await?;
+        tracing::info!(addr = %addr, exposure = ?exposure, "serving");
+        servers.push((addr.clone(), tokio::spawn(metrics::serve(listener, exposure, view.clone(), pins.clone()))));
+    }
+    Ok(servers)
 }
 
 struct Agent {
@@ -176,6 +191,8 @@ struct Agent {
     /// The last pass left every pod placed, written and attached: with unchanged inputs
     /// there is nothing to do.
     settled: bool,
+    /// Identity numbers across compiles.
+    identities: IdentityAllocator,
 }
 
 /// A compiled snapshot, with what it was compiled from: recompiling happens only when the
@@ -196,32 +213,84 @@ struct Placement {
     error: Option<String>,
 }
 
+/// What a pass reads from the node's network namespace.
+struct HostView {
+    node_ips: Vec<IpAddr>,
+    routes: Vec<netif::Route>,
+    /// Interfaces holding a node address on a subnet: uplinks, never a pod's veth.
+    uplinks: BTreeSet<String>,
+}
+
+impl HostView {
+    fn read() -> Result<Self, AgentError> {
+        let addresses = netif::interface_addresses()?;
+        let routes = netif::routes()?;
+        let mut node_ips: Vec<IpAddr> = addresses.iter().map(|a| a.addr).collect();
+        node_ips.sort();
+        node_ips.dedup();
+        // Routed CNIs may put the node's gateway address on each pod veth as a /32 or /128;
+        // an address with a shorter prefix marks an interface on a real subnet.
+        let host_len = |a: &IpAddr| if a.is_ipv4() { 32 } else { 128 };
+        let uplinks = addresses.iter().filter(|a| a.prefix_len < host_len(&a.addr)).map(|a| a.interface.clone()).collect();
+        Ok(Self { node_ips, routes, uplinks })
+    }
+}
+
 impl Agent {
     fn reconcile(&mut self, source: &Source) {
         let started = Instant::now();
-        let node_ips = netif::node_addresses().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot read node addresses");
-            Vec::new()
-        });
-        let routes = netif::routes().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot read routes");
-            Vec::new()
-        });
+        let host = match HostView::read() {
+            Ok(host) => host,
+            Err(e) => {
+                // Without routes every pod would look gone: keep every link and entry.
+                tracing::warn!(error = %e, "cannot read the node's addresses or routes; pass skipped, everything kept");
+                self.record_idle_pass(true);
+                return;
+            }
+        };
         let generation = source.generation();
-        let current = self.compilation.take().filter(|c| c.generation == generation && c.node_ips == node_ips);
-        if current.is_some() && self.settled && routes == self.routes && self.interfaces_unchanged() {
+        let current = self.compilation.take().filter(|c| c.generation == generation && c.node_ips == host.node_ips);
+        if current.is_some() && self.settled && host.routes == self.routes && self.interfaces_unchanged() {
             self.compilation = current;
-            let mut view = metrics::write(&self.view);
-            view.last_loop = Some(Instant::now());
-            view.passes += 1;
+            self.record_idle_pass(false);
             return;
         }
-        let compilation = current.unwrap_or_else(|| self.compile(source, generation, node_ips));
+        let compilation = current.unwrap_or_else(|| self.compile(source, generation, host.node_ips.clone()));
         let compiled = &compilation.compiled;
-        let placements = self.place(compiled, &routes);
-        self.routes = routes;
+        let placements = self.place(compiled, &host);
+        self.routes = host.routes;
+        self.detach_unwanted(&placements);
+        let slots: BTreeMap<PodRef, EndpointSlot> = placements.iter().filter_map(|(pod, p)| Some((pod.clone(), p.slot?))).collect();
+        let (report, flushed) = self.write_maps(compiled, &slots);
+        let mut errors = failures_by_pod(&report, &slots);
+        let failed: BTreeSet<PodRef> = errors.keys().cloned().collect();
+        let programs = self.attach_placed(compiled, &placements, &failed, &mut errors);
+        self.close_or_open_links(compiled, &placements, &failed);
 
-        // Detach first: a pod that is gone loses its program before its endpoint entry.
+        let elapsed = started.elapsed();
+        if report.applied > 0 || !report.failures.is_empty() {
+            tracing::info!(writes = report.applied, failures = report.failures.len(), conntrack_flushed = flushed, ms = elapsed.as_secs_f64() * 1e3, "maps synced");
+        }
+        self.settled = errors.is_empty()
+            && placements.values().all(|p| p.slot.is_some() && p.interface.as_ref().is_some_and(|(n, i)| self.attached.get(n) == Some(i)));
+        let outcome = PassOutcome { errors, programs, failures: report.failures.len(), ipcache_failures: ipcache_failures(&report), elapsed };
+        self.publish(&compilation, &placements, &outcome);
+        self.compilation = Some(compilation);
+    }
+
+    /// A pass that changed nothing (inputs unchanged, or unreadable).
+    fn record_idle_pass(&self, host_unreadable: bool) {
+        let mut view = metrics::write(&self.view);
+        view.last_loop = Some(Instant::now());
+        view.passes += 1;
+        if host_unreadable {
+            view.skipped_passes += 1;
+        }
+    }
+
+    /// Detaches from interfaces no pod is placed on: a pod that is gone loses its program
+    /// before its endpoint entry.
+    fn detach_unwanted(&mut self, placements: &BTreeMap<PodRef, Placement>) {
         let wanted: BTreeSet<&str> = placements.values().filter_map(|p| p.interface.as_ref().map(|(n, _)| n.as_str())).collect();
         for (ifname, hook) in self.datapath.pins().pinned_links() {
             if !wanted.contains(ifname.as_str()) {
@@ -232,75 +301,95 @@ impl Agent {
                 self.attached.remove(&ifname);
             }
         }
+    }
 
-        let slots: BTreeMap<PodRef, EndpointSlot> = placements.iter().filter_map(|(pod, p)| Some((pod.clone(), p.slot?))).collect();
+    /// Renders and writes the maps, then frees the slots nothing refers to any more.
+    /// Returns the report and the number of conntrack entries flushed with freed slots.
+    fn write_maps(&mut self, compiled: &Compiled, slots: &BTreeMap<PodRef, EndpointSlot>) -> (SyncReport, usize) {
         let wanted_ids: BTreeMap<u32, u32> = slots.values().map(|s| (s.ifindex, s.id)).collect();
-        let desired = render(compiled, &slots, self.audit);
+        let desired = render(compiled, slots, self.audit);
         let report = self.syncer.apply(&desired);
-        self.syncer.release_unused(&wanted_ids);
-        let mut errors: BTreeMap<PodRef, String> = BTreeMap::new();
-        for failure in &report.failures {
-            let ifindex = match failure.endpoint {
-                Some(EndpointRef::Ifindex(i)) => Some(i),
-                Some(EndpointRef::Id(id)) => slots.values().find(|s| s.id == id).map(|s| s.ifindex),
-                None => None,
-            };
-            let pod = ifindex.and_then(|i| slots.iter().find(|(_, s)| s.ifindex == i).map(|(p, _)| p.clone()));
-            tracing::error!(pod = ?pod.as_ref().map(ToString::to_string), error = %failure.error, "map write failed; the pod fails closed");
-            if let Some(pod) = pod {
-                errors.entry(pod).or_insert_with(|| failure.error.to_string());
-            }
-        }
+        let flushed = self.syncer.release_unused(&wanted_ids);
+        (report, flushed)
+    }
 
-        // Attach after the endpoint entry exists, so the first packet already sees it.
+    /// Attaches the classifier where it is missing, after the endpoint entry exists (so the
+    /// first packet already sees it), and never to a pod whose write failed.
+    fn attach_placed(
+        &mut self,
+        compiled: &Compiled,
+        placements: &BTreeMap<PodRef, Placement>,
+        failed: &BTreeSet<PodRef>,
+        errors: &mut BTreeMap<PodRef, String>,
+    ) -> BTreeMap<PodRef, Vec<u32>> {
         let mut programs = BTreeMap::new();
-        for (pod, placement) in &placements {
+        for (pod, placement) in placements {
             let (Some((ifname, ifindex)), Some(_)) = (&placement.interface, placement.slot) else { continue };
-            if self.attached.get(ifname) == Some(ifindex) {
+            if failed.contains(pod) || self.attached.get(ifname) == Some(ifindex) {
                 continue;
             }
             match self.attach(ifname) {
                 Ok(ids) => {
                     self.attached.insert(ifname.clone(), *ifindex);
                     programs.insert(pod.clone(), ids);
-                    if self.downed.remove(ifname) {
-                        let _ = netif::set_link_up(ifname, true);
-                        tracing::info!(pod = %pod, interface = %ifname, "link up again, classifier attached");
-                    }
                 }
                 Err(e) => {
                     tracing::error!(pod = %pod, interface = %ifname, error = %e, "attach failed");
-                    // Without a classifier an isolated pod would be open: take its link down.
-                    let isolated = compiled.endpoints.get(pod).is_some_and(|e| e.ingress_isolated || e.egress_isolated);
-                    if isolated && netif::set_link_up(ifname, false).is_ok() {
-                        tracing::warn!(pod = %pod, interface = %ifname, "link set down until the classifier is attached");
-                        self.downed.insert(ifname.clone());
+                    // Without a classifier an isolated pod would be open.
+                    if is_isolated(compiled, pod) {
+                        self.set_link_down(pod, ifname, true);
                     }
                     errors.entry(pod.clone()).or_insert_with(|| e.to_string());
                 }
             }
         }
+        programs
+    }
 
-        let elapsed = started.elapsed();
-        if report.applied > 0 || !report.failures.is_empty() {
-            tracing::info!(writes = report.applied, failures = report.failures.len(), conntrack_flushed = report.conntrack_flushed, ms = elapsed.as_secs_f64() * 1e3, "maps synced");
+    /// Takes the link of every isolated pod whose write failed down (the maps may hold an
+    /// older, wider state for it), and brings links up again once their pod is attached and
+    /// written.
+    fn close_or_open_links(&mut self, compiled: &Compiled, placements: &BTreeMap<PodRef, Placement>, failed: &BTreeSet<PodRef>) {
+        for (pod, placement) in placements {
+            let Some((ifname, ifindex)) = &placement.interface else { continue };
+            if failed.contains(pod) {
+                if is_isolated(compiled, pod) {
+                    self.set_link_down(pod, ifname, true);
+                }
+            } else if self.attached.get(ifname) == Some(ifindex) {
+                self.set_link_down(pod, ifname, false);
+            }
         }
-        self.settled = errors.is_empty()
-            && placements.values().all(|p| p.slot.is_some() && p.interface.as_ref().is_some_and(|(n, i)| self.attached.get(n) == Some(i)));
-        self.publish(&compilation, &placements, &errors, &programs, report.failures.len(), elapsed);
-        self.compilation = Some(compilation);
+    }
+
+    fn set_link_down(&mut self, pod: &PodRef, ifname: &str, down: bool) {
+        if down == self.downed.contains(ifname) {
+            return;
+        }
+        match netif::set_link_up(ifname, !down) {
+            Ok(()) if down => {
+                tracing::warn!(pod = %pod, interface = %ifname, "link set down until the pod is written and attached");
+                self.downed.insert(ifname.to_owned());
+            }
+            Ok(()) => {
+                tracing::info!(pod = %pod, interface = %ifname, "link up again, pod written and attached");
+                self.downed.remove(ifname);
+            }
+            Err(e) => tracing::error!(pod = %pod, interface = %ifname, error = %e, "cannot set the link"),
+        }
     }
 
     /// Compiles a fresh snapshot of the source.
-    fn compile(&self, source: &Source, generation: u64, node_ips: Vec<IpAddr>) -> Compilation {
+    fn compile(&mut self, source: &Source, generation: u64, node_ips: Vec<IpAddr>) -> Compilation {
         let snapshot = source.snapshot();
-        let compiled = compile(&snapshot.state, &NodeContext { name: self.node.clone(), ips: node_ips.clone() });
+        let node = NodeContext { name: self.node.clone(), ips: node_ips.clone() };
+        let compiled = compile_with(&snapshot.state, &node, &mut self.identities, Instant::now());
         let problems = compiled.problems.iter().map(ToString::to_string).chain(snapshot.errors.iter().cloned()).collect();
         let pods_by_ip = snapshot
             .state
             .pods
             .iter()
-            .filter(|(_, p)| !crate::resolve::is_host_network(p) && !crate::resolve::is_terminated(p))
+            .filter(|(_, p)| crate::resolve::is_live_pod(p))
             .flat_map(|(r, p)| crate::resolve::pod_ips(p, &mut Vec::new()).into_iter().map(move |ip| (ip, r.to_string())))
             .collect();
         Compilation { generation, node_ips, compiled, changed_at: snapshot.changed_at, problems, pods_by_ip }
@@ -312,21 +401,20 @@ impl Agent {
         self.attached.iter().all(|(name, index)| netif::ifindex(name) == Some(*index))
     }
 
-    /// Finds each local pod's interface (the route to its address) and endpoint slot.
-    fn place(&mut self, compiled: &Compiled, routes: &[netif::Route]) -> BTreeMap<PodRef, Placement> {
+    /// Finds each local pod's interface and endpoint slot; no interface is given to two pods.
+    fn place(&mut self, compiled: &Compiled, host: &HostView) -> BTreeMap<PodRef, Placement> {
         let mut placements = BTreeMap::new();
+        let mut taken: BTreeMap<u32, &PodRef> = BTreeMap::new();
         for (pod, endpoint) in &compiled.endpoints {
-            let addrs = [endpoint.ipv4.map(IpAddr::V4), endpoint.ipv6.map(IpAddr::V6)];
-            let interface = addrs.iter().flatten().find_map(|a| netif::interface_for(routes, *a)).map(str::to_owned);
-            let placement = match interface.and_then(|name| Some((netif::ifindex(&name)?, name))) {
-                Some((ifindex, name)) => match self.syncer.slot(ifindex) {
-                    Some(slot) => Placement { interface: Some((name, ifindex)), slot: Some(slot), error: None },
-                    None => Placement { interface: Some((name, ifindex)), slot: None, error: Some("endpoint map full".into()) },
-                },
-                None => {
-                    let what = format!("no route to {:?} in this network namespace; retrying", addrs.iter().flatten().collect::<Vec<_>>());
-                    Placement { interface: None, slot: None, error: Some(what) }
+            let placement = match pod_interface(endpoint, host, &self.attached, &taken) {
+                Ok((name, ifindex)) => {
+                    taken.insert(ifindex, pod);
+                    match self.syncer.slot(ifindex) {
+                        Some(slot) => Placement { interface: Some((name, ifindex)), slot: Some(slot), error: None },
+                        None => Placement { interface: Some((name, ifindex)), slot: None, error: Some("endpoint map full".into()) },
+                    }
                 }
+                Err(error) => Placement { interface: None, slot: None, error: Some(error) },
             };
             if let Some(error) = &placement.error {
                 tracing::debug!(pod = %pod, error = %error, "pod not enforced yet");
@@ -346,38 +434,56 @@ impl Agent {
         Ok(ids)
     }
 
-    #[allow(clippy::too_many_arguments, reason = "one place that turns a pass into the view")]
-    fn publish(
-        &mut self,
-        compilation: &Compilation,
-        placements: &BTreeMap<PodRef, Placement>,
-        errors: &BTreeMap<PodRef, String>,
-        programs: &BTreeMap<PodRef, Vec<u32>>,
-        failures: usize,
-        elapsed: Duration,
-    ) {
+    /// Turns a pass into the view that /status and /metrics serve.
+    fn publish(&mut self, compilation: &Compilation, placements: &BTreeMap<PodRef, Placement>, outcome: &PassOutcome) {
         let compiled = &compilation.compiled;
-        let loaded = self.syncer.loaded();
+        let mut endpoints = self.endpoint_statuses(compiled, placements, outcome);
+        let maps = self.map_fill();
+        let directory = directory(compilation, placements);
+        let mut view = metrics::write(&self.view);
+        // Keep program ids from earlier passes (attach happens once per interface).
+        for e in &mut endpoints {
+            if e.programs.is_empty()
+                && let Some(old) = view.endpoints.iter().find(|o| o.pod == e.pod && o.ifindex == e.ifindex)
+            {
+                e.programs.clone_from(&old.programs);
+            }
+        }
+        view.endpoints = endpoints;
+        view.maps = maps;
+        if let Some(conntrack) = view.conntrack {
+            view.maps.insert(datapath::map_name::CONNTRACK, conntrack);
+        }
+        view.identities = compiled.identities.len();
+        view.problems.clone_from(&compilation.problems);
+        view.problems.extend(outcome.errors.iter().map(|(pod, e)| format!("Pod {pod}: {e}")));
+        view.problems.extend(outcome.ipcache_failures.iter().cloned());
+        view.syncs += 1;
+        view.passes += 1;
+        view.sync_failures += outcome.failures as u64;
+        view.sync_duration.observe(outcome.elapsed);
+        if self.last_change != Some(compilation.changed_at) {
+            if self.last_change.is_some() {
+                let latency = SystemTime::now().duration_since(compilation.changed_at).unwrap_or_default();
+                view.enforcement_latency.observe(latency);
+            }
+            self.last_change = Some(compilation.changed_at);
+        }
+        view.directory = directory;
+        view.last_loop = Some(Instant::now());
+        view.ready = true;
+    }
+
+    /// Each local pod as /status shows it.
+    fn endpoint_statuses(&self, compiled: &Compiled, placements: &BTreeMap<PodRef, Placement>, outcome: &PassOutcome) -> Vec<EndpointStatus> {
         let mut entries_by_endpoint: BTreeMap<u32, usize> = BTreeMap::new();
-        for (_, key) in loaded.policy.keys() {
+        for (_, key) in self.syncer.loaded().policy.keys() {
             *entries_by_endpoint.entry(key.endpoint()).or_default() += 1;
         }
         let mut endpoints = Vec::new();
-        let mut pods_by_endpoint = BTreeMap::new();
-        let mut isolated_by = BTreeMap::new();
         for (pod, endpoint) in &compiled.endpoints {
             let placement = &placements[pod];
             let slot = placement.slot;
-            if let Some(slot) = slot {
-                pods_by_endpoint.insert(slot.id, pod.to_string());
-                for direction in [Direction::Ingress, Direction::Egress] {
-                    let policies = endpoint.policies(direction);
-                    if !policies.is_empty() {
-                        let names: Vec<String> = policies.iter().map(ToString::to_string).collect();
-                        isolated_by.insert((slot.id, direction), names.join(", "));
-                    }
-                }
-            }
             let identities = [endpoint.ipv4.map(IpAddr::V4), endpoint.ipv6.map(IpAddr::V6)]
                 .into_iter()
                 .flatten()
@@ -396,52 +502,120 @@ impl Agent {
                 egress_isolated: endpoint.egress_isolated,
                 policy_entries: slot.and_then(|s| entries_by_endpoint.get(&s.id).copied()).unwrap_or(0),
                 attached,
-                programs: programs.get(pod).cloned().unwrap_or_default(),
-                error: errors.get(pod).cloned().or_else(|| placement.error.clone()),
+                programs: outcome.programs.get(pod).cloned().unwrap_or_default(),
+                error: outcome.errors.get(pod).cloned().or_else(|| placement.error.clone()),
             });
         }
-        let mut view = metrics::write(&self.view);
-        // Keep program ids from earlier passes (attach happens once per interface).
-        for e in &mut endpoints {
-            if e.programs.is_empty()
-                && let Some(old) = view.endpoints.iter().find(|o| o.pod == e.pod && o.ifindex == e.ifindex)
-            {
-                e.programs.clone_from(&old.programs);
-            }
-        }
-        view.endpoints = endpoints;
+        endpoints
+    }
+
+    /// How full each map is.
+    fn map_fill(&self) -> BTreeMap<&'static str, MapFill> {
+        let loaded = self.syncer.loaded();
         let pins = self.datapath.pins();
         let fill = |name: &'static str, entries: usize| (name, MapFill { entries, capacity: datapath::capacity(pins, name).unwrap_or(0) });
         let addresses = loaded.ipcache.keys().filter(|(len, key)| key.is_address(*len)).count();
         let port_blocks = loaded.policy.keys().filter(|(len, _)| policy_common::policy::is_port_block(*len)).count();
-        view.maps = BTreeMap::from([
+        BTreeMap::from([
             fill(datapath::map_name::ADDRESSES, addresses),
             fill(datapath::map_name::PREFIXES, loaded.ipcache.len() - addresses),
             fill(datapath::map_name::POLICY, loaded.policy.len() - port_blocks),
             fill(datapath::map_name::PORT_RANGES, port_blocks),
             fill(datapath::map_name::ENDPOINTS, loaded.endpoints.len()),
-        ]);
-        view.identities = compiled.identities.len();
-        view.problems.clone_from(&compilation.problems);
-        view.syncs += 1;
-        view.passes += 1;
-        view.sync_failures += failures as u64;
-        view.sync_duration.observe(elapsed);
-        if self.last_change != Some(compilation.changed_at) {
-            if self.last_change.is_some() {
-                let latency = SystemTime::now().duration_since(compilation.changed_at).unwrap_or_default();
-                view.enforcement_latency.observe(latency);
-            }
-            self.last_change = Some(compilation.changed_at);
-        }
-        view.directory = Directory {
-            pods_by_ip: compilation.pods_by_ip.clone(),
-            pods_by_endpoint,
-            isolated_by,
-            cookies: compiled.cookies.keys().map(|c| (*c, compiled.describe_cookie(*c))).chain([(policy_common::policy::COOKIE_NODE, compiled.describe_cookie(policy_common::policy::COOKIE_NODE))]).collect(),
-        };
-        view.last_loop = Some(Instant::now());
-        view.ready = true;
+        ])
     }
 }
 
+/// Names for the flow log: pods by address and endpoint, isolating policies, cookies.
+fn directory(compilation: &Compilation, placements: &BTreeMap<PodRef, Placement>) -> Directory {
+    let compiled = &compilation.compiled;
+    let mut pods_by_endpoint = BTreeMap::new();
+    let mut isolated_by = BTreeMap::new();
+    for (pod, endpoint) in &compiled.endpoints {
+        let Some(slot) = placements.get(pod).and_then(|p| p.slot) else { continue };
+        pods_by_endpoint.insert(slot.id, pod.to_string());
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let policies = endpoint.policies(direction);
+            if !policies.is_empty() {
+                let names: Vec<String> = policies.iter().map(ToString::to_string).collect();
+                isolated_by.insert((slot.id, direction), names.join(", "));
+            }
+        }
+    }
+    let node = policy_common::policy::COOKIE_NODE;
+    Directory {
+        pods_by_ip: compilation.pods_by_ip.clone(),
+        pods_by_endpoint,
+        isolated_by,
+        cookies: compiled.cookies.keys().map(|c| (*c, compiled.describe_cookie(*c))).chain([(node, compiled.describe_cookie(node))]).collect(),
+    }
+}
+
+/// What a pass did, for the view.
+struct PassOutcome {
+    errors: BTreeMap<PodRef, String>,
+    programs: BTreeMap<PodRef, Vec<u32>>,
+    failures: usize,
+    ipcache_failures: Vec<String>,
+    elapsed: Duration,
+}
+
+fn is_isolated(compiled: &Compiled, pod: &PodRef) -> bool {
+    compiled.endpoints.get(pod).is_some_and(|e| e.ingress_isolated || e.egress_isolated)
+}
+
+/// The interface of a local pod: the host route to its addresses, if that leads to a veth
+/// that is no uplink and no other pod's. Else why not, for the pod's status. An interface
+/// this agent attached to (same index) was checked then: a failing ioctl now must not
+/// detach a pod that is enforced.
+fn pod_interface(
+    endpoint: &EndpointPolicy,
+    host: &HostView,
+    attached: &BTreeMap<String, u32>,
+    taken: &BTreeMap<u32, &PodRef>,
+) -> Result<(String, u32), String> {
+    let addrs: Vec<IpAddr> = [endpoint.ipv4.map(IpAddr::V4), endpoint.ipv6.map(IpAddr::V6)].into_iter().flatten().collect();
+    let names: BTreeSet<&str> = addrs.iter().filter_map(|a| netif::host_route_interface(&host.routes, *a)).collect();
+    let name = match names.iter().collect::<Vec<_>>().as_slice() {
+        [] => return Err(format!("no route (/32 or /128) to {addrs:?} in this network namespace; retrying")),
+        [name] => **name,
+        _ => return Err(format!("the routes to {addrs:?} lead to different interfaces {names:?}; retrying")),
+    };
+    if host.uplinks.contains(name) {
+        return Err(format!("the route to {addrs:?} leads to {name}, which holds a node address: not a pod's veth"));
+    }
+    let ifindex = netif::ifindex(name).ok_or_else(|| format!("interface {name} of {addrs:?} does not exist; retrying"))?;
+    match if attached.get(name) == Some(&ifindex) { Ok(true) } else { netif::is_veth(name) } {
+        Ok(true) => {}
+        Ok(false) => return Err(format!("the route to {addrs:?} leads to {name}, which is not a veth")),
+        Err(e) => return Err(e.to_string()),
+    }
+    if let Some(other) = taken.get(&ifindex) {
+        return Err(format!("the route to {addrs:?} leads to {name}, the interface of pod {other}"));
+    }
+    Ok((name.to_owned(), ifindex))
+}
+
+/// The first failed write of each pod (an endpoint write names the ifindex, a policy write
+/// the endpoint id).
+fn failures_by_pod(report: &SyncReport, slots: &BTreeMap<PodRef, EndpointSlot>) -> BTreeMap<PodRef, String> {
+    let mut errors = BTreeMap::new();
+    for failure in &report.failures {
+        let pod = slots.iter().find(|(_, s)| match failure.endpoint {
+            Some(EndpointRef::Ifindex(i)) => s.ifindex == i,
+            Some(EndpointRef::Id(id)) => s.id == id,
+            None => false,
+        });
+        let pod = pod.map(|(p, _)| p);
+        tracing::error!(pod = ?pod.map(ToString::to_string), error = %failure.error, "map write failed; an isolated pod fails closed");
+        if let Some(pod) = pod {
+            errors.entry(pod.clone()).or_insert_with(|| failure.error.to_string());
+        }
+    }
+    errors
+}
+
+/// The failed ipcache writes, as problems (they concern no one pod).
+fn ipcache_failures(report: &SyncReport) -> Vec<String> {
+    report.failures.iter().filter(|f| f.endpoint.is_none()).map(|f| format!("ipcache write failed: {}", f.error)).collect()
+}

@@ -150,7 +150,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Makes sure `root` is a directory on a bpffs, mounting one there if it is not (for example
 /// under `ip netns exec`, which remounts /sys).
 pub fn ensure_bpffs(root: &Path) -> Result<(), AgentError> {
-    std::fs::create_dir_all(root).map_err(|source| AgentError::Read { path: root.to_owned(), source })?;
+    let mount_err = |what: &str, source| AgentError::Mount { path: root.to_owned(), what: what.to_owned(), source };
+    std::fs::create_dir_all(root).map_err(|source| mount_err("create the directory", source))?;
     if is_bpffs(root)? {
         return Ok(());
     }
@@ -158,12 +159,9 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), AgentError> {
         .args(["-t", "bpf", "bpf"])
         .arg(root)
         .status()
-        .map_err(|source| AgentError::Read { path: root.to_owned(), source })?;
+        .map_err(|source| mount_err("run mount", source))?;
     if !status.success() || !is_bpffs(root)? {
-        return Err(AgentError::Usage {
-            flag: "--bpffs",
-            what: format!("{} is not on a bpffs and mounting one there failed", root.display()),
-        });
+        return Err(mount_err("mount a bpffs (it is not on one)", std::io::Error::other(format!("mount exited with {status}"))));
     }
     Ok(())
 }
@@ -176,7 +174,7 @@ fn is_bpffs(path: &Path) -> Result<bool, AgentError> {
     // SAFETY: a valid NUL-terminated path and a buffer of the right type.
     let rc = unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) };
     if rc != 0 {
-        return Err(AgentError::Read { path: path.to_owned(), source: std::io::Error::last_os_error() });
+        return Err(AgentError::Syscall { what: format!("statfs {}", path.display()), source: std::io::Error::last_os_error() });
     }
     // SAFETY: statfs succeeded and filled the struct.
     #[allow(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]

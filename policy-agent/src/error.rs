@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// Reading a manifest file or directory failed.
+    /// Reading a file or directory failed.
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -15,6 +15,23 @@ pub enum AgentError {
     /// A manifest document could not be parsed; names the file and the object.
     #[error("{path}: {what}")]
     Manifest { path: PathBuf, what: String },
+
+    /// Making `path` a bpffs directory failed.
+    #[error("bpffs {path}: cannot {what}: {source}")]
+    Mount {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A system call about the node's interfaces (getifaddrs, ioctls) failed.
+    #[error("{what}: {source}")]
+    Syscall {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 
     /// Bad command-line input (names the flag).
     #[error("{flag}: {what}")]
@@ -39,6 +56,14 @@ pub enum AgentError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+
+    /// The metrics or status server ended (it runs for the life of the agent).
+    #[error("the server on {addr} stopped")]
+    ServerStopped { addr: String },
+
+    /// The agent's /status answer could not be read.
+    #[error("bad /status answer from {addr}: {what}")]
+    StatusAnswer { addr: String, what: String },
 
     /// Serving metrics or status.
     #[error("serve {addr}: {source}")]

@@ -1,6 +1,11 @@
 //! What the agent shows: a shared view that the sync loop updates, served as Prometheus
 //! metrics (`/metrics`), health (`/healthz`, `/readyz`) and a JSON status (`/status`, read by
 //! `policy-agent status`). A tiny HTTP/1.1 responder is enough for these four paths.
+//!
+//! What names pods, addresses or policies (`/status`, per-pod counters) is served only on a
+//! loopback address: a listener on any other address (the node's, for Prometheus and the
+//! kubelet's probes) serves health and counters without such labels. No request walks a
+//! map: the conntrack map is counted by a background thread.
 
 use std::{
     collections::BTreeMap,
@@ -105,6 +110,11 @@ pub struct AgentView {
     pub passes: u64,
     /// Passes that compiled or wrote something.
     pub syncs: u64,
+    /// Passes skipped because the node's addresses or routes could not be read.
+    pub skipped_passes: u64,
+    /// The conntrack map's fill, as the background count last found it.
+    #[serde(skip)]
+    pub conntrack: Option<MapFill>,
     pub sync_failures: u64,
     #[serde(skip)]
     pub sync_duration: Histogram,
@@ -137,6 +147,8 @@ impl AgentView {
             problems: Vec::new(),
             passes: 0,
             syncs: 0,
+            skipped_passes: 0,
+            conntrack: None,
             sync_failures: 0,
             sync_duration: Histogram::new(LATENCY_BUCKETS),
             enforcement_latency: Histogram::new(LATENCY_BUCKETS),
@@ -160,31 +172,63 @@ fn escape(label: &str) -> String {
     label.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
-/// The Prometheus text exposition of the view and of the datapath counters.
-pub fn render_metrics(view: &AgentView, counters: Option<&PerCpuArray<MapData, Counter>>) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "# HELP policy_verdicts_total Packets judged by the classifier, by pod, direction and reason.\n# TYPE policy_verdicts_total counter");
-    if let Some(counters) = counters {
-        let endpoints = view.directory.pods_by_endpoint.iter().map(|(id, pod)| (*id, pod.as_str())).chain([(0, "")]);
-        for (id, pod) in endpoints {
-            for direction in [Direction::Ingress, Direction::Egress] {
-                for reason in Reason::ALL {
-                    let Ok(values) = counters.get(&reason.slot(id, direction), 0) else { continue };
-                    let packets: u64 = values.iter().map(|c| c.packets).sum();
-                    if packets > 0 {
-                        let dir = if direction == Direction::Ingress { "ingress" } else { "egress" };
-                        let verdict = if reason.is_drop() { "drop" } else { "pass" };
-                        let _ = writeln!(
-                            out,
-                            "policy_verdicts_total{{pod=\"{}\",direction=\"{dir}\",verdict=\"{verdict}\",reason=\"{}\"}} {packets}",
-                            escape(pod),
-                            reason.name()
-                        );
-                    }
+/// What a listener may show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposure {
+    /// Everything: only on loopback.
+    Full,
+    /// Health and counters without pod, address or policy labels.
+    Counters,
+}
+
+impl Exposure {
+    /// What a listener bound to `addr` may show.
+    pub fn of(addr: std::net::SocketAddr) -> Self {
+        if addr.ip().is_loopback() { Self::Full } else { Self::Counters }
+    }
+}
+
+/// Verdict counters by endpoint id (0: no endpoint), direction and reason, as packets.
+fn verdict_counts(view: &AgentView, counters: &PerCpuArray<MapData, Counter>) -> Vec<(u32, Direction, Reason, u64)> {
+    let mut out = Vec::new();
+    for id in view.directory.pods_by_endpoint.keys().copied().chain([0]) {
+        for direction in [Direction::Ingress, Direction::Egress] {
+            for reason in Reason::ALL {
+                let Ok(values) = counters.get(&reason.slot(id, direction), 0) else { continue };
+                let packets: u64 = values.iter().map(|c| c.packets).sum();
+                if packets > 0 {
+                    out.push((id, direction, reason, packets));
                 }
             }
         }
     }
+    out
+}
+
+fn render_verdicts(out: &mut String, view: &AgentView, counters: Option<&PerCpuArray<MapData, Counter>>, exposure: Exposure) {
+    let by = if exposure == Exposure::Full { "pod, direction" } else { "direction" };
+    let _ = writeln!(out, "# HELP policy_verdicts_total Packets judged by the classifier, by {by} and reason.\n# TYPE policy_verdicts_total counter");
+    let Some(counters) = counters else { return };
+    let mut totals: BTreeMap<(&str, &str, &str, &str), u64> = BTreeMap::new();
+    for (id, direction, reason, packets) in verdict_counts(view, counters) {
+        let pod = match exposure {
+            Exposure::Full => view.directory.pods_by_endpoint.get(&id).map_or("", String::as_str),
+            Exposure::Counters => "",
+        };
+        let dir = if direction == Direction::Ingress { "ingress" } else { "egress" };
+        let verdict = if reason.is_drop() { "drop" } else { "pass" };
+        *totals.entry((pod, dir, verdict, reason.name())).or_default() += packets;
+    }
+    for ((pod, dir, verdict, reason), packets) in totals {
+        let pod = if exposure == Exposure::Full { format!("pod=\"{}\",", escape(pod)) } else { String::new() };
+        let _ = writeln!(out, "policy_verdicts_total{{{pod}direction=\"{dir}\",verdict=\"{verdict}\",reason=\"{reason}\"}} {packets}");
+    }
+}
+
+/// The Prometheus text exposition of the view and of the datapath counters.
+pub fn render_metrics(view: &AgentView, counters: Option<&PerCpuArray<MapData, Counter>>, exposure: Exposure) -> String {
+    let mut out = String::new();
+    render_verdicts(&mut out, view, counters, exposure);
     let _ = writeln!(out, "# HELP policy_map_entries Entries in each BPF map.\n# TYPE policy_map_entries gauge");
     for (map, fill) in &view.maps {
         let _ = writeln!(out, "policy_map_entries{{map=\"{map}\"}} {}", fill.entries);
@@ -217,11 +261,9 @@ pub fn render_metrics(view: &AgentView, counters: Option<&PerCpuArray<MapData, C
     out
 }
 
-/// The pinned maps the server reads on request: per-packet counters and conntrack, whose
-/// size is counted only when asked for (one syscall per flow; not work for every sync).
+/// The per-packet counters, read on request (array lookups, bounded by the endpoints).
 pub struct PinnedReaders {
     counters: Option<PerCpuArray<MapData, Counter>>,
-    conntrack: Option<(HashMap<MapData, CtKey, CtValue>, u32)>,
 }
 
 impl PinnedReaders {
@@ -229,69 +271,94 @@ impl PinnedReaders {
         let counters = MapData::from_pin(pins.map(map_name::COUNTERS))
             .ok()
             .and_then(|data| PerCpuArray::try_from(Map::PerCpuArray(data)).ok());
-        let conntrack = MapData::from_pin(pins.map(map_name::CONNTRACK)).ok().and_then(|data| {
-            let capacity = data.info().ok()?.max_entries();
-            Some((HashMap::try_from(Map::LruHashMap(data)).ok()?, capacity))
-        });
-        Self { counters, conntrack }
+        Self { counters }
     }
+}
 
-    /// The conntrack map's fill, counted now.
-    fn conntrack_fill(&self) -> Option<MapFill> {
-        let (map, capacity) = self.conntrack.as_ref()?;
-        Some(MapFill { entries: map.keys().filter(Result::is_ok).count(), capacity: *capacity })
-    }
+/// How often the conntrack map is counted (one syscall per flow: never per request).
+const CONNTRACK_COUNT_PERIOD: Duration = Duration::from_secs(10);
+
+/// Counts the conntrack map now and every [`CONNTRACK_COUNT_PERIOD`], on a thread of its
+/// own, into the view's map fill.
+pub fn spawn_conntrack_counter(view: SharedView, pins: PinLayout) {
+    std::thread::spawn(move || {
+        let Some((map, capacity)) = MapData::from_pin(pins.map(map_name::CONNTRACK)).ok().and_then(|data| {
+            let capacity = data.info().ok()?.max_entries();
+            Some((HashMap::<MapData, CtKey, CtValue>::try_from(Map::LruHashMap(data)).ok()?, capacity))
+        }) else {
+            tracing::warn!("cannot open the conntrack map; its fill is not reported");
+            return;
+        };
+        loop {
+            let entries = map.keys().filter(Result::is_ok).count();
+            let fill = MapFill { entries, capacity };
+            {
+                // Never hold the view across the sleep.
+                let mut guard = write(&view);
+                guard.conntrack = Some(fill);
+                guard.maps.insert(map_name::CONNTRACK, fill);
+            }
+            std::thread::sleep(CONNTRACK_COUNT_PERIOD);
+        }
+    });
 }
 
 /// How long the loop may be silent before `/healthz` fails.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves `/metrics`, `/healthz`, `/readyz` and `/status` on `addr` until the process ends.
-pub async fn serve(addr: &str, view: SharedView, pins: PinLayout) -> Result<(), AgentError> {
+/// Binds `addr` for [`serve`]; a listener that must show everything (`--status-addr`) must
+/// be on loopback.
+pub async fn bind(addr: &str, flag: &'static str, full_only: bool) -> Result<(tokio::net::TcpListener, Exposure), AgentError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Serve { addr: addr.to_owned(), source })?;
+    let local = listener.local_addr().map_err(|source| AgentError::Serve { addr: addr.to_owned(), source })?;
+    let exposure = Exposure::of(local);
+    if full_only && exposure != Exposure::Full {
+        return Err(AgentError::Usage { flag, what: format!("{addr} is not a loopback address (it serves pod names, addresses and policies)") });
+    }
+    Ok((listener, exposure))
+}
+
+/// Serves `/healthz`, `/readyz`, `/metrics` and (with [`Exposure::Full`]) `/status` until
+/// the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, exposure: Exposure, view: SharedView, pins: PinLayout) {
     let readers = Arc::new(std::sync::Mutex::new(PinnedReaders::open(&pins)));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
-        let view = view.clone();
-        let readers = readers.clone();
-        tokio::spawn(async move {
-            // Read the whole request head (up to the blank line): answering and closing with
-            // unread request bytes would make the kernel reset the connection.
-            let mut buf = Vec::with_capacity(512);
-            let mut chunk = [0u8; 1024];
-            let read_head = async {
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                true
-            };
-            if !matches!(tokio::time::timeout(Duration::from_secs(5), read_head).await, Ok(true)) {
-                return;
-            }
-            let n = buf.len();
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (status, content_type, body) = respond(path, &view, &readers);
-            let head = format!("HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
-        });
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (view, readers) = (view.clone(), readers.clone());
+        tokio::spawn(async move { answer(stream, exposure, &view, &readers).await });
     }
 }
 
-fn respond(path: &str, view: &SharedView, readers: &std::sync::Mutex<PinnedReaders>) -> (&'static str, &'static str, String) {
-    let readers = readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if matches!(path, "/metrics" | "/status")
-        && let Some(fill) = readers.conntrack_fill()
-    {
-        write(view).maps.insert(map_name::CONNTRACK, fill);
+async fn answer(mut stream: tokio::net::TcpStream, exposure: Exposure, view: &SharedView, readers: &std::sync::Mutex<PinnedReaders>) {
+    // Read the whole request head (up to the blank line): answering and closing with unread
+    // request bytes would make the kernel reset the connection.
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    let read_head = async {
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        true
+    };
+    if !matches!(tokio::time::timeout(Duration::from_secs(5), read_head).await, Ok(true)) {
+        return;
     }
+    let request = String::from_utf8_lossy(&buf);
+    let path = request.split_whitespace().nth(1).unwrap_or("/");
+    let (status, content_type, body) = respond(path, exposure, view, readers);
+    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+}
+
+fn respond(path: &str, exposure: Exposure, view: &SharedView, readers: &std::sync::Mutex<PinnedReaders>) -> (&'static str, &'static str, String) {
+    let readers = readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let view = read(view);
     match path {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", render_metrics(&view, readers.counters.as_ref())),
+        "/metrics" => ("200 OK", "text/plain; version=0.0.4", render_metrics(&view, readers.counters.as_ref(), exposure)),
         "/healthz" => {
             if view.last_loop.is_some_and(|t| t.elapsed() < HEALTH_TIMEOUT) || view.last_loop.is_none() {
                 ("200 OK", "text/plain", "ok\n".into())
@@ -306,7 +373,23 @@ fn respond(path: &str, view: &SharedView, readers: &std::sync::Mutex<PinnedReade
                 ("503 Service Unavailable", "text/plain", "waiting for the first sync\n".into())
             }
         }
-        "/status" => ("200 OK", "application/json", serde_json::to_string_pretty(&*view).unwrap_or_default()),
+        "/status" if exposure == Exposure::Full => ("200 OK", "application/json", serde_json::to_string_pretty(&*view).unwrap_or_default()),
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_loopback_listeners_show_everything() {
+        let (_l, exposure) = bind("127.0.0.1:0", "--metrics-addr", false).await.unwrap();
+        assert_eq!(exposure, Exposure::Full);
+        let (_l, exposure) = bind("0.0.0.0:0", "--metrics-addr", false).await.unwrap();
+        assert_eq!(exposure, Exposure::Counters);
+        assert!(bind("127.0.0.1:0", "--status-addr", true).await.is_ok());
+        let refused = bind("0.0.0.0:0", "--status-addr", true).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("loopback"), "{refused}");
     }
 }

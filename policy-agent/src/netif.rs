@@ -12,46 +12,89 @@ use crate::AgentError;
 /// Addresses configured on this namespace's interfaces, without loopback and link-local
 /// ones (they never appear as the source of node-to-pod traffic that policies judge).
 pub fn node_addresses() -> Result<Vec<IpAddr>, AgentError> {
+    let mut addrs: Vec<IpAddr> = interface_addresses()?.into_iter().map(|a| a.addr).collect();
+    addrs.sort();
+    addrs.dedup();
+    Ok(addrs)
+}
+
+/// One address of one interface, with its prefix length.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceAddress {
+    pub interface: String,
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+/// Every address of this namespace's interfaces, without loopback and link-local ones.
+pub fn interface_addresses() -> Result<Vec<InterfaceAddress>, AgentError> {
     let mut addrs = Vec::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a list that we free below.
     if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
-        return Err(AgentError::Read { path: "getifaddrs".into(), source: std::io::Error::last_os_error() });
+        return Err(AgentError::Syscall { what: "getifaddrs".into(), source: std::io::Error::last_os_error() });
     }
     let mut cursor = list;
     while !cursor.is_null() {
         // SAFETY: cursor walks the list getifaddrs returned, which is valid until freed.
         let entry = unsafe { &*cursor };
         cursor = entry.ifa_next;
-        if entry.ifa_addr.is_null() {
+        // SAFETY: the pointers come from getifaddrs and are null or valid.
+        let Some((addr, prefix_len)) = (unsafe { sockaddr_ip(entry.ifa_addr) })
+            .map(|addr| (addr, unsafe { sockaddr_ip(entry.ifa_netmask) }.map_or(max_len(addr), mask_len)))
+        else {
             continue;
-        }
-        // SAFETY: ifa_addr is non-null and its family says which sockaddr it is.
-        let addr = unsafe {
-            match i32::from((*entry.ifa_addr).sa_family) {
-                libc::AF_INET => {
-                    let sin = &*entry.ifa_addr.cast::<libc::sockaddr_in>();
-                    IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
-                }
-                libc::AF_INET6 => {
-                    let sin6 = &*entry.ifa_addr.cast::<libc::sockaddr_in6>();
-                    IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
-                }
-                _ => continue,
-            }
         };
         let link_local = match addr {
             IpAddr::V4(a) => a.is_link_local(),
             IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
         };
-        if !addr.is_loopback() && !link_local && !addrs.contains(&addr) {
-            addrs.push(addr);
+        if addr.is_loopback() || link_local {
+            continue;
         }
+        // SAFETY: ifa_name is a NUL-terminated string valid until the list is freed.
+        let interface = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) }.to_string_lossy().into_owned();
+        addrs.push(InterfaceAddress { interface, addr, prefix_len });
     }
     // SAFETY: the list came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(list) };
-    addrs.sort();
     Ok(addrs)
+}
+
+/// The address in a sockaddr, if it is IPv4 or IPv6.
+///
+/// # Safety
+/// `sa` is null or points to a sockaddr whose family says which sockaddr it is.
+unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<IpAddr> {
+    if sa.is_null() {
+        return None;
+    }
+    // SAFETY: non-null, and the family tells the concrete type (the caller's contract).
+    unsafe {
+        match i32::from((*sa).sa_family) {
+            libc::AF_INET => {
+                let sin = &*sa.cast::<libc::sockaddr_in>();
+                Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))))
+            }
+            libc::AF_INET6 => {
+                let sin6 = &*sa.cast::<libc::sockaddr_in6>();
+                Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+            }
+            _ => None,
+        }
+    }
+}
+
+fn mask_len(mask: IpAddr) -> u8 {
+    let ones = match mask {
+        IpAddr::V4(m) => u32::from(m).leading_ones(),
+        IpAddr::V6(m) => u128::from(m).leading_ones(),
+    };
+    u8::try_from(ones).unwrap_or(u8::MAX)
+}
+
+const fn max_len(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() { 32 } else { 128 }
 }
 
 /// A route of the main table: destination prefix and output interface.
@@ -64,14 +107,19 @@ pub struct Route {
 
 /// Reads the IPv4 and IPv6 routes of this network namespace from /proc/self/net.
 pub fn routes() -> Result<Vec<Route>, AgentError> {
-    let mut routes = Vec::new();
-    let v4 = Path::new("/proc/self/net/route");
+    routes_from(Path::new("/proc/self/net/route"), Path::new("/proc/self/net/ipv6_route"))
+}
+
+/// Reads the routes from these files. Any read error is an error (the caller then keeps
+/// everything as it is), except a missing IPv6 file: a kernel without IPv6 has no such
+/// file, and no IPv6 routes.
+fn routes_from(v4: &Path, v6: &Path) -> Result<Vec<Route>, AgentError> {
     let text = std::fs::read_to_string(v4).map_err(|source| AgentError::Read { path: v4.into(), source })?;
-    routes.extend(parse_ipv4_routes(&text));
-    let v6 = Path::new("/proc/self/net/ipv6_route");
-    // A kernel without IPv6 has no such file: no IPv6 routes.
-    if let Ok(text) = std::fs::read_to_string(v6) {
-        routes.extend(parse_ipv6_routes(&text));
+    let mut routes = parse_ipv4_routes(&text);
+    match std::fs::read_to_string(v6) {
+        Ok(text) => routes.extend(parse_ipv6_routes(&text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(AgentError::Read { path: v6.into(), source }),
     }
     Ok(routes)
 }
@@ -105,27 +153,13 @@ fn parse_ipv6_routes(text: &str) -> Vec<Route> {
         .collect()
 }
 
-/// The interface of the most specific non-default route covering `addr`.
-pub fn interface_for(routes: &[Route], addr: IpAddr) -> Option<&str> {
-    routes
-        .iter()
-        .filter(|r| r.prefix_len > 0 && covers(r.destination, r.prefix_len, addr))
-        .max_by_key(|r| r.prefix_len)
-        .map(|r| r.interface.as_str())
-}
-
-fn covers(network: IpAddr, len: u8, addr: IpAddr) -> bool {
-    match (network, addr) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
-            u128::from(n) & mask == u128::from(a) & mask
-        }
-        _ => false,
-    }
+/// The interface of the host route (/32, /128) to exactly `addr`, as routed CNIs install
+/// them. A covering route is never used: it leads to an uplink or a bridge that other
+/// traffic shares. Host routes to one address over different interfaces: none (ambiguous).
+pub fn host_route_interface(routes: &[Route], addr: IpAddr) -> Option<&str> {
+    let mut found = routes.iter().filter(|r| r.prefix_len == max_len(addr) && r.destination == addr).map(|r| r.interface.as_str());
+    let first = found.next()?;
+    found.all(|other| other == first).then_some(first)
 }
 
 /// The index of an interface in this namespace, if it exists.
@@ -150,7 +184,7 @@ pub fn ifname(index: u32) -> Option<String> {
 
 /// Sets a link administratively up or down (SIOCSIFFLAGS).
 pub fn set_link_up(name: &str, up: bool) -> Result<(), AgentError> {
-    let err = |source| AgentError::Read { path: format!("link {name}").into(), source };
+    let err = |source| AgentError::Syscall { what: format!("set link {name} {}", if up { "up" } else { "down" }), source };
     let (socket, mut req) = ifreq(name).map_err(err)?;
     // SAFETY: a valid socket and an ifreq naming the interface.
     unsafe {
@@ -189,24 +223,82 @@ fn ifreq(name: &str) -> Result<(libc::c_int, libc::ifreq), std::io::Error> {
     Ok((socket, req))
 }
 
+/// Whether an interface is a veth (its ethtool driver is `veth`), as a pod's host side is.
+pub fn is_veth(name: &str) -> Result<bool, AgentError> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    /// `struct ethtool_drvinfo` of linux/ethtool.h.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        counts: [u32; 5],
+    }
+    let err = |source| AgentError::Syscall { what: format!("ethtool driver info of {name}"), source };
+    let (socket, mut req) = ifreq(name).map_err(err)?;
+    // SAFETY: plain data; zero is a valid start.
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    req.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: a valid socket, an ifreq naming the interface and pointing at a drvinfo that
+    // outlives the call.
+    let rc = unsafe { libc::ioctl(socket, SIOCETHTOOL as _, &raw mut req) };
+    let e = std::io::Error::last_os_error();
+    // SAFETY: the socket is ours and closed once.
+    unsafe { libc::close(socket) };
+    if rc < 0 {
+        // Interfaces without ethtool support (lo, some virtual ones) are not veths.
+        return if e.raw_os_error() == Some(libc::EOPNOTSUPP) { Ok(false) } else { Err(err(e)) };
+    }
+    let driver = info.driver.split(|b| *b == 0).next().unwrap_or_default();
+    Ok(driver == b"veth")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn parses_proc_routes_and_picks_the_most_specific() {
+    fn parses_proc_routes_and_takes_only_host_routes() {
         let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
                   eth0\t00000000\t010012C6\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
                   vetha\t0A0012C6\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
-                  eth0\t000012C6\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
+                  eth0\t000012C6\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
+                  vethb\t0C0012C6\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
+                  vethc\t0C0012C6\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
         let v6 = "20010002000000100000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001    vetha\n\
+                  20010002000000100000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001     eth0\n\
                   00000000000000000000000000000000 00 00000000000000000000000000000000 00 20010002000000000000000000000001 00000400 00000001 00000000 00000003     eth0\n";
         let mut routes = parse_ipv4_routes(v4);
         routes.extend(parse_ipv6_routes(v6));
-        assert_eq!(interface_for(&routes, "198.18.0.10".parse().unwrap()), Some("vetha"));
-        assert_eq!(interface_for(&routes, "198.18.0.11".parse().unwrap()), Some("eth0"), "the /16");
-        assert_eq!(interface_for(&routes, "198.19.0.11".parse().unwrap()), None, "only the default route");
-        assert_eq!(interface_for(&routes, "2001:2:0:10::1".parse().unwrap()), Some("vetha"));
-        assert_eq!(interface_for(&routes, "2001:2:0:10::2".parse().unwrap()), None);
+        assert_eq!(host_route_interface(&routes, "198.18.0.10".parse().unwrap()), Some("vetha"));
+        assert_eq!(host_route_interface(&routes, "198.18.0.11".parse().unwrap()), None, "a covering /16 is never used");
+        assert_eq!(host_route_interface(&routes, "198.19.0.11".parse().unwrap()), None, "nor the default route");
+        assert_eq!(host_route_interface(&routes, "198.18.0.12".parse().unwrap()), None, "two devices: ambiguous");
+        assert_eq!(host_route_interface(&routes, "2001:2:0:10::1".parse().unwrap()), Some("vetha"));
+        assert_eq!(host_route_interface(&routes, "2001:2:0:10::2".parse().unwrap()), None, "a covering /64 is never used");
+    }
+
+    #[test]
+    fn a_route_read_error_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("netif-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let v4 = dir.join("route");
+        std::fs::write(&v4, "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n").unwrap();
+        assert!(routes_from(&dir.join("missing"), &dir.join("missing6")).is_err(), "no IPv4 routes file");
+        assert_eq!(routes_from(&v4, &dir.join("missing6")).unwrap(), Vec::new(), "no IPv6 in this kernel");
+        // A directory cannot be read as a file: an error, never "no routes".
+        assert!(routes_from(&v4, &dir).is_err(), "an unreadable IPv6 routes file");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn loopback_is_not_a_veth() {
+        assert!(!is_veth("lo").unwrap_or(false));
     }
 }

@@ -9,13 +9,15 @@
 //! - an address of this node: HOST, or a host identity keyed by its ipBlocks.
 //!
 //! So pods with equal labels share an identity and policy entries scale with identities, yet
-//! ipBlocks and egress named ports stay exact per address. Derived numbers are a hash of the
-//! key (FNV-1a 64) with linear probing in sorted key order: the same state gives the same
-//! numbers on every run, with no map iteration order or randomness involved.
+//! ipBlocks and egress named ports stay exact per address. Derived numbers come from an
+//! [`IdentityAllocator`]: a hash of the key (FNV-1a 64) with linear probing, kept by the key
+//! while it exists and held back after, so the same state gives the same numbers on every
+//! run and a number never moves to another label set while entries may name it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::IPBlock;
@@ -262,6 +264,20 @@ pub fn is_terminated(pod: &Pod) -> bool {
     matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
 }
 
+/// Whether a pod's IPs are its own: not in the host network and not terminated. (Such a
+/// pod on this node is an endpoint; anywhere, its addresses get its identity.)
+pub fn is_live_pod(pod: &Pod) -> bool {
+    !is_host_network(pod) && !is_terminated(pod)
+}
+
+/// Who wins an address that several live pods report: a pod that is not terminating over
+/// one that is, then the newest (creationTimestamp), then the first by name. Sorts first.
+fn claim_order<'p>(pod_ref: &'p PodRef, pod: &'p Pod) -> impl Ord + 'p {
+    let terminating = pod.metadata.deletion_timestamp.is_some();
+    let created = std::cmp::Reverse(pod.metadata.creation_timestamp.as_ref());
+    (terminating, created, pod_ref)
+}
+
 pub fn is_host_network(pod: &Pod) -> bool {
     pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
 }
@@ -441,6 +457,8 @@ pub struct IdentityTable {
     pub named_ports: BTreeMap<u32, BTreeMap<(String, u8), u16>>,
     /// Identity of each pod address (cluster-wide), for explain and status.
     pub pod_addresses: BTreeMap<IpAddr, (PodRef, u32)>,
+    /// The labels of every namespace in `groups`, for namespace selectors.
+    pub namespace_labels: BTreeMap<String, Labels>,
 }
 
 impl IdentityTable {
@@ -464,40 +482,75 @@ pub fn resolve_identities(
     node_name: &str,
     node_ips: &[IpAddr],
     inputs: &IdentityInputs<'_>,
+    allocator: &mut IdentityAllocator,
     problems: &mut Vec<Problem>,
 ) -> IdentityTable {
     let blocks = inputs.blocks;
-    let blocks_matching = |addr: IpAddr| -> BTreeSet<usize> {
-        blocks.iter().enumerate().filter(|(_, b)| b.contains(addr)).map(|(i, _)| i).collect()
-    };
-
     // Node addresses first: they win over a pod claiming the same address.
-    let mut node_addresses: BTreeSet<IpAddr> = node_ips.iter().copied().collect();
+    let node_addresses = node_addresses(state, node_name, node_ips, problems);
+    let mut keys: BTreeMap<IdentityKey, Vec<IpPrefix>> = BTreeMap::new();
+    for addr in &node_addresses {
+        keys.entry(IdentityKey::Host(blocks_matching(blocks, *addr))).or_default().push(IpPrefix::host(*addr));
+    }
+    let live = live_pods(state, problems);
+    let (group_index, groups) = label_groups(state, &live);
+    let claims = PodClaims { node_name, node_addresses: &node_addresses, inputs, group_index: &group_index };
+    let (pod_keys, claimed) = claims.claim(live, &mut keys, problems);
+    let world_prefixes = cidr_keys(blocks, &claimed, &node_addresses, &mut keys);
+    let numbers = number_keys(&keys, blocks, &groups, allocator);
+    let number_of = |key: &IdentityKey| -> u32 {
+        match key {
+            IdentityKey::Host(b) if b.is_empty() => identity::HOST,
+            _ => numbers.get(key).copied().unwrap_or(identity::WORLD),
+        }
+    };
+    let mut table = table_of(&keys, blocks, &groups, &number_of);
+    for prefix in world_prefixes {
+        table.ipcache.insert(prefix, identity::WORLD);
+    }
+    for (pod_ref, ip, key) in pod_keys {
+        table.pod_addresses.insert(ip, (pod_ref, number_of(&key)));
+    }
+    table
+}
+
+fn blocks_matching(blocks: &[CidrBlock], addr: IpAddr) -> BTreeSet<usize> {
+    blocks.iter().enumerate().filter(|(_, b)| b.contains(addr)).map(|(i, _)| i).collect()
+}
+
+/// The node's own addresses and those of its pods' hosts and hostNetwork pods.
+fn node_addresses(state: &ClusterState, node_name: &str, node_ips: &[IpAddr], problems: &mut Vec<Problem>) -> BTreeSet<IpAddr> {
+    let mut addresses: BTreeSet<IpAddr> = node_ips.iter().copied().collect();
     for pod in state.pods.values().filter(|p| node_name_is(p, node_name)) {
-        node_addresses.extend(host_ips(pod, problems));
+        addresses.extend(host_ips(pod, problems));
         if is_host_network(pod) && !is_terminated(pod) {
-            node_addresses.extend(pod_ips(pod, problems));
+            addresses.extend(pod_ips(pod, problems));
         }
     }
+    addresses
+}
 
-    let mut keys: BTreeMap<IdentityKey, Vec<IpPrefix>> = BTreeMap::new();
-    let mut claimed: BTreeMap<IpAddr, PodRef> = BTreeMap::new();
-    for addr in &node_addresses {
-        keys.entry(IdentityKey::Host(blocks_matching(*addr))).or_default().push(IpPrefix::host(*addr));
-    }
+type LivePod<'s> = (&'s PodRef, &'s Pod, Vec<IpAddr>);
 
-    // Pods with addresses, and their label groups numbered in content order.
-    let live: Vec<(&PodRef, &Pod, Vec<IpAddr>)> = state
+/// Live pods with addresses, in claim order: the winner of a shared address comes first.
+fn live_pods<'s>(state: &'s ClusterState, problems: &mut Vec<Problem>) -> Vec<LivePod<'s>> {
+    let mut live: Vec<LivePod<'s>> = state
         .pods
         .iter()
-        .filter(|(_, pod)| !is_host_network(pod) && !is_terminated(pod))
+        .filter(|(_, pod)| is_live_pod(pod))
         .map(|(pod_ref, pod)| (pod_ref, pod, pod_ips(pod, problems)))
         .filter(|(_, _, ips)| !ips.is_empty())
         .collect();
-    let mut group_index: BTreeMap<(&str, &Labels), usize> = BTreeMap::new();
-    for (pod_ref, pod, _) in &live {
-        group_index.insert(group_of(pod_ref, pod), 0);
-    }
+    live.sort_by(|a, b| claim_order(a.0, a.1).cmp(&claim_order(b.0, b.1)));
+    live
+}
+
+type GroupIndex<'s> = BTreeMap<(&'s str, &'s Labels), usize>;
+
+/// The (namespace, pod labels) groups of the live pods, numbered in content order, with
+/// their namespace's labels.
+fn label_groups<'s>(state: &'s ClusterState, live: &[LivePod<'s>]) -> (GroupIndex<'s>, Vec<GroupData<'s>>) {
+    let mut group_index: GroupIndex<'s> = live.iter().map(|(pod_ref, pod, _)| (group_of(pod_ref, pod), 0)).collect();
     let mut namespace_labels: BTreeMap<&str, Labels> = BTreeMap::new();
     let mut groups: Vec<GroupData<'_>> = Vec::with_capacity(group_index.len());
     for (index, ((namespace, pod_labels), slot)) in group_index.iter_mut().enumerate() {
@@ -505,42 +558,67 @@ pub fn resolve_identities(
         let ns_labels = namespace_labels.entry(namespace).or_insert_with(|| state.namespace_labels(namespace)).clone();
         groups.push(GroupData { namespace, pod_labels, namespace_labels: ns_labels });
     }
+    (group_index, groups)
+}
 
-    let mut pod_keys: Vec<(PodRef, IpAddr, IdentityKey)> = Vec::new();
-    for (pod_ref, pod, ips) in live {
-        let group = group_index.get(&group_of(pod_ref, pod)).copied().unwrap_or_default();
-        let named_ports: BTreeMap<(String, u8), u16> = inputs
-            .egress_named_ports
-            .iter()
-            .filter_map(|(name, protocol)| {
-                resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port))
-            })
-            .collect();
-        for ip in ips {
-            if node_addresses.contains(&ip) {
-                problems.push(Problem::new(
-                    format!("Pod {pod_ref}"),
-                    "status.podIPs",
-                    format!("{ip} is an address of node {node_name}; treated as the node"),
-                ));
-                continue;
+/// A pod address and its key.
+type PodKey = (PodRef, IpAddr, IdentityKey);
+
+/// What deciding the pod addresses' keys needs.
+struct PodClaims<'a, 's> {
+    node_name: &'a str,
+    node_addresses: &'a BTreeSet<IpAddr>,
+    inputs: &'a IdentityInputs<'a>,
+    group_index: &'a GroupIndex<'s>,
+}
+
+impl PodClaims<'_, '_> {
+    /// Gives each pod address (not the node's, not already claimed) its key. Returns the
+    /// keys by address and who claimed each address.
+    fn claim(
+        &self,
+        live: Vec<LivePod<'_>>,
+        keys: &mut BTreeMap<IdentityKey, Vec<IpPrefix>>,
+        problems: &mut Vec<Problem>,
+    ) -> (Vec<PodKey>, BTreeMap<IpAddr, PodRef>) {
+        let mut claimed: BTreeMap<IpAddr, PodRef> = BTreeMap::new();
+        let mut pod_keys = Vec::new();
+        for (pod_ref, pod, ips) in live {
+            let group = self.group_index.get(&group_of(pod_ref, pod)).copied().unwrap_or_default();
+            let named_ports: BTreeMap<(String, u8), u16> = self
+                .inputs
+                .egress_named_ports
+                .iter()
+                .filter_map(|(name, protocol)| resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port)))
+                .collect();
+            for ip in ips {
+                let taken_by = if self.node_addresses.contains(&ip) {
+                    Some(format!("{ip} is an address of node {}; treated as the node", self.node_name))
+                } else {
+                    claimed.get(&ip).map(|owner| format!("{ip} is also the address of pod {owner}; ignored here"))
+                };
+                if let Some(message) = taken_by {
+                    problems.push(Problem::new(format!("Pod {pod_ref}"), "status.podIPs", message));
+                    continue;
+                }
+                claimed.insert(ip, pod_ref.clone());
+                let key = IdentityKey::Pod { group, blocks: blocks_matching(self.inputs.blocks, ip), named_ports: named_ports.clone() };
+                keys.entry(key.clone()).or_default().push(IpPrefix::host(ip));
+                pod_keys.push((pod_ref.clone(), ip, key));
             }
-            if let Some(owner) = claimed.get(&ip) {
-                problems.push(Problem::new(
-                    format!("Pod {pod_ref}"),
-                    "status.podIPs",
-                    format!("{ip} is also the address of pod {owner}; ignored here"),
-                ));
-                continue;
-            }
-            claimed.insert(ip, pod_ref.clone());
-            let key = IdentityKey::Pod { group, blocks: blocks_matching(ip), named_ports: named_ports.clone() };
-            keys.entry(key.clone()).or_default().push(IpPrefix::host(ip));
-            pod_keys.push((pod_ref.clone(), ip, key));
         }
+        (pod_keys, claimed)
     }
+}
 
-    // Every cidr and except prefix, for addresses that are neither pods nor the node.
+/// Keys for every cidr and except prefix, for addresses that are neither pods nor the
+/// node. Returns the prefixes that must say WORLD (inside a block, in none).
+fn cidr_keys(
+    blocks: &[CidrBlock],
+    claimed: &BTreeMap<IpAddr, PodRef>,
+    node_addresses: &BTreeSet<IpAddr>,
+    keys: &mut BTreeMap<IdentityKey, Vec<IpPrefix>>,
+) -> Vec<IpPrefix> {
     let mut cidr_prefixes: BTreeSet<IpPrefix> = BTreeSet::new();
     for block in blocks {
         cidr_prefixes.insert(block.cidr);
@@ -563,20 +641,17 @@ pub fn resolve_identities(
             keys.entry(IdentityKey::Cidr(matching)).or_default().push(prefix);
         }
     }
+    world_prefixes
+}
 
-    let numbers = allocate(
-        keys.keys().filter(|k| !matches!(k, IdentityKey::Host(b) if b.is_empty())),
-        |key| fnv1a64(&canonical_bytes(key, blocks, &groups)),
-        identity::FIRST_DERIVED,
-        u64::from(identity::MAX_DERIVED),
-    );
-    let number_of = |key: &IdentityKey| -> u32 {
-        match key {
-            IdentityKey::Host(b) if b.is_empty() => identity::HOST,
-            _ => numbers.get(key).copied().unwrap_or(identity::WORLD),
-        }
-    };
-
+/// The table of numbered keys: ipcache entries, what each identity is, label groups and
+/// block members.
+fn table_of(
+    keys: &BTreeMap<IdentityKey, Vec<IpPrefix>>,
+    blocks: &[CidrBlock],
+    groups: &[GroupData<'_>],
+    number_of: &dyn Fn(&IdentityKey) -> u32,
+) -> IdentityTable {
     let mut table = IdentityTable {
         blocks: blocks.to_vec(),
         block_members: vec![BTreeSet::new(); blocks.len()],
@@ -585,12 +660,9 @@ pub fn resolve_identities(
     table.info.insert(identity::HOST, IdentityInfo::Reserved("host"));
     table.info.insert(identity::WORLD, IdentityInfo::Reserved("world"));
     table.host_identities.insert(identity::HOST);
-    for prefix in world_prefixes {
-        table.ipcache.insert(prefix, identity::WORLD);
-    }
     let block_list = |set: &BTreeSet<usize>| set.iter().filter_map(|i| blocks.get(*i).cloned()).collect::<Vec<_>>();
     let mut group_identities: BTreeMap<usize, BTreeSet<u32>> = BTreeMap::new();
-    for (key, prefixes) in &keys {
+    for (key, prefixes) in keys {
         let number = number_of(key);
         for prefix in prefixes {
             table.ipcache.insert(*prefix, number);
@@ -600,15 +672,13 @@ pub fn resolve_identities(
                 group_identities.entry(*group).or_default().insert(number);
                 table.named_ports.insert(number, named_ports.clone());
                 let data = &groups[*group];
-                table.info.insert(
-                    number,
-                    IdentityInfo::Pod {
-                        namespace: data.namespace.to_owned(),
-                        labels: data.pod_labels.clone(),
-                        blocks: block_list(b),
-                        named_ports: named_ports.clone(),
-                    },
-                );
+                let info = IdentityInfo::Pod {
+                    namespace: data.namespace.to_owned(),
+                    labels: data.pod_labels.clone(),
+                    blocks: block_list(b),
+                    named_ports: named_ports.clone(),
+                };
+                table.info.insert(number, info);
                 b
             }
             IdentityKey::Cidr(b) => {
@@ -631,16 +701,162 @@ pub fn resolve_identities(
     }
     for (group, identities) in group_identities {
         let data = &groups[group];
+        table.namespace_labels.entry(data.namespace.to_owned()).or_insert_with(|| data.namespace_labels.clone());
         table.groups.entry(data.namespace.to_owned()).or_default().push(LabelGroup {
             namespace: data.namespace.to_owned(),
             pod_labels: data.pod_labels.clone(),
             identities,
         });
     }
-    for (pod_ref, ip, key) in pod_keys {
-        table.pod_addresses.insert(ip, (pod_ref, number_of(&key)));
-    }
     table
+}
+
+/// The number of every derived key (all but plain HOST), from the allocator.
+fn number_keys<'k>(
+    keys: &'k BTreeMap<IdentityKey, Vec<IpPrefix>>,
+    blocks: &[CidrBlock],
+    groups: &[GroupData<'_>],
+    allocator: &mut IdentityAllocator,
+) -> BTreeMap<&'k IdentityKey, u32> {
+    let derived: Vec<(&IdentityKey, Vec<u8>)> = keys
+        .keys()
+        .filter(|k| !matches!(k, IdentityKey::Host(b) if b.is_empty()))
+        .map(|k| (k, canonical_bytes(k, blocks, groups)))
+        .collect();
+    let wanted: BTreeMap<&[u8], &[IpPrefix]> =
+        derived.iter().map(|(k, bytes)| (bytes.as_slice(), keys[*k].as_slice())).collect();
+    allocator.assign(&wanted);
+    derived.iter().filter_map(|(k, bytes)| Some((*k, allocator.number(bytes)?))).collect()
+}
+
+/// How long a freed identity number is held back before another key may get it: every map
+/// entry naming it goes in the sync that frees it, and tracked flows are judged again.
+pub const IDENTITY_HOLD_BACK: Duration = Duration::from_secs(600);
+
+/// Identity numbers across compiles. A number stays with its key while the key exists; a
+/// freed number is not given to another key for [`IDENTITY_HOLD_BACK`], so no map entry
+/// written for one label set ever applies to another. A new key takes its hash (probing
+/// linearly past numbers in use or held back), or on the first compile after a restart the
+/// number its addresses had in the pinned maps. The compiler stays pure: this state is an
+/// explicit input and output, and time is passed in.
+#[derive(Clone, Debug)]
+pub struct IdentityAllocator {
+    hash: fn(&[u8]) -> u64,
+    /// Number -> the canonical bytes of the key holding it, and back.
+    owners: BTreeMap<u32, Vec<u8>>,
+    numbers: BTreeMap<Vec<u8>, u32>,
+    /// Freed numbers and when they were freed.
+    held: BTreeMap<u32, Instant>,
+    /// The numbers prefixes had in the pinned maps, for the first compile.
+    adopted: BTreeMap<IpPrefix, u32>,
+    now: Instant,
+}
+
+impl Default for IdentityAllocator {
+    fn default() -> Self {
+        Self::with_hash(fnv1a64)
+    }
+}
+
+impl IdentityAllocator {
+    /// An allocator with another hash (the tests force collisions with a tiny one).
+    pub fn with_hash(hash: fn(&[u8]) -> u64) -> Self {
+        Self {
+            hash,
+            owners: BTreeMap::new(),
+            numbers: BTreeMap::new(),
+            held: BTreeMap::new(),
+            adopted: BTreeMap::new(),
+            now: Instant::now(),
+        }
+    }
+
+    /// Sets the time of the next compile (when numbers freed by it are freed).
+    pub fn set_time(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    /// Records the numbers of the ipcache entries found in the pinned maps: the next compile
+    /// gives each key the number its addresses had.
+    pub fn adopt(&mut self, entries: impl IntoIterator<Item = (IpPrefix, u32)>) {
+        let derived = identity::FIRST_DERIVED..identity::MAX_DERIVED;
+        self.adopted.extend(entries.into_iter().filter(|(_, n)| derived.contains(n)));
+    }
+
+    /// The number of a key, if it has one.
+    pub fn number(&self, key: &[u8]) -> Option<u32> {
+        self.numbers.get(key).copied()
+    }
+
+    /// Whether a number is held back (freed less than [`IDENTITY_HOLD_BACK`] ago).
+    pub fn is_held(&self, number: u32) -> bool {
+        self.held.contains_key(&number)
+    }
+
+    /// Gives every key (canonical bytes, with the prefixes it covers) a number.
+    fn assign(&mut self, keys: &BTreeMap<&[u8], &[IpPrefix]>) {
+        let now = self.now;
+        let gone: Vec<Vec<u8>> = self.numbers.keys().filter(|k| !keys.contains_key(k.as_slice())).cloned().collect();
+        for key in gone {
+            if let Some(number) = self.numbers.remove(&key) {
+                self.owners.remove(&number);
+                self.held.insert(number, now);
+            }
+        }
+        self.held.retain(|_, freed| now.saturating_duration_since(*freed) < IDENTITY_HOLD_BACK);
+        self.assign_adopted(keys);
+        for key in keys.keys() {
+            if !self.numbers.contains_key(*key)
+                && let Some(number) = self.free_from((self.hash)(key))
+            {
+                self.give(key, number);
+            }
+        }
+    }
+
+    /// After a restart: each new key takes the number most of its prefixes had, if it is
+    /// free; the numbers no key took are held back (entries may still name them).
+    fn assign_adopted(&mut self, keys: &BTreeMap<&[u8], &[IpPrefix]>) {
+        let adopted = std::mem::take(&mut self.adopted);
+        if adopted.is_empty() {
+            return;
+        }
+        for (key, prefixes) in keys {
+            if self.numbers.contains_key(*key) {
+                continue;
+            }
+            let mut votes: BTreeMap<u32, usize> = BTreeMap::new();
+            for number in prefixes.iter().filter_map(|p| adopted.get(p)) {
+                *votes.entry(*number).or_default() += 1;
+            }
+            let best = votes.iter().filter(|(n, _)| self.is_free(**n)).max_by_key(|(n, count)| (**count, std::cmp::Reverse(**n)));
+            if let Some((&number, _)) = best {
+                self.give(key, number);
+            }
+        }
+        for number in adopted.into_values() {
+            if !self.owners.contains_key(&number) {
+                self.held.insert(number, self.now);
+            }
+        }
+    }
+
+    fn is_free(&self, number: u32) -> bool {
+        !self.owners.contains_key(&number) && !self.held.contains_key(&number)
+    }
+
+    /// The first free number from `hash`'s slot on, wrapping; `None` if all are taken.
+    fn free_from(&self, hash: u64) -> Option<u32> {
+        let first = u64::from(identity::FIRST_DERIVED);
+        let span = u64::from(identity::MAX_DERIVED) - first;
+        let start = hash % span;
+        (0..span).map(|i| (start + i) % span).map(|slot| u32::try_from(first + slot).unwrap_or(u32::MAX)).find(|n| self.is_free(*n))
+    }
+
+    fn give(&mut self, key: &[u8], number: u32) {
+        self.owners.insert(number, key.to_vec());
+        self.numbers.insert(key.to_vec(), number);
+    }
 }
 
 fn node_name_is(pod: &Pod, node: &str) -> bool {
@@ -807,6 +1023,49 @@ mod tests {
         );
     }
 
+    fn pod_at(name: &str, app: &str, ip: &str, created: i64, deleting: bool) -> crate::state::Object {
+        let mut value = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "ns", "labels": {"app": app},
+                         "creationTimestamp": jiff_time(created)},
+            "spec": {"nodeName": "elsewhere", "containers": []},
+            "status": {"podIP": ip},
+        });
+        if deleting {
+            value["metadata"]["deletionTimestamp"] = serde_json::Value::String(jiff_time(created + 100));
+        }
+        crate::state::Object::Pod(Box::new(serde_json::from_value(value).unwrap()))
+    }
+
+    fn jiff_time(seconds: i64) -> String {
+        format!("2026-01-01T00:{:02}:{:02}Z", seconds / 60, seconds % 60)
+    }
+
+    /// The labels of the pod that holds `ip` in the resolved table.
+    fn owner_app(objects: Vec<crate::state::Object>, ip: &str) -> String {
+        let state = ClusterState::from_objects(objects);
+        let inputs = IdentityInputs { blocks: &[], egress_named_ports: &BTreeSet::new() };
+        let table = resolve_identities(&state, "node", &[], &inputs, &mut IdentityAllocator::default(), &mut Vec::new());
+        let (_, identity) = table.pod_addresses[&ip.parse::<IpAddr>().unwrap()];
+        match &table.info[&identity] {
+            IdentityInfo::Pod { labels, .. } => labels["app"].clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_shared_ip_goes_to_the_newest_pod_that_is_not_terminating() {
+        let ip = "198.18.7.7";
+        // "a" sorts first by name, but "b" is newer.
+        assert_eq!(owner_app(vec![pod_at("a", "old", ip, 10, false), pod_at("b", "new", ip, 20, false)], ip), "new");
+        // The newest is terminating: the other one wins.
+        assert_eq!(owner_app(vec![pod_at("a", "old", ip, 10, false), pod_at("b", "new", ip, 20, true)], ip), "old");
+        // Equal times: the first by name.
+        assert_eq!(owner_app(vec![pod_at("b", "bee", ip, 10, false), pod_at("a", "ay", ip, 10, false)], ip), "ay");
+        // Only terminating pods: the newest of them.
+        assert_eq!(owner_app(vec![pod_at("a", "old", ip, 10, true), pod_at("b", "new", ip, 20, true)], ip), "new");
+    }
+
     #[test]
     fn allocation_is_stable_and_probes() {
         let keys: BTreeSet<u32> = (0..100).collect();
@@ -819,5 +1078,163 @@ mod tests {
             b.iter().map(|(k, v)| (**k, *v)).collect::<Vec<_>>()
         );
         assert_eq!(a[&0], 263);
+    }
+
+    #[test]
+    fn a_freed_number_is_held_back_and_a_used_one_never_moves() {
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let none: &[IpPrefix] = &[];
+        let keys = |names: &[&'static [u8]]| names.iter().map(|n| (*n, none)).collect::<BTreeMap<&[u8], &[IpPrefix]>>();
+        // Every key hashes to the same slot.
+        let mut allocator = IdentityAllocator::with_hash(|_| 0);
+        allocator.set_time(t0);
+        allocator.assign(&keys(&[b"a", b"b"]));
+        assert_eq!((allocator.number(b"a"), allocator.number(b"b")), (Some(256), Some(257)));
+        // a goes: b keeps its number (it used to move to 256), and 256 is held back.
+        allocator.set_time(t0 + second);
+        allocator.assign(&keys(&[b"b", b"c"]));
+        assert_eq!((allocator.number(b"b"), allocator.number(b"c")), (Some(257), Some(258)));
+        assert!(allocator.is_held(256));
+        allocator.set_time(t0 + second + IDENTITY_HOLD_BACK - second);
+        allocator.assign(&keys(&[b"b", b"c", b"d"]));
+        assert_eq!(allocator.number(b"d"), Some(259), "256 is still held back");
+        allocator.set_time(t0 + second + IDENTITY_HOLD_BACK);
+        allocator.assign(&keys(&[b"b", b"c", b"d", b"e"]));
+        assert_eq!(allocator.number(b"e"), Some(256), "free again after the hold-back period");
+    }
+
+    #[test]
+    fn numbers_are_adopted_from_the_pinned_maps() {
+        let p = |text: &str| IpPrefix::parse(text).unwrap();
+        let (a1, a2, b1) = (p("198.18.0.1/32"), p("198.18.0.2/32"), p("198.18.0.3/32"));
+        let mut allocator = IdentityAllocator::with_hash(|_| 0);
+        allocator.adopt([(a1, 700), (a2, 700), (b1, 900), (p("198.18.0.9/32"), 800)]);
+        let (pa, pb) = ([a1, a2], [b1]);
+        allocator.assign(&BTreeMap::from([(b"a".as_slice(), pa.as_slice()), (b"b".as_slice(), pb.as_slice())]));
+        assert_eq!((allocator.number(b"a"), allocator.number(b"b")), (Some(700), Some(900)));
+        assert!(allocator.is_held(800), "a number no key took may still be named by entries");
+    }
+}
+
+/// Identity churn with forced collisions: after every single ordered write between two
+/// cluster states, what both states deny stays denied and what both allow stays allowed.
+#[cfg(test)]
+mod churn_tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::compile::{EndpointSlot, MapContents, NodeContext, compile_with, diff, render, verdict};
+    use crate::state::Object;
+
+    const PODS: usize = 6;
+    const LOCAL: usize = 3;
+
+    /// A hash space of eight numbers: most keys collide.
+    fn tiny_hash(bytes: &[u8]) -> u64 {
+        fnv1a64(bytes) % 8
+    }
+
+    fn pod_ip(i: usize) -> IpAddr {
+        IpAddr::from([198, 18, 0, 10 + i as u8])
+    }
+
+    fn pod(i: usize, app: usize) -> Object {
+        let node = if i < LOCAL { "n1" } else { "n2" };
+        let app = ["a", "b", "c"][app];
+        let value = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("p{i}"), "namespace": if i.is_multiple_of(2) { "x" } else { "y" },
+                         "labels": {"app": app}},
+            "spec": {"nodeName": node, "containers": []},
+            "status": {"podIP": pod_ip(i).to_string()},
+        });
+        Object::Pod(Box::new(serde_json::from_value(value).unwrap()))
+    }
+
+    fn policy(index: usize) -> Object {
+        let (namespace, spec) = match index {
+            0 => ("x", json!({"podSelector": {"matchLabels": {"app": "a"}},
+                             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}], "ports": [{"port": 80}]}]})),
+            1 => ("x", json!({"podSelector": {},
+                             "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "c"}}}]}]})),
+            2 => ("y", json!({"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Egress"],
+                             "egress": [{"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "a"}}}], "ports": [{"port": 81}]}]})),
+            _ => ("y", json!({"podSelector": {},
+                             "ingress": [{"from": [{"ipBlock": {"cidr": "198.18.0.0/24", "except": ["198.18.0.12/32"]}}], "ports": [{"port": 80}]}]})),
+        };
+        let value = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                           "metadata": {"name": format!("np{index}"), "namespace": namespace}, "spec": spec});
+        Object::NetworkPolicy(Box::new(serde_json::from_value(value).unwrap()))
+    }
+
+    fn namespace(name: &str) -> Object {
+        let value = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"team": name}}});
+        Object::Namespace(serde_json::from_value(value).unwrap())
+    }
+
+    fn state(apps: &[usize], policies: &[bool], present: &[bool]) -> ClusterState {
+        let mut objects = vec![namespace("x"), namespace("y")];
+        objects.extend(policies.iter().enumerate().filter(|(_, on)| **on).map(|(i, _)| policy(i)));
+        objects.extend((0..PODS).filter(|i| present[*i]).map(|i| pod(i, apps[i])));
+        ClusterState::from_objects(objects)
+    }
+
+    fn slots(present: &[bool]) -> BTreeMap<crate::state::PodRef, EndpointSlot> {
+        (0..LOCAL)
+            .filter(|i| present[*i])
+            .map(|i| {
+                let pod_ref = crate::state::PodRef::new(if i.is_multiple_of(2) { "x" } else { "y" }, format!("p{i}"));
+                (pod_ref, EndpointSlot { ifindex: 100 + i as u32, id: 1 + i as u32 })
+            })
+            .collect()
+    }
+
+    /// Every (endpoint, direction, peer, port) both states agree on keeps that verdict.
+    fn check(old: &MapContents, new: &MapContents, now: &MapContents, op: usize) -> Result<(), TestCaseError> {
+        let peers: Vec<IpAddr> = (0..PODS).map(pod_ip).chain([IpAddr::from([198, 18, 0, 200]), IpAddr::from([198, 19, 0, 1])]).collect();
+        for ifindex in old.endpoints.keys().filter(|i| new.endpoints.contains_key(i)) {
+            for direction in [policy_common::Direction::Ingress, policy_common::Direction::Egress] {
+                for peer in &peers {
+                    for port in [80, 81] {
+                        let judge = |maps: &MapContents| verdict(maps, *ifindex, direction, *peer, proto::TCP, port).allows();
+                        let (before, after) = (judge(old), judge(new));
+                        if before == after {
+                            prop_assert_eq!(judge(now), before, "after write {}: endpoint {} {:?} peer {} port {}", op, ifindex, direction, peer, port);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn every_write_keeps_agreed_verdicts_under_identity_churn(
+            apps in prop::collection::vec(0..3usize, PODS),
+            policies in prop::collection::vec(any::<bool>(), 4),
+            states in prop::collection::vec(prop::collection::vec(any::<bool>(), PODS), 2..6),
+        ) {
+            let node = NodeContext { name: "n1".into(), ips: vec![IpAddr::from([198, 18, 0, 1])] };
+            let mut allocator = IdentityAllocator::with_hash(tiny_hash);
+            let start = Instant::now();
+            let mut loaded = MapContents::default();
+            for (step, present) in states.iter().enumerate() {
+                let now = start + Duration::from_secs(step as u64);
+                let compiled = compile_with(&state(&apps, &policies, present), &node, &mut allocator, now);
+                let desired = render(&compiled, &slots(present), false);
+                let mut maps = loaded.clone();
+                for (index, op) in diff(&loaded, &desired).ordered_ops().iter().enumerate() {
+                    maps.apply(op);
+                    check(&loaded, &desired, &maps, index)?;
+                }
+                prop_assert_eq!(&maps, &desired);
+                loaded = desired;
+            }
+        }
     }
 }

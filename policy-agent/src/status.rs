@@ -14,11 +14,14 @@ use crate::{
     netif,
 };
 
+/// Where the agent serves /status by default (loopback only).
+pub const DEFAULT_STATUS_ADDR: &str = "127.0.0.1:9191";
+
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
-    /// Where the agent serves /status.
-    #[arg(long, default_value = "127.0.0.1:9090")]
-    pub metrics_addr: String,
+    /// Where the agent serves /status (its `--status-addr`, or a loopback `--metrics-addr`).
+    #[arg(long, alias = "metrics-addr", default_value = DEFAULT_STATUS_ADDR)]
+    pub status_addr: String,
     /// bpffs directory, read when no agent answers.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
@@ -28,19 +31,19 @@ pub struct StatusArgs {
 }
 
 pub fn main(args: &StatusArgs) -> Result<(), AgentError> {
-    match fetch(&args.metrics_addr, "/status") {
+    match fetch(&args.status_addr, "/status") {
         Ok(body) => {
             if args.json {
                 println!("{body}");
                 return Ok(());
             }
             let status: serde_json::Value = serde_json::from_str(&body)
-                .map_err(|e| AgentError::Usage { flag: "--metrics-addr", what: format!("bad /status answer: {e}") })?;
+                .map_err(|e| AgentError::StatusAnswer { addr: args.status_addr.clone(), what: e.to_string() })?;
             print_status(&status);
             Ok(())
         }
         Err(e) => {
-            eprintln!("no agent answers on {} ({e}); showing what is pinned under {}", args.metrics_addr, args.bpffs.display());
+            eprintln!("no agent answers on {} ({e}); showing what is pinned under {}", args.status_addr, args.bpffs.display());
             print_pinned(&PinLayout::new(&args.bpffs))
         }
     }

@@ -33,34 +33,57 @@ pub enum EndpointRef {
 pub struct SyncReport {
     pub applied: usize,
     pub failures: Vec<SyncFailure>,
-    /// Conntrack entries removed with endpoints that went away.
-    pub conntrack_flushed: usize,
 }
 
-pub struct Syncer {
-    maps: Maps,
+/// Where the syncer's writes go: the pinned maps, or a fake in the unit tests.
+pub trait MapWriter {
+    fn write(&mut self, op: &MapOp) -> Result<(), AgentError>;
+    /// Removes the conntrack entries of an endpoint id; returns how many.
+    fn flush_conntrack(&mut self, id: u32) -> usize;
+}
+
+impl MapWriter for Maps {
+    fn write(&mut self, op: &MapOp) -> Result<(), AgentError> {
+        Maps::write(self, op).map(|_| ()).map_err(|(map, error)| map_error(map, op, error))
+    }
+
+    fn flush_conntrack(&mut self, id: u32) -> usize {
+        let stale: Vec<_> = self.conntrack.keys().filter_map(Result::ok).filter(|k| k.endpoint == id).collect();
+        stale.iter().filter(|k| self.conntrack.remove(k).is_ok()).count()
+    }
+}
+
+pub struct Syncer<W: MapWriter = Maps> {
+    maps: W,
     loaded: MapContents,
     /// Endpoint id of each managed interface; ids are reused only after removal.
     ids: BTreeMap<u32, u32>,
 }
 
-impl Syncer {
+impl Syncer<Maps> {
     /// Takes over the maps, reading what an earlier agent left in them.
     pub fn adopt(maps: Maps) -> Result<Self, AgentError> {
         let loaded = maps.read()?;
+        Ok(Self::with_loaded(maps, loaded))
+    }
+}
+
+impl<W: MapWriter> Syncer<W> {
+    /// A syncer over `maps`, which hold `loaded`.
+    pub fn with_loaded(maps: W, loaded: MapContents) -> Self {
         let ids = loaded.endpoints.iter().map(|(ifindex, info)| (*ifindex, info.id)).collect();
-        Ok(Self { maps, loaded, ids })
+        Self { maps, loaded, ids }
     }
 
     pub fn loaded(&self) -> &MapContents {
         &self.loaded
     }
 
-    pub fn maps(&self) -> &Maps {
+    pub fn maps(&self) -> &W {
         &self.maps
     }
 
-    pub fn maps_mut(&mut self) -> &mut Maps {
+    pub fn maps_mut(&mut self) -> &mut W {
         &mut self.maps
     }
 
@@ -76,10 +99,25 @@ impl Syncer {
         Some(EndpointSlot { ifindex, id })
     }
 
-    /// Forgets slots of interfaces that are neither wanted nor loaded any more.
-    pub fn release_unused(&mut self, wanted: &BTreeMap<u32, u32>) {
+    /// Frees the ids of interfaces that are not wanted, whose endpoint entry is gone and no
+    /// policy entry of which is left (a removal that failed keeps the id taken, or the next
+    /// pod to get it would inherit those entries), flushing their conntrack entries.
+    /// Returns the number of conntrack entries removed.
+    pub fn release_unused(&mut self, wanted: &BTreeMap<u32, u32>) -> usize {
+        let in_use: std::collections::BTreeSet<u32> = self.loaded.policy.keys().map(|(_, key)| key.endpoint()).collect();
         let loaded = &self.loaded.endpoints;
-        self.ids.retain(|ifindex, _| wanted.contains_key(ifindex) || loaded.contains_key(ifindex));
+        let released: Vec<(u32, u32)> = self
+            .ids
+            .iter()
+            .filter(|(ifindex, id)| !wanted.contains_key(ifindex) && !loaded.contains_key(ifindex) && !in_use.contains(id))
+            .map(|(ifindex, id)| (*ifindex, *id))
+            .collect();
+        let mut flushed = 0;
+        for (ifindex, id) in released {
+            self.ids.remove(&ifindex);
+            flushed += self.maps.flush_conntrack(id);
+        }
+        flushed
     }
 
     /// The endpoint id → ifindex of every loaded endpoint.
@@ -87,20 +125,16 @@ impl Syncer {
         self.ids.iter().find(|(_, v)| **v == id).map(|(k, _)| *k)
     }
 
-    /// Brings the maps to `desired`, writing only the difference.
+    /// Brings the maps to `desired`, writing only the difference. Slots are not freed here
+    /// (see [`Syncer::release_unused`]).
     pub fn apply(&mut self, desired: &MapContents) -> SyncReport {
         let updates = crate::compile::diff(&self.loaded, desired);
         let mut report = SyncReport::default();
         for op in updates.ordered_ops() {
-            match self.write(&op) {
+            match self.maps.write(&op) {
                 Ok(()) => {
                     self.loaded.apply(&op);
                     report.applied += 1;
-                    if let MapOp::EndpointRemove { ifindex } = op
-                        && let Some(id) = self.ids.remove(&ifindex)
-                    {
-                        report.conntrack_flushed += self.flush_conntrack(id);
-                    }
                 }
                 Err(error) => {
                     let endpoint = match op {
@@ -114,17 +148,6 @@ impl Syncer {
         }
         report
     }
-
-    fn write(&mut self, op: &MapOp) -> Result<(), AgentError> {
-        self.maps.write(op).map(|_| ()).map_err(|(map, error)| map_error(map, op, error))
-    }
-
-    /// Removes the conntrack entries of an endpoint id that is going away, so a pod that later
-    /// gets the same id (and perhaps the same address) inherits no flows.
-    fn flush_conntrack(&mut self, id: u32) -> usize {
-        let stale: Vec<_> = self.maps.conntrack.keys().filter_map(Result::ok).filter(|k| k.endpoint == id).collect();
-        stale.iter().filter(|k| self.maps.conntrack.remove(k).is_ok()).count()
-    }
 }
 
 fn map_error(map: &'static str, op: &MapOp, error: MapError) -> AgentError {
@@ -136,3 +159,67 @@ fn map_error(map: &'static str, op: &MapOp, error: MapError) -> AgentError {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use policy_common::Direction;
+    use policy_common::endpoint::EndpointInfo;
+    use policy_common::policy::{PREFIX_ANY_PROTOCOL, PolicyKey, PolicyValue};
+
+    use super::*;
+
+    /// Fails every write `fails` says, and remembers which ids were flushed.
+    struct FakeMaps {
+        fails: fn(&MapOp) -> bool,
+        flushed: Vec<u32>,
+    }
+
+    impl MapWriter for FakeMaps {
+        fn write(&mut self, op: &MapOp) -> Result<(), AgentError> {
+            if (self.fails)(op) { Err(AgentError::MapFull { map: "test", what: format!("{op:?}") }) } else { Ok(()) }
+        }
+
+        fn flush_conntrack(&mut self, id: u32) -> usize {
+            self.flushed.push(id);
+            0
+        }
+    }
+
+    fn one_endpoint(ifindex: u32, id: u32) -> MapContents {
+        let mut contents = MapContents::default();
+        let info = EndpointInfo { id, flags: policy_common::endpoint::FLAG_INGRESS_ISOLATED, ..bytemuck::Zeroable::zeroed() };
+        contents.endpoints.insert(ifindex, info);
+        let key = PolicyKey::new(id, 300, Direction::Ingress, 0, 0);
+        contents.policy.insert((PREFIX_ANY_PROTOCOL, key), PolicyValue { cookie: 9 });
+        contents
+    }
+
+    #[test]
+    fn an_id_whose_policy_removal_failed_is_not_given_to_the_next_pod() {
+        let maps = FakeMaps { fails: |op| matches!(op, MapOp::PolicyRemove { .. }), flushed: Vec::new() };
+        let mut syncer = Syncer::with_loaded(maps, one_endpoint(10, 1));
+        let report = syncer.apply(&MapContents::default());
+        assert_eq!(report.failures.len(), 1, "the policy removal failed");
+        assert!(syncer.loaded().endpoints.is_empty(), "the endpoint entry is gone");
+        syncer.release_unused(&BTreeMap::new());
+        assert_eq!(syncer.slot(11).map(|s| s.id), Some(2), "id 1 still has a policy entry: not reused");
+        assert!(syncer.maps().flushed.is_empty());
+
+        // Once the entry is gone, the id is free again (and its flows flushed).
+        syncer.maps_mut().fails = |_| false;
+        let desired = MapContents { endpoints: BTreeMap::from([(11, EndpointInfo { id: 2, ..bytemuck::Zeroable::zeroed() })]), ..MapContents::default() };
+        assert!(syncer.apply(&desired).failures.is_empty());
+        syncer.release_unused(&BTreeMap::from([(11, 2)]));
+        assert_eq!(syncer.maps().flushed, vec![1]);
+        assert_eq!(syncer.slot(12).map(|s| s.id), Some(1));
+    }
+
+    #[test]
+    fn a_failed_endpoint_removal_keeps_the_id() {
+        let maps = FakeMaps { fails: |op| matches!(op, MapOp::EndpointRemove { .. }), flushed: Vec::new() };
+        let mut syncer = Syncer::with_loaded(maps, one_endpoint(10, 1));
+        assert_eq!(syncer.apply(&MapContents::default()).failures.len(), 1);
+        syncer.release_unused(&BTreeMap::new());
+        assert_eq!(syncer.slot(11).map(|s| s.id), Some(2));
+    }
+}

@@ -39,6 +39,8 @@ struct AgentNode {
     log: PathBuf,
     agent: Option<AgentRun>,
     extra_args: Vec<&'static str>,
+    /// The agent's `--metrics-addr` (the tests read /status and /metrics there).
+    metrics_addr: &'static str,
     _servers: Vec<Servers>,
 }
 
@@ -52,7 +54,7 @@ impl AgentNode {
         let dir = bpffs.scratch("manifests");
         let log = bpffs.scratch("log").join("agent.log");
         let servers = pods.iter().map(|p| Servers::start(&node.pod(p.name).ns, &[80, 81], Duration::from_secs(120))).collect();
-        let this = Self { node, bpffs, dir, log, agent: None, extra_args: Vec::new(), _servers: servers };
+        let this = Self { node, bpffs, dir, log, agent: None, extra_args: Vec::new(), metrics_addr: METRICS, _servers: servers };
         this.write("00-namespace.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: e2e\n  labels:\n    team: blue\n");
         for p in pods {
             this.write(&format!("10-pod-{}.yaml", p.name), &pod_yaml(p));
@@ -75,7 +77,7 @@ impl AgentNode {
         let mut args: Vec<&std::ffi::OsStr> = vec!["--manifests".as_ref(), self.dir.as_os_str(), "--node".as_ref(), NODE_NAME.as_ref()];
         args.extend(["--bpffs".as_ref(), self.bpffs.path.as_os_str(), "--flow-log".as_ref(), "off".as_ref(), "--resync-ms".as_ref(), "200".as_ref()]);
         args.extend(self.extra_args.iter().map(|a| std::ffi::OsStr::new(*a)));
-        self.agent = Some(AgentRun::start(AGENT.as_ref(), &self.node.ns, &args, METRICS, &self.log));
+        self.agent = Some(AgentRun::start(AGENT.as_ref(), &self.node.ns, &args, self.metrics_addr, &self.log));
     }
 
     fn kill(&mut self) {
@@ -314,7 +316,8 @@ fn status_and_metrics_report_correct_numbers() {
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(n.status()["syncs"].as_u64(), syncs, "no pass ran while nothing changed");
 
-    let out = n.node.ns.exec(&[AGENT, "status", "--metrics-addr", METRICS]);
+    // `status` reads the loopback status address by default.
+    let out = n.node.ns.exec(&[AGENT, "status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().any(|l| l.starts_with("e2e/b") && l.contains("isolated") && l.contains("yes")), "{text}");
     assert!(n.get("/healthz").is_some());
@@ -382,9 +385,13 @@ fn a_full_policy_map_is_reported_and_fails_closed() {
     let b = n.endpoint("b");
     assert!(b["error"].as_str().unwrap_or_default().contains("full"), "the pod names the full map: {b}");
     assert_eq!(b["ingress_isolated"], true);
-    // Closed, never open: what could not be written is denied; nothing else is let in.
+    // Closed, never open: b's writes failed, so b is closed as a whole (its link is down)
+    // until they succeed; nothing is let in, not even what was written.
     assert!(!n.reaches("c", "b", 80));
     assert!(!n.reaches("a", "b", 81));
+    assert!(!n.reaches("a", "b", 80), "a pod whose writes failed is closed");
+    assert!(n.reaches("a", "c", 80), "other pods are untouched");
+    assert!(n.status()["problems"].as_array().is_some_and(|p| p.iter().any(|p| p.as_str().is_some_and(|p| p.contains("e2e/b")))), "reported as a problem");
     let metrics = n.get("/metrics").expect("metrics");
     assert!(metric(&metrics, "policy_sync_failures_total") >= 1, "{metrics}");
     assert!(metric(&metrics, "policy_map_fill_ratio{map=\"POLICY_V2\"}") >= 1, "{metrics}");
@@ -409,4 +416,61 @@ fn a_recreated_interface_is_attached_again() {
     assert!(n.reaches("a", "b", 80));
     // Depending on whether a pass saw the interface missing, the old link was detached then,
     // or found stale now and replaced: enforcement on the new interface is what counts.
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn a_pod_without_a_host_route_to_a_veth_stays_pending() {
+    let mut n = AgentNode::new("nort", &three_pods());
+    // d: a /32 route, but to a bridge (as a bridge CNI has). e: only covering routes, over a's veth.
+    let d = pod("d", "app=d", 4);
+    let e = PodSpec { name: "e", labels: "app=e", v4: Ipv4Addr::new(198, 18, 21, 5), v6: Ipv6Addr::new(0x2001, 2, 0, 21, 0, 0, 0, 5) };
+    n.write("10-pod-d.yaml", &pod_yaml(&d));
+    n.write("10-pod-e.yaml", &pod_yaml(&e));
+    n.write("20-policy.yaml", &ingress_policy("d-from-a", "d", "a", "80"));
+    n.write("21-policy.yaml", &ingress_policy("e-from-a", "e", "a", "80"));
+    let a_if = n.node.pod("a").host_if.clone();
+    for cmd in [
+        vec!["ip", "link", "add", "pbr0", "type", "bridge"],
+        vec!["ip", "link", "set", "pbr0", "up"],
+        vec!["ip", "route", "add", "198.18.20.4/32", "dev", "pbr0"],
+        vec!["ip", "route", "add", "198.18.21.0/24", "dev", &a_if],
+        vec!["ip", "-6", "route", "add", "2001:2:0:21::/64", "dev", &a_if],
+    ] {
+        assert!(n.node.ns.exec(&cmd).status.success(), "{cmd:?}");
+    }
+    n.start();
+    std::thread::sleep(Duration::from_millis(500));
+    for (name, why) in [("d", "not a veth"), ("e", "no route")] {
+        let status = n.endpoint(name);
+        assert_eq!(status["attached"], false, "{status}");
+        assert!(status["interface"].is_null(), "{status}");
+        assert!(status["error"].as_str().unwrap_or_default().contains(why), "{status}");
+    }
+    let a = n.endpoint("a");
+    assert_eq!((a["attached"].as_bool(), a["interface"].as_str()), (Some(true), Some(a_if.as_str())), "{a}");
+    assert!(n.reaches("b", "a", 80), "a keeps its own (empty) policy, not e's");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn the_node_address_serves_only_health_and_counters() {
+    let mut n = AgentNode::new("expo", &three_pods());
+    // As the DaemonSet does: metrics on a node address (here the node's 198.18.0.1).
+    n.metrics_addr = "198.18.0.1:9190";
+    n.write("20-policy.yaml", DENY_B);
+    n.start();
+    n.until("a", "b", 80, false);
+    assert!(n.get("/healthz").is_some() && n.get("/readyz").is_some());
+    assert!(n.get("/status").is_none(), "no /status on a node address");
+    let metrics = n.get("/metrics").expect("metrics");
+    for name in ["pod=", "e2e/", "198.18.", "deny-b"] {
+        assert!(!metrics.contains(name), "{name} on the node address:\n{metrics}");
+    }
+    assert!(metric(&metrics, "policy_verdicts_total{direction=\"ingress\",verdict=\"drop\",reason=\"drop_policy\"}") >= 1, "{metrics}");
+    assert_eq!(metric(&metrics, "policy_endpoints{state=\"attached\"}"), 3);
+    // Everything else is on the loopback status address, where `status` finds it.
+    let out = n.node.ns.exec(&[AGENT, "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status["endpoints"].as_array().map(Vec::len), Some(3), "{status}");
 }

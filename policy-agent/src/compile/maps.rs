@@ -40,6 +40,20 @@ fn ipcache_key(prefix: &IpPrefix) -> (u32, IpcacheKey) {
     (IpcacheKey::lpm_prefix_len(prefix.prefix_len()), key)
 }
 
+/// The prefix of an ipcache entry (the inverse of the key the compiler writes).
+pub fn ipcache_prefix(prefix_len: u32, key: &IpcacheKey) -> Option<IpPrefix> {
+    let bits = u8::try_from(prefix_len.checked_sub(IpcacheKey::lpm_prefix_len(0))?).ok()?;
+    let addr = match key.family() {
+        policy_common::family::IPV4 => {
+            let a = key.addr();
+            IpAddr::from([a[0], a[1], a[2], a[3]])
+        }
+        policy_common::family::IPV6 => IpAddr::from(*key.addr()),
+        _ => return None,
+    };
+    IpPrefix::new(addr, bits)
+}
+
 /// Turns compiled state into map entries. Endpoints without a slot (no interface yet) are
 /// left out; `audit` sets [`FLAG_AUDIT`] on every endpoint.
 pub fn render(compiled: &Compiled, slots: &BTreeMap<PodRef, EndpointSlot>, audit: bool) -> MapContents {
@@ -89,7 +103,56 @@ pub fn render(compiled: &Compiled, slots: &BTreeMap<PodRef, EndpointSlot>, audit
         };
         contents.endpoints.insert(slot.ifindex, info);
     }
+    set_revisions(&mut contents);
     contents
+}
+
+/// FNV-1a, 32 bits: a stable hash (the same input gives the same revision in every run, so
+/// a restarted agent rewrites nothing).
+#[derive(Clone, Copy)]
+struct Fnv32(u32);
+
+impl Fnv32 {
+    const fn new() -> Self {
+        Self(0x811c_9dc5)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 ^= u32::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0100_0193);
+        }
+    }
+}
+
+/// Sets each endpoint's revision: a hash of its flags, addresses and lookup masks, all its
+/// allow entries and a digest of the whole ipcache. Whatever could change one of its
+/// verdicts changes it, so the classifier judges its tracked flows again.
+fn set_revisions(contents: &mut MapContents) {
+    let mut ipcache = Fnv32::new();
+    for ((len, key), value) in &contents.ipcache {
+        ipcache.write(&len.to_le_bytes());
+        ipcache.write(bytemuck::bytes_of(key));
+        ipcache.write(bytemuck::bytes_of(value));
+    }
+    // One pass over the sorted policy entries, each into the hash of its endpoint id.
+    let mut entries: BTreeMap<u32, Fnv32> = BTreeMap::new();
+    for ((len, key), value) in &contents.policy {
+        let hash = entries.entry(key.endpoint()).or_insert_with(Fnv32::new);
+        hash.write(&len.to_le_bytes());
+        hash.write(bytemuck::bytes_of(key));
+        hash.write(bytemuck::bytes_of(value));
+    }
+    for info in contents.endpoints.values_mut() {
+        let mut hash = Fnv32::new();
+        hash.write(&info.flags.to_le_bytes());
+        hash.write(&info.ipv4);
+        hash.write(&info.ipv6);
+        hash.write(&info.lookups);
+        hash.write(&entries.get(&info.id).map_or(0, |h| h.0).to_le_bytes());
+        hash.write(&ipcache.0.to_le_bytes());
+        info.revision = hash.0;
+    }
 }
 
 /// Per-map changes that turn the loaded contents into the desired ones.
@@ -141,14 +204,20 @@ impl MapUpdates {
             key,
             value,
         }));
-        ops.extend(self.ipcache_upserts.iter().map(|&((prefix_len, key), value)| MapOp::IpcacheUpsert {
+        // Longest prefix first, so an except is in place before the cidr that holds it.
+        let mut ipcache_upserts = self.ipcache_upserts.clone();
+        ipcache_upserts.sort_by_key(|((prefix_len, _), _)| std::cmp::Reverse(*prefix_len));
+        ops.extend(ipcache_upserts.into_iter().map(|((prefix_len, key), value)| MapOp::IpcacheUpsert {
             prefix_len,
             key,
             value,
         }));
         ops.extend(self.endpoint_upserts.iter().map(|&(ifindex, info)| MapOp::EndpointUpsert { ifindex, info }));
         ops.extend(self.endpoint_removals.iter().map(|&ifindex| MapOp::EndpointRemove { ifindex }));
-        ops.extend(self.ipcache_removals.iter().map(|&(prefix_len, key)| MapOp::IpcacheRemove { prefix_len, key }));
+        // Shortest first: a cidr goes before its excepts, never the other way round.
+        let mut ipcache_removals = self.ipcache_removals.clone();
+        ipcache_removals.sort_by_key(|(prefix_len, _)| *prefix_len);
+        ops.extend(ipcache_removals.into_iter().map(|(prefix_len, key)| MapOp::IpcacheRemove { prefix_len, key }));
         ops.extend(self.policy_removals.iter().map(|&(prefix_len, key)| MapOp::PolicyRemove { prefix_len, key }));
         ops
     }
@@ -313,5 +382,91 @@ pub fn verdict(
             Some((cookie, peer_identity)) => Verdict::Allowed { cookie, peer_identity },
             None => Verdict::Denied { peer_identity },
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ipcache(entries: &[(&str, u32)]) -> MapContents {
+        let mut contents = MapContents::default();
+        for (prefix, identity) in entries {
+            let prefix = IpPrefix::parse(prefix).unwrap();
+            contents.ipcache.insert(ipcache_key(&prefix), IpcacheValue { identity: *identity });
+        }
+        contents
+    }
+
+    /// Replays the ordered writes one at a time; `check` sees every intermediate state.
+    fn replay(from: &MapContents, to: &MapContents, mut check: impl FnMut(&MapContents)) {
+        let mut state = from.clone();
+        for op in diff(from, to).ordered_ops() {
+            state.apply(&op);
+            check(&state);
+        }
+        assert_eq!(&state, to);
+    }
+
+    #[test]
+    fn ipcache_writes_go_longest_prefix_first() {
+        // An except (/24, identity 301) inside a cidr (/16, identity 300): the except's
+        // addresses must never be judged as the cidr's.
+        let (empty, both) = (ipcache(&[]), ipcache(&[("198.18.0.0/16", 300), ("198.18.5.0/24", 301), ("198.18.5.7/32", 302)]));
+        let except_addr: IpAddr = "198.18.5.1".parse().unwrap();
+        let host_addr: IpAddr = "198.18.5.7".parse().unwrap();
+        replay(&empty, &both, |state| {
+            assert_ne!(ipcache_lookup(state, except_addr), 300, "the cidr landed before its except");
+            assert!(![300, 301].contains(&ipcache_lookup(state, host_addr)), "a covering prefix landed before the address");
+        });
+        replay(&both, &empty, |state| {
+            assert_ne!(ipcache_lookup(state, except_addr), 300, "the except went before its cidr");
+            assert!(![300, 301].contains(&ipcache_lookup(state, host_addr)));
+        });
+    }
+}
+
+#[cfg(test)]
+mod revision_tests {
+    use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
+
+    use policy_common::Direction;
+
+    use super::*;
+    use crate::compile::{EndpointPolicy, RuleKey};
+
+    fn compiled(isolated: bool, peer: u32, world_prefix: &str) -> Compiled {
+        let mut endpoint = EndpointPolicy { ipv4: Some(Ipv4Addr::new(198, 18, 0, 10)), ingress_isolated: isolated, ..EndpointPolicy::default() };
+        endpoint.rules.insert(RuleKey { direction: Direction::Ingress, peer, protocol: Some(6), port: None }, 1000);
+        let mut other = EndpointPolicy { ipv4: Some(Ipv4Addr::new(198, 18, 0, 11)), ..EndpointPolicy::default() };
+        other.rules.insert(RuleKey { direction: Direction::Ingress, peer: 400, protocol: None, port: None }, 1001);
+        let mut compiled = Compiled::default();
+        compiled.endpoints.insert(PodRef::new("ns", "a"), endpoint);
+        compiled.endpoints.insert(PodRef::new("ns", "b"), other);
+        compiled.ipcache.insert(IpPrefix::parse("198.18.0.10/32").unwrap(), 300);
+        compiled.ipcache.insert(IpPrefix::parse(world_prefix).unwrap(), 301);
+        compiled
+    }
+
+    fn revision(compiled: &Compiled, audit: bool) -> u32 {
+        let slots = BTreeMap::from([
+            (PodRef::new("ns", "a"), EndpointSlot { ifindex: 10, id: 1 }),
+            (PodRef::new("ns", "b"), EndpointSlot { ifindex: 11, id: 2 }),
+        ]);
+        render(compiled, &slots, audit).endpoints[&10].revision
+    }
+
+    #[test]
+    fn the_revision_is_stable_and_follows_every_input() {
+        let base = revision(&compiled(true, 300, "198.18.64.0/18"), false);
+        assert_eq!(base, revision(&compiled(true, 300, "198.18.64.0/18"), false), "same input, same revision");
+        assert_ne!(base, revision(&compiled(false, 300, "198.18.64.0/18"), false), "flags");
+        assert_ne!(base, revision(&compiled(true, 300, "198.18.64.0/18"), true), "audit mode");
+        assert_ne!(base, revision(&compiled(true, 301, "198.18.64.0/18"), false), "an allow entry");
+        assert_ne!(base, revision(&compiled(true, 300, "198.18.128.0/18"), false), "any ipcache entry");
+        let mut other_changed = compiled(true, 300, "198.18.64.0/18");
+        other_changed.endpoints.get_mut(&PodRef::new("ns", "b")).unwrap().rules.clear();
+        assert_eq!(base, revision(&other_changed, false), "another endpoint's entries are not this one's");
     }
 }

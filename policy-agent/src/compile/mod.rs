@@ -20,15 +20,15 @@ use policy_common::identity;
 use policy_common::policy::{COOKIE_NODE, FIRST_RULE_COOKIE, PortPrefix, PortRangePrefixes};
 
 pub use maps::{
-    EndpointSlot, MapContents, MapOp, MapUpdates, Verdict, diff, ipcache_lookup, isolated, lookup, render, verdict,
+    EndpointSlot, MapContents, MapOp, MapUpdates, Verdict, diff, ipcache_lookup, ipcache_prefix, isolated, lookup, render, verdict,
 };
 use policy::{ParsedPeer, ParsedPolicy, ParsedPort, ParsedRule, parse_policy};
 
 use crate::resolve::{
-    self, IdentityInputs, IdentityTable, Labels, fnv1a64, is_host_network, is_terminated, node_name, pod_ips,
+    self, IdentityInputs, IdentityTable, Labels, fnv1a64, node_name, pod_ips,
     pod_labels, resolve_named_port,
 };
-pub use crate::resolve::{IdentityInfo, IpPrefix};
+pub use crate::resolve::{IdentityAllocator, IdentityInfo, IpPrefix};
 use crate::state::ClusterState;
 pub use crate::state::{NamespacedName, PodRef, Problem};
 
@@ -139,11 +139,17 @@ pub fn sequential_slots(compiled: &Compiled) -> BTreeMap<PodRef, EndpointSlot> {
 /// Whether a pod is enforced on its node: scheduled there, with an IP, not in the host
 /// network, not terminated.
 pub fn is_local_endpoint(pod: &Pod, node: &str) -> bool {
-    node_name(pod) == Some(node) && !is_host_network(pod) && !is_terminated(pod)
+    node_name(pod) == Some(node) && resolve::is_live_pod(pod)
 }
 
 /// Compiles the state for one node. Pure: the same state and node give the same result.
 pub fn compile(state: &ClusterState, node: &NodeContext) -> Compiled {
+    compile_with(state, node, &mut IdentityAllocator::default(), std::time::Instant::now())
+}
+
+/// [`compile`] with identity numbers kept across compiles by `allocator` (at time `now`).
+pub fn compile_with(state: &ClusterState, node: &NodeContext, allocator: &mut IdentityAllocator, now: std::time::Instant) -> Compiled {
+    allocator.set_time(now);
     let mut problems = Vec::new();
     let policies: Vec<ParsedPolicy> = state.policies.values().map(|p| parse_policy(p, &mut problems)).collect();
     let inputs = PolicyInputs::collect(&policies);
@@ -152,6 +158,7 @@ pub fn compile(state: &ClusterState, node: &NodeContext) -> Compiled {
         &node.name,
         &node.ips,
         &IdentityInputs { blocks: &inputs.blocks, egress_named_ports: &inputs.egress_named_ports },
+        allocator,
         &mut problems,
     );
     let cookies = allocate_cookies(&policies);
@@ -159,7 +166,7 @@ pub fn compile(state: &ClusterState, node: &NodeContext) -> Compiled {
         let sources = RuleSources {
             policies: &policies,
             by_namespace: policies_by_namespace(&policies),
-            peer_sets: resolve_all_peers(state, &policies, &table),
+            peer_sets: resolve_all_peers(&policies, &table),
             cookies: &cookies,
             table: &table,
             ingress_named_ports: &inputs.ingress_named_ports,
@@ -240,20 +247,15 @@ fn allocate_cookies(policies: &[ParsedPolicy]) -> BTreeMap<RuleRef, u32> {
 
 /// The peers of each rule, per policy (same order as `policies`), keyed by direction and
 /// rule index. Peers do not depend on the selected pod, so each rule is resolved once.
-fn resolve_all_peers(
-    state: &ClusterState,
-    policies: &[ParsedPolicy],
-    table: &IdentityTable,
-) -> Vec<BTreeMap<(Direction, usize), PeerSet>> {
-    let namespace_labels: BTreeMap<&str, Labels> =
-        table.groups.keys().map(|namespace| (namespace.as_str(), state.namespace_labels(namespace))).collect();
+fn resolve_all_peers(policies: &[ParsedPolicy], table: &IdentityTable) -> Vec<BTreeMap<(Direction, usize), PeerSet>> {
+    let namespace_labels = &table.namespace_labels;
     policies
         .iter()
         .map(|policy| {
             let mut sets = BTreeMap::new();
             for direction in [Direction::Ingress, Direction::Egress] {
                 for rule in policy.rules(direction).into_iter().flatten() {
-                    sets.insert((direction, rule.index), resolve_peers(policy, rule, table, &namespace_labels));
+                    sets.insert((direction, rule.index), resolve_peers(policy, rule, table, namespace_labels));
                 }
             }
             sets
@@ -378,7 +380,7 @@ fn resolve_peers(
     policy: &ParsedPolicy,
     rule: &ParsedRule,
     table: &IdentityTable,
-    namespace_labels: &BTreeMap<&str, Labels>,
+    namespace_labels: &BTreeMap<String, Labels>,
 ) -> PeerSet {
     let Some(peers) = &rule.peers else {
         return PeerSet { any: true, identities: BTreeSet::new() };

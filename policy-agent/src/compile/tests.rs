@@ -1016,7 +1016,7 @@ fn diff_is_minimal_and_ordered_to_keep_agreed_traffic() {
     let updates = diff(&loaded, &desired);
     // One new entry (port 81 from x/b) per ingress-isolated local endpoint of x (x/a, x/b).
     assert_eq!(updates.policy_upserts.len(), 2, "{updates:?}");
-    assert_eq!(updates.len(), 2);
+    assert_eq!(updates.len(), 4, "the two entries, and the two endpoints' revisions");
 
     // A relabel: x/b becomes pod=c; its identity changes; entries move with it.
     let relabelled = format!(
