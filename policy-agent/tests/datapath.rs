@@ -27,11 +27,12 @@ use policy_common::{
 };
 use policy_agent::testbed::{
     Bpffs, Node,
-    packet::{ACK, FIN, Frame, L4, SYN, arp},
+    packet::{ACK, FIN, Frame, L4, RST, SYN, arp, arp_from},
     probe::{SctpSink, Servers, sctp_send_init, tcp_ok, udp_ok},
 };
 
-const TC_ACT_OK: u32 = 0;
+/// A pass hands the packet to the next program of the TCX chain (TCX_NEXT, -1).
+const TC_ACT_OK: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 
 /// BPF_PROG_TEST_RUN runs on the loopback device, so the endpoint is ifindex 1.
@@ -42,6 +43,9 @@ const PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 20);
 const OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 30);
 const POD6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0x10);
 const PEER6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0x20);
+/// One of the node's addresses (identity HOST), and a link-local one.
+const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 1);
+const LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 const PEER_ID: u32 = 1000;
 const OTHER_ID: u32 = 1001;
 const COOKIE: u32 = 4242;
@@ -61,6 +65,8 @@ struct Fixture {
     /// the compiler's render does).
     flags: u32,
     lookups: [u8; 2],
+    /// The endpoint's revision, as written last.
+    revision: u32,
     _bpffs: Bpffs,
 }
 
@@ -70,10 +76,10 @@ impl Fixture {
         let mut datapath = Datapath::load(PinLayout::new(&bpffs.path)).expect("load classifier");
         let mut maps = datapath.take_maps().expect("maps");
         maps.config.set(0, Config { flags: CONFIG_EVENTS_DENIED | CONFIG_EVENTS_ALLOWED, events_per_sec: 1000 }, 0).expect("config");
-        for (addr, id) in [(v4(PEER), PEER_ID), (v4(OTHER), OTHER_ID), (v6(PEER6), PEER_ID)] {
+        for (addr, id) in [(v4(PEER), PEER_ID), (v4(OTHER), OTHER_ID), (v6(PEER6), PEER_ID), (v6(NODE6), identity::HOST)] {
             insert_identity(&mut maps, addr, if addr.is_ipv4() { 32 } else { 128 }, id);
         }
-        Self { datapath, maps, flags: 0, lookups: [0; 2], _bpffs: bpffs }
+        Self { datapath, maps, flags: 0, lookups: [0; 2], revision: 0, _bpffs: bpffs }
     }
 
     fn endpoint(&mut self, flags: u32) {
@@ -85,9 +91,22 @@ impl Fixture {
             ipv6: POD6.octets(),
             lookups: self.lookups,
             _pad: [0; 2],
-            revision: 0,
+            revision: self.revision,
         };
         self.maps.endpoints.insert(EndpointKey { ifindex: LO }, info, 0).expect("endpoint");
+    }
+
+    /// Rewrites the endpoint with flags and a new revision, as the agent does after any
+    /// change that could alter a verdict.
+    fn new_revision(&mut self, flags: u32) {
+        self.revision += 1;
+        self.endpoint(flags);
+    }
+
+    /// Removes an exact-port allow entry (the agent's write) without touching the endpoint.
+    fn revoke(&mut self, peer: u32, direction: Direction, protocol: u8, port: u16) {
+        let key = PolicyKey::new(ENDPOINT, peer, direction, protocol, port);
+        self.maps.write(&MapOp::PolicyRemove { prefix_len: PREFIX_FULL, key }).expect("policy removal");
     }
 
     /// Writes an allow entry the way the agent does (through `Maps::write`).
@@ -274,7 +293,7 @@ fn ipv6_with_extension_headers() {
 
 #[test]
 #[ignore = "privileged: run by cargo xtask test"]
-fn truncated_headers_fail_closed_only_where_isolated() {
+fn truncated_headers_fail_closed_where_isolated_and_leaving_any_pod() {
     let mut f = Fixture::new();
     f.endpoint(FLAG_INGRESS_ISOLATED);
     f.allow(identity::ANY, Direction::Ingress, None, None);
@@ -284,10 +303,12 @@ fn truncated_headers_fail_closed_only_where_isolated() {
     assert_eq!(f.counted(ENDPOINT, Reason::DropMalformed), 1);
     let mut out = Frame::tcp(v4(POD), 80, v4(PEER), 40000, SYN);
     out.truncate = Some(14 + 20 + 10);
-    assert_eq!(f.run(Hook::FromPod, &out.build()), TC_ACT_OK, "egress is not isolated: untouched");
+    assert_eq!(f.run(Hook::FromPod, &out.build()), TC_ACT_SHOT, "leaving the pod: its source cannot be verified");
     let mut udp = Frame::udp(v6(PEER6), 1, v6(POD6), 53);
     udp.truncate = Some(14 + 40 + 4);
     assert_eq!(f.run(Hook::ToPod, &udp.build()), TC_ACT_SHOT, "cut UDP header over IPv6");
+    f.endpoint(FLAG_EGRESS_ISOLATED);
+    assert_eq!(f.run(Hook::ToPod, &frame.build()), TC_ACT_OK, "entering, ingress not isolated: untouched");
 }
 
 #[test]
@@ -346,12 +367,13 @@ fn spoofed_source_is_dropped() {
 
 #[test]
 #[ignore = "privileged: run by cargo xtask test"]
-fn non_ip_and_neighbour_discovery_pass() {
+fn arp_and_neighbour_discovery_pass() {
     let mut f = Fixture::new();
     f.endpoint(FLAG_INGRESS_ISOLATED | FLAG_EGRESS_ISOLATED);
     assert_eq!(f.run(Hook::ToPod, &arp()), TC_ACT_OK);
-    assert_eq!(f.run(Hook::FromPod, &arp()), TC_ACT_OK);
-    let solicit = Frame::new(v6(PEER6), v6(POD6), L4::Icmp { kind: 135, code: 0, id: 0 });
+    assert_eq!(f.run(Hook::FromPod, &arp_from(POD)), TC_ACT_OK);
+    let mut solicit = Frame::new(v6(LINK_LOCAL), v6(POD6), L4::Icmp { kind: 135, code: 0, id: 0 });
+    solicit.hop_limit = 255;
     assert_eq!(f.run(Hook::ToPod, &solicit.build()), TC_ACT_OK);
     assert_eq!(f.counted(ENDPOINT, Reason::PassNonIp), 3);
 }
@@ -361,14 +383,13 @@ fn non_ip_and_neighbour_discovery_pass() {
 fn non_isolated_pod_is_untouched() {
     let mut f = Fixture::new();
     f.endpoint(0);
-    for hook in Hook::BOTH {
-        assert_eq!(f.run(hook, &Frame::tcp(v4(OTHER), 1, v4(POD), 80, SYN).build()), TC_ACT_OK);
-        let mut cut = Frame::tcp(v4(OTHER), 1, v4(POD), 80, SYN);
-        cut.truncate = Some(14 + 20 + 10);
-        assert_eq!(f.run(hook, &cut.build()), TC_ACT_OK);
-    }
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(OTHER), 1, v4(POD), 80, SYN).build()), TC_ACT_OK);
+    assert_eq!(f.run(Hook::FromPod, &Frame::tcp(v4(POD), 80, v4(OTHER), 1, SYN | ACK).build()), TC_ACT_OK);
+    let mut cut = Frame::tcp(v4(OTHER), 1, v4(POD), 80, SYN);
+    cut.truncate = Some(14 + 20 + 10);
+    assert_eq!(f.run(Hook::ToPod, &cut.build()), TC_ACT_OK, "entering: nothing to judge");
     assert_eq!(f.conntrack_len(), 0, "nothing is tracked for a pod with no isolation");
-    assert_eq!(f.counted(ENDPOINT, Reason::PassNotIsolated), 4);
+    assert_eq!(f.counted(ENDPOINT, Reason::PassNotIsolated), 3);
 }
 
 #[test]
@@ -563,4 +584,277 @@ fn sctp_over_raw_sockets_follows_the_maps() {
         let ports = sink.ports();
         assert_eq!(ports, vec![80], "only the allowed SCTP port arrives; a TCP entry does not admit SCTP (v6={v6})");
     }
+}
+
+// --- What an attacker in a pod with CAP_NET_RAW tries (issue 12) -------------------------
+// Each test first shows its control: the same kind of frame passes where it is legitimate.
+
+/// Appends `extra` payload bytes and fixes the IP length fields (and the IPv4 checksum).
+fn grow(mut frame: Vec<u8>, extra: usize) -> Vec<u8> {
+    frame.resize(frame.len() + extra, 0xab);
+    set_ip_len(&mut frame, None);
+    frame
+}
+
+/// Sets the IP length field to `len` (IPv4 total length, IPv6 payload length), or to what
+/// the frame holds.
+fn set_ip_len(frame: &mut [u8], len: Option<usize>) {
+    if frame[12..14] == [0x86, 0xdd] {
+        let len = len.unwrap_or(frame.len() - 14 - 40) as u16;
+        frame[18..20].copy_from_slice(&len.to_be_bytes());
+    } else {
+        let len = len.unwrap_or(frame.len() - 14) as u16;
+        frame[16..18].copy_from_slice(&len.to_be_bytes());
+    }
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn vlan_tagged_frames_are_dropped_on_every_pod() {
+    let mut f = Fixture::new();
+    for flags in [0, FLAG_EGRESS_ISOLATED] {
+        f.endpoint(flags);
+        f.allow(identity::ANY, Direction::Egress, None, None);
+        let plain = Frame::udp(v4(POD), 40000, v4(PEER), 53);
+        assert_eq!(f.run(Hook::FromPod, &plain.build()), TC_ACT_OK, "control: untagged");
+        for tags in [vec![0x8100], vec![0x88a8, 0x8100], vec![0x8100, 0x8100], vec![0x9100]] {
+            for v6 in [false, true] {
+                let mut tagged = if v6 { Frame::udp(self::v6(POD6), 40000, self::v6(PEER6), 53) } else { plain.clone() };
+                tagged.vlan_tags = tags.clone();
+                assert_eq!(f.run(Hook::FromPod, &tagged.build()), TC_ACT_SHOT, "{tags:x?} v6={v6} flags={flags}");
+                assert_eq!(f.run(Hook::ToPod, &tagged.build()), TC_ACT_SHOT, "{tags:x?} v6={v6} flags={flags}");
+            }
+        }
+    }
+    assert_eq!(f.counted(ENDPOINT, Reason::DropFrame), 32);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn only_ip_and_arp_with_the_pods_sender_pass() {
+    let mut f = Fixture::new();
+    f.endpoint(0);
+    assert_eq!(f.run(Hook::FromPod, &arp_from(POD)), TC_ACT_OK, "control: the pod's own ARP");
+    assert_eq!(f.run(Hook::FromPod, &arp_from(Ipv4Addr::UNSPECIFIED)), TC_ACT_OK, "an ARP probe");
+    assert_eq!(f.run(Hook::FromPod, &arp_from(PEER)), TC_ACT_SHOT, "ARP claiming another pod's address");
+    assert_eq!(f.run(Hook::ToPod, &arp_from(PEER)), TC_ACT_OK, "ARP towards the pod");
+    let mut not_ipv4 = arp_from(POD);
+    not_ipv4[16..18].copy_from_slice(&[0x86, 0xdd]);
+    assert_eq!(f.run(Hook::FromPod, &not_ipv4), TC_ACT_SHOT, "ARP for another protocol");
+    for ethertype in [[0x88, 0xcc], [0x80, 0x35], [0x08, 0x42], [0x88, 0x8e], [0x00, 0x20]] {
+        let mut frame = Frame::udp(v4(POD), 1, v4(PEER), 53).build();
+        frame[12..14].copy_from_slice(&ethertype);
+        for hook in Hook::BOTH {
+            assert_eq!(f.run(hook, &frame), TC_ACT_SHOT, "EtherType {ethertype:x?}");
+        }
+    }
+    assert_eq!(f.counted(ENDPOINT, Reason::DropFrame), 2 + 10);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn forged_icmp_errors_are_not_related() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED | FLAG_EGRESS_ISOLATED);
+    f.allow(PEER_ID, Direction::Egress, Some(proto::UDP), Some(53));
+    assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 40000, v4(PEER), 53).build()), TC_ACT_OK);
+    let sent = Frame::udp(v4(POD), 40000, v4(PEER), 53);
+    let got = Frame::udp(v4(PEER), 53, v4(POD), 40000);
+    let error = |src, dst, kind, quoted: &Frame| Frame::new(v4(src), v4(dst), L4::IcmpError { kind, inner: Box::new(quoted.clone()) });
+    // Controls: the peer reports the pod's datagram unreachable; the pod reports the peer's.
+    assert_eq!(f.run(Hook::ToPod, &error(PEER, POD, 3, &sent).build()), TC_ACT_OK, "control: from the flow's peer");
+    assert_eq!(f.run(Hook::FromPod, &error(POD, PEER, 3, &got).build()), TC_ACT_OK, "control: to the flow's peer");
+    assert_eq!(f.counted(ENDPOINT, Reason::PassReply), 2);
+    // Exfiltration: an error quoting the tracked flow, sent to another host.
+    assert_eq!(f.run(Hook::FromPod, &error(POD, OTHER, 3, &got).build()), TC_ACT_SHOT, "to a host off the flow");
+    // Injection: from a host that is not the flow's peer.
+    assert_eq!(f.run(Hook::ToPod, &error(OTHER, POD, 3, &sent).build()), TC_ACT_SHOT, "from a host off the flow");
+    // Size: an error is at most 576 bytes; a payload channel is not.
+    let big = grow(error(PEER, POD, 3, &sent).build(), 600);
+    assert_eq!(f.run(Hook::ToPod, &big), TC_ACT_SHOT, "an oversized error");
+    // Redirects are never legitimate on a pod's link.
+    assert_eq!(f.run(Hook::ToPod, &error(PEER, POD, 5, &sent).build()), TC_ACT_SHOT, "an ICMP redirect");
+    let redirect6 = Frame::new(v6(LINK_LOCAL), v6(POD6), L4::Icmp { kind: 137, code: 0, id: 0 });
+    assert_eq!(f.run(Hook::ToPod, &redirect6.build()), TC_ACT_SHOT, "an ICMPv6 redirect");
+    assert_eq!(f.counted(ENDPOINT, Reason::DropPolicy), 2);
+    assert_eq!(f.counted(ENDPOINT, Reason::DropFrame), 3);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn the_node_may_report_errors_for_a_flow() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED | FLAG_EGRESS_ISOLATED);
+    f.allow(PEER_ID, Direction::Egress, Some(proto::UDP), Some(53));
+    let sent = Frame::udp(v6(POD6), 40000, v6(PEER6), 53);
+    assert_eq!(f.run(Hook::FromPod, &sent.build()), TC_ACT_OK);
+    let too_big = Frame::new(v6(NODE6), v6(POD6), L4::IcmpError { kind: 2, inner: Box::new(sent.clone()) });
+    assert_eq!(f.run(Hook::ToPod, &too_big.build()), TC_ACT_OK, "packet too big from the node");
+    let forged = Frame::new(v6(PEER6), v6(POD6), L4::IcmpError { kind: 1, inner: Box::new(Frame::udp(v6(POD6), 40001, v6(PEER6), 53)) });
+    assert_eq!(f.run(Hook::ToPod, &forged.build()), TC_ACT_SHOT, "quoting an untracked flow");
+    assert_eq!(f.run(Hook::ToPod, &grow(too_big.build(), 1300)), TC_ACT_SHOT, "over 1280 bytes");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn neighbour_discovery_and_mld_keep_to_the_link() {
+    let mut f = Fixture::new();
+    f.endpoint(0);
+    let nd = |src, dst, kind, hop_limit| {
+        let mut frame = Frame::new(v6(src), v6(dst), L4::Icmp { kind, code: 0, id: 0 });
+        frame.hop_limit = hop_limit;
+        frame.build()
+    };
+    let solicited = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 0x20);
+    let mld_reports = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16);
+    // Controls: what a pod's stack really sends and receives.
+    for (hook, frame) in [
+        (Hook::FromPod, nd(POD6, solicited, 135, 255)),
+        (Hook::FromPod, nd(LINK_LOCAL, LINK_LOCAL, 136, 255)),
+        (Hook::FromPod, nd(POD6, NODE6, 136, 255)),
+        (Hook::FromPod, nd(Ipv6Addr::UNSPECIFIED, solicited, 135, 255)),
+        (Hook::FromPod, nd(LINK_LOCAL, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2), 133, 255)),
+        (Hook::FromPod, nd(LINK_LOCAL, mld_reports, 143, 1)),
+        (Hook::ToPod, nd(LINK_LOCAL, POD6, 135, 255)),
+        (Hook::ToPod, nd(NODE6, POD6, 136, 255)),
+        (Hook::ToPod, nd(LINK_LOCAL, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1), 134, 255)),
+    ] {
+        assert_eq!(f.run(hook, &frame), TC_ACT_OK, "control {hook:?}");
+    }
+    // Around the policy: global addresses, remote peers, wrong hop limits, payload, RAs.
+    for (hook, frame, what) in [
+        (Hook::FromPod, nd(POD6, PEER6, 135, 255), "to a remote peer"),
+        (Hook::FromPod, nd(PEER6, solicited, 135, 255), "from another pod's address"),
+        (Hook::FromPod, nd(LINK_LOCAL, solicited, 135, 64), "hop limit not 255"),
+        (Hook::FromPod, nd(LINK_LOCAL, PEER6, 143, 1), "MLD to a remote peer"),
+        (Hook::FromPod, nd(LINK_LOCAL, mld_reports, 143, 64), "MLD hop limit not 1"),
+        (Hook::FromPod, nd(LINK_LOCAL, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1), 134, 255), "a router advertisement from a pod"),
+        (Hook::FromPod, grow(nd(LINK_LOCAL, solicited, 135, 255), 1400), "kilobytes of payload"),
+        (Hook::ToPod, nd(PEER6, POD6, 136, 255), "from a remote peer"),
+        (Hook::ToPod, nd(LINK_LOCAL, PEER6, 135, 255), "to another pod"),
+    ] {
+        assert_eq!(f.run(hook, &frame), TC_ACT_SHOT, "{what}");
+    }
+    assert_eq!(f.counted(ENDPOINT, Reason::DropFrame), 9);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn pods_without_policy_cannot_spoof_either() {
+    let mut f = Fixture::new();
+    f.endpoint(0);
+    assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 1, v4(OTHER), 80).build()), TC_ACT_OK, "control: own address");
+    assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(PEER), 1, v4(OTHER), 80).build()), TC_ACT_SHOT, "as an allowed peer");
+    assert_eq!(f.run(Hook::FromPod, &Frame::udp(v6(NODE6), 1, v6(PEER6), 80).build()), TC_ACT_SHOT, "as the node");
+    let mut later = Frame::udp(v4(PEER), 1, v4(OTHER), 80);
+    later.fragment = Some((9, false, 10));
+    assert_eq!(f.run(Hook::FromPod, &later.build()), TC_ACT_SHOT, "a later fragment");
+    assert_eq!(f.counted(ENDPOINT, Reason::DropSpoofed), 3);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn only_opening_packets_create_state() {
+    let mut f = Fixture::new();
+    // Egress isolated, nothing allowed; ingress open.
+    f.endpoint(FLAG_EGRESS_ISOLATED);
+    for flags in [SYN | ACK, ACK, RST, FIN | ACK, SYN | FIN] {
+        assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 80, v4(POD), 40000, flags).build()), TC_ACT_OK);
+    }
+    let sctp_data = {
+        let mut frame = Frame::sctp(v4(PEER), 9, v4(POD), 40000).build();
+        frame[14 + 20 + 12] = 0; // a DATA chunk, not INIT
+        frame
+    };
+    assert_eq!(f.run(Hook::ToPod, &sctp_data), TC_ACT_OK);
+    assert_eq!(f.run(Hook::ToPod, &Frame::new(v4(PEER), v4(POD), L4::Icmp { kind: 0, code: 0, id: 7 }).build()), TC_ACT_OK);
+    assert_eq!(f.conntrack_len(), 0, "none of these opens a flow");
+    // So the pod's own SYN is not a reply to anything.
+    assert_eq!(f.run(Hook::FromPod, &Frame::tcp(v4(POD), 40000, v4(PEER), 80, SYN).build()), TC_ACT_SHOT);
+    assert_eq!(f.run(Hook::FromPod, &Frame::sctp(v4(POD), 40000, v4(PEER), 9).build()), TC_ACT_SHOT);
+    assert_eq!(f.run(Hook::FromPod, &Frame::new(v4(POD), v4(PEER), L4::Icmp { kind: 8, code: 0, id: 7 }).build()), TC_ACT_SHOT);
+    // Control: a real SYN from the peer opens a flow, and the pod's SYN-ACK is its reply.
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 81, v4(POD), 40001, SYN).build()), TC_ACT_OK);
+    assert_eq!(f.run(Hook::FromPod, &Frame::tcp(v4(POD), 40001, v4(PEER), 81, SYN | ACK).build()), TC_ACT_OK);
+    assert_eq!(f.conntrack_len(), 1);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn a_new_revision_cuts_revoked_flows_and_keeps_allowed_ones() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED);
+    f.allow(PEER_ID, Direction::Ingress, Some(proto::TCP), Some(80));
+    f.allow(PEER_ID, Direction::Ingress, Some(proto::TCP), Some(81));
+    for port in [80, 81] {
+        assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), port, SYN).build()), TC_ACT_OK);
+    }
+    // Port 81 is revoked; the revision changes.
+    f.revoke(PEER_ID, Direction::Ingress, proto::TCP, 81);
+    f.new_revision(FLAG_INGRESS_ISOLATED);
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 80, ACK).build()), TC_ACT_OK, "still allowed: kept");
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 81, ACK).build()), TC_ACT_SHOT, "revoked: cut");
+    assert_eq!(f.run(Hook::FromPod, &Frame::tcp(v4(POD), 81, v4(PEER), 40000, ACK).build()), TC_ACT_OK, "egress not isolated");
+    assert_eq!(f.conntrack_len(), 1, "the revoked flow is forgotten");
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 80, ACK).build()), TC_ACT_OK);
+    assert_eq!(f.counted(ENDPOINT, Reason::PassEstablished), 2);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn leaving_audit_mode_cuts_what_audit_let_through() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED | FLAG_AUDIT);
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 80, SYN).build()), TC_ACT_OK);
+    assert_eq!(f.counted(ENDPOINT, Reason::PassAudit), 1);
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 80, ACK).build()), TC_ACT_OK, "control: audit keeps it");
+    f.new_revision(FLAG_INGRESS_ISOLATED);
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 80, ACK).build()), TC_ACT_SHOT);
+    assert_eq!(f.conntrack_len(), 0);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn length_fields_must_match_the_frame() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED);
+    f.allow(identity::ANY, Direction::Ingress, None, None);
+    for v6 in [false, true] {
+        let (peer, pod) = if v6 { (self::v6(PEER6), self::v6(POD6)) } else { (v4(PEER), v4(POD)) };
+        let good = Frame::tcp(peer, 40000, pod, 80, SYN);
+        assert_eq!(f.run(Hook::ToPod, &good.build()), TC_ACT_OK, "control v6={v6}");
+        assert_eq!(f.run(Hook::ToPod, &good.padded()), TC_ACT_OK, "control with Ethernet padding v6={v6}");
+        let ip_header = if v6 { 0 } else { 20 };
+        for len in [ip_header + 10, ip_header + 19, ip_header + 21 + 200] {
+            let mut lie = good.build();
+            set_ip_len(&mut lie, Some(len));
+            assert_eq!(f.run(Hook::ToPod, &lie), TC_ACT_SHOT, "length {len} v6={v6}");
+            // Leaving a pod that no policy isolates, too: the source is not trusted then.
+            let mut out = Frame::tcp(pod, 80, peer, 40000, SYN).build();
+            set_ip_len(&mut out, Some(len));
+            assert_eq!(f.run(Hook::FromPod, &out), TC_ACT_SHOT, "leaving, length {len} v6={v6}");
+        }
+    }
+    let mut short_ihl = Frame::tcp(v4(PEER), 40000, v4(POD), 80, SYN).build();
+    set_ip_len(&mut short_ihl, Some(16));
+    assert_eq!(f.run(Hook::ToPod, &short_ihl), TC_ACT_SHOT, "total length below the header");
+    assert_eq!(f.counted(ENDPOINT, Reason::DropMalformed), 13);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn ipv6_header_chains_have_exact_bounds() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED);
+    f.allow(PEER_ID, Direction::Ingress, Some(proto::TCP), Some(443));
+    let mut frame = Frame::tcp(v6(PEER6), 40003, v6(POD6), 443, SYN);
+    frame.ipv6_ext = vec![0, 60, 43, 60, 60, 60];
+    assert_eq!(f.run(Hook::ToPod, &frame.build()), TC_ACT_OK, "six extension headers are read");
+    frame.ipv6_ext = vec![0, 60, 43, 60, 60];
+    frame.fragment = Some((77, true, 0));
+    assert_eq!(f.run(Hook::ToPod, &frame.build()), TC_ACT_OK, "five and a fragment header");
+    frame.ipv6_ext = vec![44, 60];
+    frame.fragment = Some((78, true, 0));
+    assert_eq!(f.run(Hook::ToPod, &frame.build()), TC_ACT_SHOT, "two fragment headers");
+    assert_eq!(f.counted(ENDPOINT, Reason::DropMalformed), 1);
 }

@@ -57,17 +57,26 @@ pub enum Tracked {
     Reply,
 }
 
-/// Looks the packet's flow up and, on a live entry, refreshes its lifetime in place (no map
-/// update on the fast path).
+/// The live entry of the packet's flow, if any.
 #[inline(always)]
-pub fn lookup(key: &CtKey, packet: &Packet, direction: Direction, time: u64) -> Option<Tracked> {
+pub fn find(key: &CtKey, time: u64) -> Option<&'static mut CtValue> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: the pointer from a successful lookup is valid for this program run; concurrent
     // writers on other CPUs only store whole aligned words, which is benign for a lifetime.
     let entry = unsafe { &mut *entry };
-    if entry.expires_ns < time {
-        return None;
-    }
+    if entry.expires_ns < time { None } else { Some(entry) }
+}
+
+/// Forgets a flow whose verdict was revoked.
+#[inline(always)]
+pub fn forget(key: &CtKey) {
+    let _ = CONNTRACK.remove(key);
+}
+
+/// Follows the TCP state of a live entry and refreshes its lifetime in place (no map update
+/// on the fast path); says which way the packet goes relative to the opening one.
+#[inline(always)]
+pub fn track(entry: &mut CtValue, packet: &Packet, direction: Direction, time: u64) -> Tracked {
     let origin = entry.origin;
     let mut seen = entry.tcp_flags;
     if packet.tuple.protocol == proto::TCP {
@@ -93,7 +102,7 @@ pub fn lookup(key: &CtKey, packet: &Packet, direction: Direction, time: u64) -> 
         entry.tcp_flags = seen;
         entry.expires_ns = expires;
     }
-    Some(if origin == direction as u8 { Tracked::Established } else { Tracked::Reply })
+    if origin == direction as u8 { Tracked::Established } else { Tracked::Reply }
 }
 
 /// Looks up the flow an ICMP error is about (its reversed tuple); no refresh.
@@ -103,10 +112,10 @@ pub fn related(key: &CtKey, time: u64) -> bool {
     CONNTRACK.get_ptr(key).is_some_and(|entry| unsafe { (*entry).expires_ns >= time })
 }
 
-/// Records a flow that was let through. A failed insert (never for an LRU map short of
-/// memory pressure) only costs a policy lookup on the next packet.
+/// Records a flow that was let through, judged under `revision`. A failed insert (never for
+/// an LRU map short of memory pressure) only costs a policy lookup on the next packet.
 #[inline(always)]
-pub fn create(key: &CtKey, packet: &Packet, direction: Direction, cookie: u32, time: u64) {
+pub fn create(key: &CtKey, packet: &Packet, direction: Direction, cookie: u32, revision: u32, time: u64) {
     let mut seen = 0;
     if packet.tuple.protocol == proto::TCP && packet.tcp_flags & TCP_RST != 0 {
         seen = TCP_SEEN_RST;
@@ -117,7 +126,7 @@ pub fn create(key: &CtKey, packet: &Packet, direction: Direction, cookie: u32, t
         origin: direction as u8,
         tcp_flags: seen,
         _pad: [0; 2],
-        revision: 0,
+        revision,
         _pad2: 0,
     };
     let _ = CONNTRACK.insert(key, &value, 0);
