@@ -26,7 +26,7 @@ use policy_common::{
     proto,
 };
 use policy_agent::testbed::{
-    Bpffs, Node,
+    Bpffs, Netns, Node,
     packet::{ACK, FIN, Frame, L4, RST, SYN, arp, arp_from},
     probe::{SctpSink, Servers, sctp_send_init, tcp_ok, udp_ok},
 };
@@ -475,22 +475,29 @@ struct Cluster {
     maps: Maps,
     /// Flags and lookup masks of each pod's endpoint, as written last.
     endpoints: std::collections::BTreeMap<&'static str, (u32, u32, [u8; 2])>,
+    /// Every endpoint write is a new revision, as the agent's are.
+    revision: u32,
 }
 
 const A4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 1);
 const B4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 2);
 const A6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 10, 0, 0, 0, 1);
 const B6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 10, 0, 0, 0, 2);
+const C4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 3);
+const C6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 10, 0, 0, 0, 3);
 const A_ID: u32 = 3000;
 const B_ID: u32 = 3001;
+const C_ID: u32 = 3002;
 const A_EP: u32 = 1;
 const B_EP: u32 = 2;
+const C_EP: u32 = 3;
 
 impl Cluster {
     fn new() -> Self {
         let mut node = Node::new("dpn");
         node.add_pod("a", A4, A6);
         node.add_pod("b", B4, B6);
+        node.add_pod("c", C4, C6);
         let bpffs = Bpffs::new("dpn");
         for pod in &node.pods {
             let out = node.ns.exec(&[env!("CARGO_BIN_EXE_policy-agent"), "attach", "--iface", &pod.host_if, "--bpffs", bpffs.path.to_str().expect("utf-8")]);
@@ -498,18 +505,21 @@ impl Cluster {
             assert!(text.contains("attached from_pod") && text.contains("attached to_pod"), "{text}");
         }
         let mut maps = Maps::open_pinned(&PinLayout::new(&bpffs.path)).expect("pinned maps");
-        for (addr, bits, id) in [(v4(A4), 32, A_ID), (v4(B4), 32, B_ID), (v6(A6), 128, A_ID), (v6(B6), 128, B_ID)] {
+        let addresses = [(v4(A4), A_ID), (v4(B4), B_ID), (v4(C4), C_ID), (v6(A6), A_ID), (v6(B6), B_ID), (v6(C6), C_ID)];
+        for (addr, bits, id) in addresses.map(|(a, id)| (a, if a.is_ipv4() { 32 } else { 128 }, id)) {
             insert_identity(&mut maps, addr, bits, id);
         }
-        let mut cluster = Self { node, bpffs, maps, endpoints: std::collections::BTreeMap::new() };
+        let mut cluster = Self { node, bpffs, maps, endpoints: std::collections::BTreeMap::new(), revision: 0 };
         cluster.endpoint("a", A_EP, 0);
         cluster.endpoint("b", B_EP, 0);
+        cluster.endpoint("c", C_EP, 0);
         cluster
     }
 
     fn endpoint(&mut self, pod: &'static str, id: u32, flags: u32) {
         let lookups = self.endpoints.get(pod).map_or([0; 2], |e| e.2);
         self.endpoints.insert(pod, (id, flags, lookups));
+        self.revision += 1;
         let p = self.node.pod(pod);
         let ifindex = self.node.ns.ifindex(&p.host_if);
         let info = EndpointInfo {
@@ -519,9 +529,24 @@ impl Cluster {
             ipv6: p.ipv6.octets(),
             lookups,
             _pad: [0; 2],
-            revision: 0,
+            revision: self.revision,
         };
         self.maps.endpoints.insert(EndpointKey { ifindex }, info, 0).expect("endpoint");
+    }
+
+    /// Takes the pod out of enforcement (as if no agent managed it): the control case of the
+    /// attack tests, which proves the test would see the frame get through.
+    fn unmanage(&mut self, pod: &str) {
+        let ifindex = self.node.ns.ifindex(&self.node.pod(pod).host_if);
+        self.maps.endpoints.remove(&EndpointKey { ifindex }).expect("endpoint removal");
+    }
+
+    /// Removes an exact-port allow entry of `pod` and writes its endpoint under a new revision.
+    fn revoke(&mut self, pod: &'static str, peer: u32, direction: Direction, protocol: u8, port: u16) {
+        let (id, flags, _) = self.endpoints[pod];
+        let key = PolicyKey::new(id, peer, direction, protocol, port);
+        self.maps.write(&MapOp::PolicyRemove { prefix_len: PREFIX_FULL, key }).expect("policy removal");
+        self.endpoint(pod, id, flags);
     }
 
     fn allow(&mut self, pod: &'static str, peer: u32, direction: Direction, protocol: u8, port: u16) {
@@ -565,7 +590,7 @@ fn real_tcp_and_udp_between_pods_follow_the_maps() {
     c.endpoint("b", B_EP, 0);
     let a = &c.node.pod("a").ns;
     assert!(tcp_ok(a, c.target("b", false, 81), PROBE_TIMEOUT));
-    assert_eq!(c.bpffs.path.join("links").read_dir().map(|d| d.count()).unwrap_or(0), 4, "two pinned links per pod");
+    assert_eq!(c.bpffs.path.join("links").read_dir().map(|d| d.count()).unwrap_or(0), 6, "two pinned links per pod");
 }
 
 #[test]
@@ -857,4 +882,278 @@ fn ipv6_header_chains_have_exact_bounds() {
     frame.fragment = Some((78, true, 0));
     assert_eq!(f.run(Hook::ToPod, &frame.build()), TC_ACT_SHOT, "two fragment headers");
     assert_eq!(f.counted(ENDPOINT, Reason::DropMalformed), 1);
+}
+
+// --- Real frames from a pod with CAP_NET_RAW, over AF_PACKET ------------------------------
+// The attacker is pod a. Each test first sends its frame with a's endpoint removed (or with
+// a policy that allows it) and sees it arrive: the control that proves a leak would show.
+
+/// How long a receiver listens for a frame.
+const FRAME_WAIT: Duration = Duration::from_millis(400);
+
+/// Sends raw Ethernet frames out of the pod's eth0 (to the node's host-side veth MAC).
+fn send_frames(ns: &Netns, frames: Vec<Vec<u8>>) {
+    ns.run(move || {
+        // SAFETY: plain socket calls on a descriptor owned here; buffers outlive each call.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = libc::if_nametoindex(c"eth0".as_ptr()) as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&HOST_MAC);
+            for mut frame in frames {
+                frame[..6].copy_from_slice(&HOST_MAC);
+                let sent = libc::sendto(fd, frame.as_ptr().cast(), frame.len(), 0, (&raw const addr).cast(), size_of::<libc::sockaddr_ll>() as u32);
+                assert_eq!(sent, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+        }
+    });
+}
+
+/// The MAC of every host-side veth in the test bed.
+const HOST_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 1];
+
+/// Counts the frames that arrive on a pod's eth0 carrying `marker`, for `FRAME_WAIT`.
+struct FrameSink(std::thread::JoinHandle<usize>);
+
+impl FrameSink {
+    fn start(ns: &Netns, marker: [u8; 8]) -> Self {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = ns.spawn(move || {
+            // SAFETY: as in `send_frames`; the receive buffer outlives each call.
+            unsafe {
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32);
+                assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+                let timeout = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size_of::<libc::timeval>() as u32);
+                let _ = ready_tx.send(());
+                let deadline = std::time::Instant::now() + FRAME_WAIT;
+                let mut seen = 0;
+                let mut buf = [0u8; 4096];
+                while std::time::Instant::now() < deadline {
+                    let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                    if n > 0 && buf[..n as usize].windows(8).any(|w| w == marker) {
+                        seen += 1;
+                    }
+                }
+                libc::close(fd);
+                seen
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).expect("sink ready");
+        Self(handle)
+    }
+
+    fn count(self) -> usize {
+        self.0.join().expect("sink thread")
+    }
+}
+
+/// Whether `frame`, sent by pod a, reaches pod `to` (which must see `marker` in it).
+fn delivered(c: &Cluster, to: &str, marker: [u8; 8], frame: Vec<u8>) -> bool {
+    let sink = FrameSink::start(&c.node.pod(to).ns, marker);
+    send_frames(&c.node.pod("a").ns, vec![frame]);
+    sink.count() > 0
+}
+
+/// A UDP datagram whose payload is `marker` (UDP checksum 0: none, fine for IPv4).
+fn marked_udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, marker: [u8; 8]) -> Vec<u8> {
+    let mut frame = Frame::udp(src, sport, dst, dport).build();
+    let end = frame.len();
+    frame[end - 4..].copy_from_slice(&marker[..4]);
+    frame.extend_from_slice(&marker[4..]);
+    fix_lengths(&mut frame);
+    frame
+}
+
+/// Recomputes the IP length fields (and the IPv4 header checksum) after a frame grew.
+fn fix_lengths(frame: &mut [u8]) {
+    let offset = if frame[12..14] == [0x86, 0xdd] || frame[12..14] == [0x08, 0x00] { 14 } else { 22 };
+    if frame[offset] >> 4 == 6 {
+        let len = (frame.len() - offset - 40) as u16;
+        frame[offset + 4..offset + 6].copy_from_slice(&len.to_be_bytes());
+    } else {
+        let len = (frame.len() - offset) as u16;
+        frame[offset + 2..offset + 4].copy_from_slice(&len.to_be_bytes());
+        frame[offset + 10..offset + 12].copy_from_slice(&[0, 0]);
+        let mut sum: u32 = frame[offset..offset + 20].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        frame[offset + 10..offset + 12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
+    if frame[offset] >> 4 == 4 && frame[offset + 9] == proto::UDP {
+        let len = (frame.len() - offset - 20) as u16;
+        frame[offset + 24..offset + 26].copy_from_slice(&len.to_be_bytes());
+    }
+}
+
+fn marker(n: u8) -> [u8; 8] {
+    [0x5a, 0xa5, 0x5a, 0xa5, n, std::process::id() as u8, 0xc3, 0x3c]
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn real_double_vlan_tagged_frames_do_not_leave_a_pod() {
+    let mut c = Cluster::new();
+    for (i, tags) in [[0x88a8u16, 0x8100], [0x8100, 0x8100]].into_iter().enumerate() {
+        let m = marker(i as u8);
+        let frame = marked_udp(v4(A4), 40000, v4(B4), 9, m);
+        let mut tagged = frame[..12].to_vec();
+        for tpid in tags {
+            tagged.extend(tpid.to_be_bytes());
+            tagged.extend([0, 0]);
+        }
+        tagged.extend_from_slice(&frame[12..]);
+        c.unmanage("a");
+        assert!(delivered(&c, "b", m, tagged.clone()), "control: the node strips both tags and routes the packet ({tags:x?})");
+        c.endpoint("a", A_EP, FLAG_EGRESS_ISOLATED);
+        assert!(!delivered(&c, "b", m, tagged.clone()), "an egress-isolated pod sends through VLAN tags ({tags:x?})");
+        c.endpoint("a", A_EP, 0);
+        assert!(!delivered(&c, "b", m, tagged), "a pod with no policy sends tagged frames ({tags:x?})");
+    }
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn real_forged_icmp_errors_carry_nothing_out() {
+    let mut c = Cluster::new();
+    c.endpoint("a", A_EP, FLAG_EGRESS_ISOLATED);
+    c.allow("a", B_ID, Direction::Egress, proto::UDP, 53);
+    // a's flow to b: tracked.
+    send_frames(&c.node.pod("a").ns, vec![marked_udp(v4(A4), 40000, v4(B4), 53, marker(9))]);
+    let m = marker(1);
+    let quoted = Frame::udp(v4(B4), 53, v4(A4), 40000);
+    let error = |dst: Ipv4Addr| {
+        let mut frame = Frame::new(v4(A4), v4(dst), L4::IcmpError { kind: 3, inner: Box::new(quoted.clone()) }).build();
+        frame.extend_from_slice(&m);
+        fix_lengths(&mut frame);
+        frame
+    };
+    assert!(delivered(&c, "b", m, error(B4)), "control: an error to the flow's peer is related");
+    assert!(!delivered(&c, "c", m, error(C4)), "an error quoting a's flow, sent to c");
+    c.unmanage("a");
+    assert!(delivered(&c, "c", m, error(C4)), "control: without enforcement it reaches c");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn real_neighbour_discovery_with_global_addresses_stays_home() {
+    let mut c = Cluster::new();
+    let m = marker(2);
+    let mut frame = Frame::new(v6(A6), v6(C6), L4::Icmp { kind: 135, code: 0, id: 0 });
+    frame.hop_limit = 255;
+    let mut frame = frame.build();
+    frame.extend_from_slice(&m);
+    frame.extend_from_slice(&[0; 1000]);
+    fix_lengths(&mut frame);
+    // c takes no part: only a's egress is under test.
+    c.unmanage("c");
+    c.unmanage("a");
+    assert!(delivered(&c, "c", m, frame.clone()), "control: the node forwards it to c");
+    for flags in [0, FLAG_EGRESS_ISOLATED] {
+        c.endpoint("a", A_EP, flags);
+        assert!(!delivered(&c, "c", m, frame.clone()), "a neighbour solicitation to a remote peer (flags {flags})");
+    }
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn real_spoofing_from_a_pod_without_policy() {
+    let mut c = Cluster::new();
+    // c accepts only b on UDP 9; a has no policy at all.
+    c.endpoint("c", C_EP, FLAG_INGRESS_ISOLATED);
+    c.allow("c", B_ID, Direction::Ingress, proto::UDP, 9);
+    let m = marker(3);
+    let spoofed = marked_udp(v4(B4), 40000, v4(C4), 9, m);
+    c.unmanage("a");
+    assert!(delivered(&c, "c", m, spoofed.clone()), "control: unenforced, a passes as b");
+    c.endpoint("a", A_EP, 0);
+    assert!(!delivered(&c, "c", m, spoofed), "a pod no policy selects sends as an allowed peer");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn real_segments_from_outside_open_no_state() {
+    let mut c = Cluster::new();
+    c.endpoint("a", A_EP, FLAG_EGRESS_ISOLATED);
+    // b, outside a's policy, sends a SYN-ACK and an ACK to a's port 40000.
+    let from_b: Vec<Vec<u8>> = [SYN | ACK, ACK].iter().map(|&flags| Frame::tcp(v4(B4), 80, v4(A4), 40000, flags).build()).collect();
+    send_frames(&c.node.pod("b").ns, from_b);
+    let m = marker(4);
+    let mut syn = Frame::tcp(v4(A4), 40000, v4(B4), 80, SYN).build();
+    syn.extend_from_slice(&m);
+    fix_lengths(&mut syn);
+    assert!(!delivered(&c, "b", m, syn.clone()), "a's SYN passes as a reply to b's forged segments");
+    c.allow("a", B_ID, Direction::Egress, proto::TCP, 80);
+    assert!(delivered(&c, "b", m, syn), "control: allowed, the same SYN arrives");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn real_connection_is_cut_when_its_policy_is_revoked() {
+    let mut c = Cluster::new();
+    c.endpoint("b", B_EP, FLAG_INGRESS_ISOLATED);
+    c.allow("b", A_ID, Direction::Ingress, proto::TCP, 80);
+    c.allow("b", A_ID, Direction::Ingress, proto::TCP, 81);
+    let _echo = persistent_echo(&c.node.pod("b").ns, &[80, 81]);
+    let streams: Vec<(u16, std::net::TcpStream)> = [80, 81].into_iter().map(|port| (port, connect(&c, port))).collect();
+    for (port, stream) in &streams {
+        assert!(echoes(stream), "control: port {port} echoes");
+    }
+    c.revoke("b", A_ID, Direction::Ingress, proto::TCP, 81);
+    assert!(echoes(&streams[0].1), "still allowed under the new revision: kept");
+    assert!(!echoes(&streams[1].1), "revoked: the open connection is cut");
+}
+
+fn connect(c: &Cluster, port: u16) -> std::net::TcpStream {
+    let to = c.target("b", false, port);
+    c.node.pod("a").ns.run(move || {
+        let stream = std::net::TcpStream::connect_timeout(&to, PROBE_TIMEOUT).expect("connect");
+        stream.set_read_timeout(Some(PROBE_TIMEOUT)).expect("timeout");
+        stream
+    })
+}
+
+fn echoes(mut stream: &std::net::TcpStream) -> bool {
+    use std::io::{Read as _, Write as _};
+    let mut buf = [0u8; 4];
+    stream.write_all(b"ping").is_ok() && stream.read_exact(&mut buf).is_ok() && &buf == b"ping"
+}
+
+/// TCP echo servers that keep each connection open (at most 30 s).
+fn persistent_echo(ns: &Netns, ports: &[u16]) -> Vec<std::thread::JoinHandle<()>> {
+    ports
+        .iter()
+        .map(|&port| {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let handle = ns.spawn(move || {
+                use std::io::{Read as _, Write as _};
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind");
+                listener.set_nonblocking(true).expect("nonblocking");
+                let _ = ready_tx.send(());
+                let mut stream = loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => break stream,
+                        Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                        Err(_) => return,
+                    }
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut buf = [0u8; 64];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+            ready_rx.recv_timeout(Duration::from_secs(5)).expect("echo ready");
+            handle
+        })
+        .collect()
 }
