@@ -17,15 +17,16 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use aya::programs::{TestRun as _, TestRunOptions};
 use policy_agent::compile::{MapContents, diff};
 use policy_agent::datapath::{Datapath, Hook, Maps, PinLayout, map_name};
 use policy_common::{
     Direction,
-    conntrack::{CtKey, CtValue, FragKey, FragValue},
+    conntrack::{CtKey, CtReleased, CtUsage, CtValue, FragKey, FragValue},
     counters::Reason,
     endpoint::EndpointInfo,
+    event::{CONFIG_EVENTS_ALLOWED, CONFIG_EVENTS_DENIED, Config},
     family,
     ipcache::{IpcacheKey, IpcacheValue},
     policy::{PolicyKey, PolicyValue},
@@ -105,6 +106,8 @@ struct Kernel {
     datapath: Datapath,
     maps: Maps,
     frags: BpfHashMap<MapData, FragKey, FragValue>,
+    ct_usage: Array<MapData, CtUsage>,
+    ct_released: Array<MapData, CtReleased>,
     /// Mirror of what the compiler-owned maps hold.
     contents: MapContents,
     /// Last seen packet count per counter slot.
@@ -119,7 +122,10 @@ impl Kernel {
         let maps = datapath.take_maps().expect("maps");
         let data = MapData::from_pin(datapath.pins().map(map_name::FRAGMENTS)).expect("fragments map pinned");
         let frags = BpfHashMap::try_from(Map::from_map_data(data).expect("map")).expect("fragments map type");
-        Self { datapath, maps, frags, contents: MapContents::default(), counters: HashMap::new(), _bpffs: bpffs }
+        let open = |name: &str| Map::from_map_data(MapData::from_pin(datapath.pins().map(name)).unwrap_or_else(|e| panic!("{name} pinned: {e}"))).expect("map");
+        let ct_usage = Array::try_from(open("CT_USAGE_V1")).expect("CT_USAGE type");
+        let ct_released = Array::try_from(open("CT_RELEASED_V1")).expect("CT_RELEASED type");
+        Self { datapath, maps, frags, ct_usage, ct_released, contents: MapContents::default(), counters: HashMap::new(), _bpffs: bpffs }
     }
 
     /// Brings the compiler-owned maps to `desired` with the agent's write order.
@@ -130,7 +136,19 @@ impl Kernel {
         }
     }
 
+    /// The classifier's settings: events on or off (the ring is never drained, so it also
+    /// runs full), and the per-endpoint conntrack budget.
+    fn config(&mut self, events: u32, events_per_sec: u32, ct_budget: u32) {
+        let config = Config { flags: events, events_per_sec, ct_budget, _pad: 0 };
+        self.maps.config.set(0, config, 0).expect("config");
+    }
+
     fn clear_state(&mut self) {
+        // The entries go, and so does what the classifier counted of them.
+        for ep in [0u32, 7, 12, 4095] {
+            self.ct_usage.set(ep, CtUsage::default(), 0).expect("CT_USAGE");
+            self.ct_released.set(ep, CtReleased::default(), 0).expect("CT_RELEASED");
+        }
         let keys: Vec<CtKey> = self.maps.conntrack.keys().filter_map(Result::ok).collect();
         for k in keys {
             let _ = self.maps.conntrack.remove(&k);
@@ -215,6 +233,7 @@ struct Case {
     name: String,
     maps: MapContents,
     ct: Vec<(CtKey, CtEntry)>,
+    ct_budget: u32,
     /// Frames run first (they recreate fragment state); the last frame is the case.
     frames: Vec<(Direction, Vec<u8>)>,
 }
@@ -273,6 +292,7 @@ fn render_case(header: &str, maps: &MapContents, model: &Model, frames: &[(Direc
     for ((len, k), v) in &maps.policy {
         let _ = writeln!(s, "policy {len} {} {} {} {} {} {}", k.endpoint(), k.identity(), k.direction().map_or(9, |d| d as u8), k.protocol(), k.port(), v.cookie);
     }
+    let _ = writeln!(s, "ct_budget {}", model.ct_budget);
     let mut ct: Vec<_> = model.ct.iter().collect();
     ct.sort_by_key(|(k, _)| ct_name(k));
     for (k, e) in ct {
@@ -298,7 +318,7 @@ fn render_case(header: &str, maps: &MapContents, model: &Model, frames: &[(Direc
 }
 
 fn load_case(name: &str, text: &str) -> Case {
-    let mut c = Case { name: name.to_string(), ..Case::default() };
+    let mut c = Case { name: name.to_string(), ct_budget: 100_000, ..Case::default() };
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let t: Vec<&str> = line.split_whitespace().collect();
         let num = |i: usize| -> u64 {
@@ -333,6 +353,7 @@ fn load_case(name: &str, text: &str) -> Case {
                 c.ct.push((key, CtEntry { origin: parse_dir(t[8]), revision: num(9) as u32, cookie: num(10) as u32 }));
             }
             "frame" => c.frames.push((parse_dir(t[1]), unhex(t[2]))),
+            "ct_budget" => c.ct_budget = num(1) as u32,
             other => panic!("{name}: unknown line {other}"),
         }
     }
@@ -351,6 +372,7 @@ struct Run {
     saved: usize,
     skipped: usize,
     by_kind: BTreeMap<String, usize>,
+    model_time: f64,
     /// Model verdicts per frame class (coverage).
     reasons: BTreeMap<(&'static str, &'static str), u64>,
     save: bool,
@@ -383,8 +405,19 @@ impl Run {
 
     /// One frame through both; returns whether they agree.
     fn step(&mut self, label: &str, class: &'static str, dir: Direction, frame: &[u8]) -> bool {
+        let t0 = Instant::now();
         let (want, changes) = self.model.judge(frame, dir);
+        self.model_time += t0.elapsed().as_secs_f64();
         *self.reasons.entry((class, want.reason.name())).or_default() += 1;
+        for c in &changes {
+            let what = match c {
+                Change::CtDelete(_) => "ct revoked",
+                Change::CtPut(k, _) if self.model.ct.contains_key(k) => "ct re-judged, kept",
+                Change::CtPut(..) => "ct created",
+                Change::FragPut(_) => "fragment recorded",
+            };
+            *self.reasons.entry(("(state)", what)).or_default() += 1;
+        }
         let got = match self.kernel.run(self.ep_id(), dir, frame) {
             Ok(got) => got,
             Err(e) => {
@@ -489,6 +522,8 @@ impl Run {
         for path in &files {
             let name = path.file_name().unwrap().to_string_lossy().to_string();
             let case = load_case(&name, &std::fs::read_to_string(path).expect("read corpus"));
+            self.kernel.config(0, 0, case.ct_budget);
+            self.model.ct_budget = case.ct_budget;
             self.reset(&case.maps);
             for (k, e) in &case.ct {
                 self.kernel.inject_ct(*k, *e);
@@ -529,6 +564,7 @@ fn classifier_matches_reference_model() {
         skipped: 0,
         by_kind: BTreeMap::new(),
         reasons: BTreeMap::new(),
+        model_time: 0.0,
         save: false,
     };
     let cases = run.replay_corpus();
@@ -541,6 +577,11 @@ fn classifier_matches_reference_model() {
     let mut classes: BTreeMap<&'static str, u64> = BTreeMap::new();
     while done < total {
         let mut maps = generator.scenario(IFINDEX);
+        let events = generator.rng.pick(&[0, 0, CONFIG_EVENTS_DENIED, CONFIG_EVENTS_DENIED | CONFIG_EVENTS_ALLOWED]);
+        let rate = generator.rng.pick(&[0, 5, 1000, u32::MAX]);
+        let budget = if generator.rng.chance(1, 8) { generator.rng.below(6) as u32 } else { 100_000 };
+        run.kernel.config(events, rate, budget);
+        run.model.ct_budget = budget;
         run.reset(&maps);
         generator.reset();
         let len = generator.rng.range(50, 400).min(total - done);
@@ -568,8 +609,8 @@ fn classifier_matches_reference_model() {
     }
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "fuzz: seed={seed:#x} corpus={cases} ({corpus_divergences} diverged) frames={done} epochs={epoch} skipped={} divergences={} time={secs:.1}s",
-        run.skipped, run.divergences
+        "fuzz: seed={seed:#x} corpus={cases} ({corpus_divergences} diverged) frames={done} epochs={epoch} skipped={} divergences={} time={secs:.1}s (model {:.1}s)",
+        run.skipped, run.divergences, run.model_time
     );
     eprintln!("fuzz: classes {classes:?}");
     if std::env::var_os("FUZZ_VERBOSE").is_some() {
@@ -584,4 +625,140 @@ fn classifier_matches_reference_model() {
         eprintln!("  {n:6} x {kind}");
     }
     assert_eq!(run.divergences, 0, "{} divergences between the classifier and the model (seed {seed:#x})", run.divergences);
+}
+
+/// The model against the spec's own examples (no kernel needed).
+#[cfg(test)]
+mod model_checks {
+    use super::*;
+    use frames::{ALLOWED_ID, ALLOWED4, DENIED4, LL_NODE6, MC_ALL6, NODE6, POD4, POD6, Packet, eth, icmp, tcp, udp};
+    use policy_common::{
+        endpoint::{FLAG_AUDIT, FLAG_EGRESS_ISOLATED, FLAG_HAS_IPV4, FLAG_HAS_IPV6, FLAG_INGRESS_ISOLATED},
+        identity,
+        policy::PREFIX_FULL,
+        proto,
+    };
+
+    fn model(flags: u32) -> Model {
+        let mut m = Model { ct_budget: 1000, ..Model::default() };
+        let info = EndpointInfo {
+            id: 7,
+            flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6,
+            ipv4: POD4.octets(),
+            ipv6: POD6.octets(),
+            lookups: [0; 2],
+            _pad: [0; 2],
+            revision: 1,
+        };
+        m.maps.endpoints.insert(IFINDEX, info);
+        m.maps.ipcache.insert((IpcacheKey::lpm_prefix_len(32), IpcacheKey::v4(ALLOWED4.octets())), IpcacheValue { identity: ALLOWED_ID });
+        m.maps.ipcache.insert((IpcacheKey::lpm_prefix_len(128), IpcacheKey::v6(NODE6.octets())), IpcacheValue { identity: identity::HOST });
+        m
+    }
+
+    fn allow(m: &mut Model, dir: Direction, protocol: u8, port: u16) {
+        m.maps.policy.insert((PREFIX_FULL, PolicyKey::new(7, ALLOWED_ID, dir, protocol, port)), PolicyValue { cookie: 16 });
+        let mut info = m.maps.endpoints[&IFINDEX];
+        info.lookups = frames::mask(&m.maps, 7);
+        m.maps.endpoints.insert(IFINDEX, info);
+    }
+
+    fn judge(m: &mut Model, dir: Direction, frame: &[u8]) -> (bool, Reason) {
+        let (out, changes) = m.judge(frame, dir);
+        m.commit(&changes);
+        (out.pass, out.reason)
+    }
+
+    fn v4(a: std::net::Ipv4Addr) -> IpAddr {
+        IpAddr::V4(a)
+    }
+    fn v6(a: std::net::Ipv6Addr) -> IpAddr {
+        IpAddr::V6(a)
+    }
+
+    #[test]
+    fn spec_examples() {
+        use Direction::{Egress, Ingress};
+        let syn = Packet::new(v4(POD4), v4(ALLOWED4), proto::TCP, tcp(40000, 80, frames::TCP_SYN)).frame();
+        let synack = Packet::new(v4(ALLOWED4), v4(POD4), proto::TCP, tcp(80, 40000, frames::TCP_SYN | frames::TCP_ACK)).frame();
+        // Unmanaged.
+        let mut m = Model::default();
+        assert_eq!(judge(&mut m, Egress, &syn), (true, Reason::PassUnmanaged));
+        // Not isolated: pass, no state; spoofed egress dropped anyway.
+        let mut m = model(0);
+        assert_eq!(judge(&mut m, Egress, &syn), (true, Reason::PassNotIsolated));
+        assert!(m.ct.is_empty());
+        let spoofed = Packet::new(v4(DENIED4), v4(ALLOWED4), proto::UDP, udp(1, 53, 0)).frame();
+        assert_eq!(judge(&mut m, Egress, &spoofed), (false, Reason::DropSpoofed));
+        // VLAN tag, other EtherType, ARP sender.
+        let mut tagged = syn[..12].to_vec();
+        tagged.extend([0x81, 0x00, 0, 0]);
+        tagged.extend(&syn[12..]);
+        assert_eq!(judge(&mut m, Egress, &tagged), (false, Reason::DropFrame));
+        let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 2];
+        arp.extend(DENIED4.octets());
+        arp.extend([0; 10]);
+        assert_eq!(judge(&mut m, Egress, &eth(0x0806, &arp)), (false, Reason::DropFrame));
+        assert_eq!(judge(&mut m, Ingress, &eth(0x0806, &arp)), (true, Reason::PassNonIp));
+        arp[14..18].copy_from_slice(&POD4.octets());
+        assert_eq!(judge(&mut m, Egress, &eth(0x0806, &arp)), (true, Reason::PassNonIp));
+        // Egress isolated: policy, reply, established; denied port.
+        let mut m = model(FLAG_EGRESS_ISOLATED);
+        allow(&mut m, Egress, proto::TCP, 80);
+        assert_eq!(judge(&mut m, Egress, &syn), (true, Reason::PassPolicy));
+        assert_eq!(judge(&mut m, Ingress, &synack), (true, Reason::PassReply));
+        assert_eq!(judge(&mut m, Egress, &syn), (true, Reason::PassEstablished));
+        let other = Packet::new(v4(POD4), v4(ALLOWED4), proto::TCP, tcp(40000, 81, frames::TCP_SYN)).frame();
+        assert_eq!(judge(&mut m, Egress, &other), (false, Reason::DropPolicy));
+        // Revocation: new revision and no entry -> the flow is cut; audit keeps it.
+        m.maps.policy.clear();
+        let mut info = m.maps.endpoints[&IFINDEX];
+        info.revision = 2;
+        m.maps.endpoints.insert(IFINDEX, info);
+        // Ingress is not enforced, but the entry is revoked (egress-opened) and SYN|ACK opens nothing.
+        assert_eq!(judge(&mut m, Ingress, &synack), (true, Reason::PassNotIsolated));
+        assert!(m.ct.is_empty());
+        assert_eq!(judge(&mut m, Egress, &syn), (false, Reason::DropPolicy));
+        // Only opening packets create state in a non-enforced direction.
+        let mut m = model(FLAG_EGRESS_ISOLATED);
+        let ack_in = Packet::new(v4(ALLOWED4), v4(POD4), proto::TCP, tcp(80, 40000, frames::TCP_ACK)).frame();
+        assert_eq!(judge(&mut m, Ingress, &ack_in), (true, Reason::PassNotIsolated));
+        assert!(m.ct.is_empty());
+        assert_eq!(judge(&mut m, Egress, &syn), (false, Reason::DropPolicy));
+        // ICMP error related only on the reply path.
+        let mut m = model(FLAG_EGRESS_ISOLATED | FLAG_INGRESS_ISOLATED);
+        allow(&mut m, Egress, proto::TCP, 80);
+        judge(&mut m, Egress, &syn);
+        let quoted = Packet::new(v4(POD4), v4(ALLOWED4), proto::TCP, tcp(40000, 80, frames::TCP_SYN)).ip();
+        let err = Packet::new(v4(ALLOWED4), v4(POD4), proto::ICMP, icmp(3, 1, 0, &quoted)).frame();
+        assert_eq!(judge(&mut m, Ingress, &err), (true, Reason::PassReply));
+        let err = Packet::new(v4(DENIED4), v4(POD4), proto::ICMP, icmp(3, 1, 0, &quoted)).frame();
+        assert_eq!(judge(&mut m, Ingress, &err), (false, Reason::DropPolicy));
+        let mut big = quoted.clone();
+        big.resize(600, 0);
+        let err = Packet::new(v4(ALLOWED4), v4(POD4), proto::ICMP, icmp(3, 1, 0, &big)).frame();
+        assert_eq!(judge(&mut m, Ingress, &err), (false, Reason::DropFrame));
+        // Link control.
+        let mut m = model(FLAG_AUDIT);
+        let mut ns = Packet::new(v6(LL_NODE6), v6(MC_ALL6), proto::ICMPV6, icmp(135, 0, 0, &[0; 16]));
+        ns.ttl = 255;
+        assert_eq!(judge(&mut m, Ingress, &ns.frame()), (true, Reason::PassNonIp));
+        ns.ttl = 64;
+        assert_eq!(judge(&mut m, Ingress, &ns.frame()), (false, Reason::DropFrame));
+        let mut ra = Packet::new(v6(POD6), v6(MC_ALL6), proto::ICMPV6, icmp(134, 0, 0, &[0; 16]));
+        ra.ttl = 255;
+        assert_eq!(judge(&mut m, Egress, &ra.frame()), (false, Reason::DropFrame));
+        let mut mld = Packet::new(v6(POD6), v6(NODE6), proto::ICMPV6, icmp(143, 0, 0, &[0; 16]));
+        mld.ttl = 1;
+        assert_eq!(judge(&mut m, Egress, &mld.frame()), (true, Reason::PassNonIp));
+        // Seven extension headers are malformed, six are not; two fragment headers are.
+        let mut m = model(0);
+        let mut p = Packet::new(v6(POD6), v6(NODE6), proto::UDP, udp(1, 2, 0));
+        p.ext = vec![frames::Ext::Opts(60, 0); 6];
+        assert_eq!(judge(&mut m, Egress, &p.frame()), (true, Reason::PassNotIsolated));
+        p.ext.push(frames::Ext::Opts(60, 0));
+        assert_eq!(judge(&mut m, Egress, &p.frame()), (false, Reason::DropMalformed));
+        p.ext = vec![frames::Ext::Frag(0, false, 1), frames::Ext::Frag(0, false, 1)];
+        assert_eq!(judge(&mut m, Egress, &p.frame()), (false, Reason::DropMalformed));
+    }
 }

@@ -357,6 +357,9 @@ pub struct Gen {
     next_frag_id: u32,
     /// Generate ICMPv6's number in IPv4 and ICMP's in IPv6 (off: `FUZZ_NO_CROSS_ICMP=1`).
     pub cross_icmp: bool,
+    /// What the current allow entries admit (direction, identity, protocol, a port), so
+    /// that new flows often hit them.
+    hints: Vec<(Direction, u32, u8, u16)>,
 }
 
 fn other(dir: Direction) -> Direction {
@@ -368,7 +371,7 @@ fn other(dir: Direction) -> Direction {
 
 impl Gen {
     pub fn new(seed: u64) -> Self {
-        Self { rng: Rng::new(seed), flows: Vec::new(), pending: VecDeque::new(), next_frag_id: 1, cross_icmp: std::env::var_os("FUZZ_NO_CROSS_ICMP").is_none() }
+        Self { rng: Rng::new(seed), flows: Vec::new(), pending: VecDeque::new(), next_frag_id: 1, cross_icmp: std::env::var_os("FUZZ_NO_CROSS_ICMP").is_none(), hints: Vec::new() }
     }
 
     /// Forget flows and queued frames (a new epoch).
@@ -449,8 +452,31 @@ impl Gen {
     /// A well-formed packet of a new flow in `dir`; the flow is remembered.
     fn opening(&mut self, dir: Direction) -> Packet {
         let v6 = self.rng.chance(1, 2);
-        let (src, dst) = self.addrs(v6, dir);
+        let (mut src, mut dst) = self.addrs(v6, dir);
+        let hint = if !self.hints.is_empty() && self.rng.chance(1, 2) {
+            let h = self.hints[self.rng.below(self.hints.len() as u64) as usize];
+            if h.0 == dir { Some(h) } else { None }
+        } else {
+            None
+        };
+        if let Some((_, id, _, _)) = hint {
+            let peer = match id {
+                ALLOWED_ID => if v6 { ip6(ALLOWED6) } else { ip4(ALLOWED4) },
+                RANGE_ID => if v6 { ip6(RANGE6) } else { ip4(RANGE4) },
+                BLOCK_ID => if v6 { ip6(BLOCK6) } else { ip4(BLOCK4) },
+                OTHERPOD_ID => if v6 { ip6(OTHERPOD6) } else { ip4(OTHERPOD4) },
+                POD_ID => if v6 { ip6(POD6) } else { ip4(POD4) },
+                identity::HOST => if v6 { ip6(NODE6) } else { ip4(NODE4) },
+                identity::WORLD => if v6 { ip6(WORLD6) } else { ip4(WORLD4) },
+                _ => self.peer(v6),
+            };
+            match dir {
+                Direction::Egress => dst = peer,
+                Direction::Ingress => src = peer,
+            }
+        }
         let proto = match self.rng.below(10) {
+            _ if hint.is_some_and(|h| h.2 != 0 && (h.2 != icmp_proto(!v6) || self.cross_icmp)) => hint.map_or(0, |h| h.2),
             0..=3 => proto::TCP,
             4..=5 => proto::UDP,
             6 => proto::SCTP,
@@ -458,7 +484,13 @@ impl Gen {
             _ if self.cross_icmp => self.rng.pick(&[47, 50, 59, 253, icmp_proto(!v6)]),
             _ => self.rng.pick(&[47, 50, 59, 253]),
         };
-        let (sport, dport) = if proto == icmp_proto(v6) { (self.rng.u16() % 64, 0) } else { (self.port(), self.port()) };
+        let (sport, mut dport) = if proto == icmp_proto(v6) { (self.rng.u16() % 64, 0) } else { (self.port(), self.port()) };
+        if let Some((_, _, _, port)) = hint
+            && port != 0
+            && proto != icmp_proto(v6)
+        {
+            dport = port;
+        }
         let l4 = self.l4(v6, proto, sport, dport, true);
         if self.flows.len() < 64 {
             let (sport, dport) = if proto == icmp_proto(v6) { (u16::from_be_bytes([l4[4], l4[5]]), 0) } else { (sport, dport) };
@@ -947,6 +979,7 @@ impl Gen {
     /// (rarely a random one).
     pub fn new_policy(&mut self, m: &mut MapContents, ifindex: u32) {
         m.policy.clear();
+        self.hints.clear();
         let Some(mut info) = m.endpoints.get(&ifindex).copied() else { return };
         let n = self.rng.weighted(&[1, 2, 3, 3, 2, 2, 1, 1, 1]);
         for i in 0..n {
@@ -964,7 +997,14 @@ impl Gen {
         let peer = r.pick(&[ALLOWED_ID, ALLOWED_ID, RANGE_ID, BLOCK_ID, identity::HOST, identity::WORLD, identity::ANY, POD_ID, OTHERPOD_ID]);
         let dir = if r.chance(1, 2) { Direction::Ingress } else { Direction::Egress };
         let protocol = r.pick(&PROTOS);
-        match r.below(8) {
+        let kind = r.below(8);
+        let sample = r.below(3);
+        let hint_port = |first: u16, last: u16| match sample {
+            0 => first,
+            1 => last,
+            _ => first + (last - first) / 2,
+        };
+        match kind {
             0..=3 => {
                 let port = if protocol == proto::ICMP || protocol == proto::ICMPV6 {
                     r.pick(&[1, 3, 7, 0x2a])
@@ -974,6 +1014,7 @@ impl Gen {
                 if port != 0 {
                     m.policy.insert((PREFIX_FULL, PolicyKey::new(endpoint, peer, dir, protocol, port)), PolicyValue { cookie });
                 }
+                self.hints.push((dir, peer, protocol, port));
             }
             4 | 5 => {
                 let (first, last) = r.pick(&[(1000, 1023), (1024, 2047), (1, 1023), (8000, 8080), (5000, 5000), (0, 65535), (443, 444)]);
@@ -982,12 +1023,15 @@ impl Gen {
                     let len = if len == PREFIX_PROTOCOL { PREFIX_PROTOCOL } else { len };
                     m.policy.insert((len, PolicyKey::new(endpoint, peer, dir, protocol, block.port)), PolicyValue { cookie });
                 }
+                self.hints.push((dir, peer, protocol, hint_port(first, last)));
             }
             6 => {
                 m.policy.insert((PREFIX_PROTOCOL, PolicyKey::new(endpoint, peer, dir, protocol, 0)), PolicyValue { cookie });
+                self.hints.push((dir, peer, protocol, 0));
             }
             _ => {
                 m.policy.insert((PREFIX_ANY_PROTOCOL, PolicyKey::new(endpoint, peer, dir, 0, 0)), PolicyValue { cookie });
+                self.hints.push((dir, peer, 0, 0));
             }
         }
     }

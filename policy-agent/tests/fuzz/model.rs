@@ -9,7 +9,9 @@
 //!   any others (the spec only says that no transport header is parsed);
 //! * ICMP means protocol 1 in IPv4 and 58 in IPv6; the other number is "another protocol";
 //! * link control never records a fragment entry; passes of steps 10-12 do;
-//! * "the pod's own IPv6" needs FLAG_HAS_IPV6 in both directions.
+//! * "the pod's own IPv6" needs FLAG_HAS_IPV6 in both directions;
+//! * conntrack budget (not in the spec; from policy_common::conntrack): an endpoint holding
+//!   `ct_budget` entries gets no new ones; the verdict is unchanged.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -63,6 +65,9 @@ pub enum Change {
 
 #[derive(Clone, Debug, Default)]
 pub struct Model {
+    /// Entries the endpoint may hold (`Config::ct_budget`); at the budget, opening packets
+    /// get their verdict but no state.
+    pub ct_budget: u32,
     pub maps: MapContents,
     pub ct: HashMap<CtKey, CtEntry>,
     pub frags: HashSet<FragKey>,
@@ -550,7 +555,8 @@ impl Model {
         }
         // 12.
         let create = |cookie: u32, changes: &mut Vec<Change>| {
-            if opening {
+            let deleted = changes.iter().filter(|c| matches!(c, Change::CtDelete(_))).count();
+            if opening && ((self.ct.len() - deleted) as u64) < u64::from(self.ct_budget) {
                 changes.push(Change::CtPut(key, CtEntry { origin: dir, revision: ep.revision, cookie }));
             }
         };
