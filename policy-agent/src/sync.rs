@@ -122,8 +122,18 @@ impl Syncer {
     /// Removes the conntrack entries of an endpoint id that is going away, so a pod that later
     /// gets the same id (and perhaps the same address) inherits no flows.
     fn flush_conntrack(&mut self, id: u32) -> usize {
-        let stale: Vec<_> = self.maps.conntrack.keys().filter_map(Result::ok).filter(|k| k.endpoint == id).collect();
-        stale.iter().filter(|k| self.maps.conntrack.remove(k).is_ok()).count()
+        match crate::conntrack::flush_endpoint(&mut self.maps, id) {
+            Ok(n) => n as usize,
+            Err(error) => {
+                tracing::warn!(%error, endpoint = id, "conntrack flush");
+                0
+            }
+        }
+    }
+
+    /// Takes expired flows out of the conntrack table (the agent loop calls it periodically).
+    pub fn sweep_conntrack(&mut self) -> Result<u64, AgentError> {
+        crate::conntrack::sweep_expired(&mut self.maps)
     }
 }
 

@@ -49,6 +49,8 @@ const LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 const PEER_ID: u32 = 1000;
 const OTHER_ID: u32 = 1001;
 const COOKIE: u32 = 4242;
+/// Tracked flows per endpoint in the fixture.
+const CT_BUDGET: u32 = 64;
 
 fn v4(a: Ipv4Addr) -> IpAddr {
     IpAddr::V4(a)
@@ -75,7 +77,7 @@ impl Fixture {
         let bpffs = Bpffs::new("dp");
         let mut datapath = Datapath::load(PinLayout::new(&bpffs.path)).expect("load classifier");
         let mut maps = datapath.take_maps().expect("maps");
-        maps.config.set(0, Config { flags: CONFIG_EVENTS_DENIED | CONFIG_EVENTS_ALLOWED, events_per_sec: 1000 }, 0).expect("config");
+        maps.config.set(0, Config { flags: CONFIG_EVENTS_DENIED | CONFIG_EVENTS_ALLOWED, events_per_sec: 1000, ct_budget: CT_BUDGET, _pad: 0 }, 0).expect("config");
         for (addr, id) in [(v4(PEER), PEER_ID), (v4(OTHER), OTHER_ID), (v6(PEER6), PEER_ID), (v6(NODE6), identity::HOST)] {
             insert_identity(&mut maps, addr, if addr.is_ipv4() { 32 } else { 128 }, id);
         }
@@ -152,6 +154,19 @@ impl Fixture {
 
     fn conntrack_len(&self) -> usize {
         self.maps.conntrack.keys().count()
+    }
+
+    /// Tracked flows of one endpoint id.
+    fn conntrack_of(&self, endpoint: u32) -> usize {
+        self.maps.conntrack.keys().filter_map(Result::ok).filter(|k| k.endpoint == endpoint).count()
+    }
+
+    /// The same interface as another endpoint id (TEST_RUN always runs on one interface).
+    fn endpoint_id(&mut self, id: u32, flags: u32) {
+        self.endpoint(flags);
+        let mut info = self.maps.endpoints.get(&EndpointKey { ifindex: LO }, 0).expect("endpoint");
+        info.id = id;
+        self.maps.endpoints.insert(EndpointKey { ifindex: LO }, info, 0).expect("endpoint");
     }
 }
 
@@ -1156,4 +1171,58 @@ fn persistent_echo(ns: &Netns, ports: &[u16]) -> Vec<std::thread::JoinHandle<()>
             handle
         })
         .collect()
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn one_pod_cannot_take_another_pods_conntrack_room() {
+    let mut f = Fixture::new();
+    // Pod 7 opens flows as fast as it can; each endpoint may hold CT_BUDGET of them.
+    f.endpoint_id(ENDPOINT, FLAG_INGRESS_ISOLATED);
+    for port in 0..(CT_BUDGET as u16 * 3) {
+        assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 10000 + port, v4(PEER), 53).build()), TC_ACT_OK, "its flows still pass");
+    }
+    assert_eq!(f.conntrack_of(ENDPOINT), CT_BUDGET as usize, "pod 7 holds its budget and no more");
+    // Pod 8 (control: the table has room and tracks it) loses nothing to pod 7, and pod 7
+    // lost nothing to pod 8.
+    f.endpoint_id(8, FLAG_INGRESS_ISOLATED);
+    for port in 0..CT_BUDGET as u16 {
+        assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 20000 + port, v4(PEER), 53).build()), TC_ACT_OK);
+    }
+    assert_eq!(f.conntrack_of(8), CT_BUDGET as usize);
+    assert_eq!(f.conntrack_of(ENDPOINT), CT_BUDGET as usize);
+    // Pod 7 over budget: its replies are judged by policy (ingress isolated: dropped), its
+    // tracked flows still work.
+    f.endpoint_id(ENDPOINT, FLAG_INGRESS_ISOLATED);
+    assert_eq!(f.run(Hook::ToPod, &Frame::udp(v4(PEER), 53, v4(POD), 10000).build()), TC_ACT_OK, "a tracked flow's reply");
+    assert_eq!(f.run(Hook::ToPod, &Frame::udp(v4(PEER), 53, v4(POD), 10000 + CT_BUDGET as u16).build()), TC_ACT_SHOT, "an untracked one");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn the_agent_sweep_returns_expired_flows_to_the_budget() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED);
+    for port in 0..CT_BUDGET as u16 {
+        assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 30000 + port, v4(PEER), 53).build()), TC_ACT_OK);
+    }
+    assert_eq!(policy_agent::conntrack::held(&f.maps, ENDPOINT), CT_BUDGET as u64, "the budget is spent");
+    // Age every entry as if its lifetime had run out.
+    let keys: Vec<_> = f.maps.conntrack.keys().filter_map(Result::ok).collect();
+    for key in &keys {
+        let mut value = f.maps.conntrack.get(key, 0).expect("entry");
+        value.expires_ns = 1;
+        f.maps.conntrack.insert(key, value, 0).expect("age");
+    }
+    // The classifier removes an expired entry it meets (counted on its side)...
+    assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 30000, v4(PEER), 53).build()), TC_ACT_OK);
+    // ... and the agent's sweep the rest (credited on its side).
+    let swept = policy_agent::conntrack::sweep_expired(&mut f.maps).expect("sweep");
+    assert_eq!(swept, CT_BUDGET as u64 - 1);
+    assert_eq!(f.conntrack_len(), 1, "only the flow just re-opened is left");
+    assert_eq!(policy_agent::conntrack::held(&f.maps, ENDPOINT), 1);
+    for port in 1..CT_BUDGET as u16 {
+        assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 31000 + port, v4(PEER), 53).build()), TC_ACT_OK);
+    }
+    assert_eq!(f.conntrack_of(ENDPOINT), CT_BUDGET as usize, "the whole budget is usable again");
 }

@@ -1,5 +1,12 @@
-//! Connection tracking: one LRU hash of flows that a policy (or a non-isolated direction)
-//! let through, so that later packets and replies pass without a policy lookup.
+//! Connection tracking: one hash of flows that a policy (or a non-isolated direction) let
+//! through, so that later packets and replies pass without a policy lookup.
+//!
+//! The table is a plain hash, not an LRU: an LRU evicts whichever flow is oldest node-wide, so
+//! one pod opening flows would push out every other pod's. Instead every endpoint has a budget
+//! of entries (`Config::ct_budget`, the table size divided by the node's maximum pod count),
+//! counted in [`CtUsage`] and [`CtReleased`]; a pod that spends its budget stops getting new
+//! state for itself, and nobody else notices. Expired entries are removed by the classifier
+//! when it meets them and by the agent's sweep.
 //!
 //! The key is normalised to the pod's side (pod address and port first, the peer second), so
 //! a packet in either direction finds the same entry with one lookup; `origin` in the value
@@ -7,7 +14,12 @@
 
 use bytemuck::{Pod, Zeroable};
 
-pub const MAX_ENTRIES: u32 = 131_072;
+pub const MAX_ENTRIES: u32 = 262_144;
+/// The most pods a node runs unless the agent is told otherwise (kubelet's default).
+pub const DEFAULT_MAX_PODS: u32 = 110;
+/// The budget the classifier uses while the agent has written none (a bare `attach`): the
+/// default table shared by the default pod count, with room for 256 racing CPUs.
+pub const DEFAULT_BUDGET: u32 = MAX_ENTRIES / DEFAULT_MAX_PODS - 256;
 
 /// Lifetimes, in nanoseconds, refreshed on every packet of the flow.
 pub const LIFETIME_TCP_OPENING_NS: u64 = 60 * NS_PER_SEC;
@@ -116,4 +128,24 @@ pub const FRAG_MAX_ENTRIES: u32 = 8_192;
 /// Reassembly gives up after 30 s (ipfrag_time); so do we.
 pub const LIFETIME_FRAGMENT_NS: u64 = 30 * NS_PER_SEC;
 
-crate::user_pod!(CtKey, CtValue, FragKey, FragValue);
+/// Per endpoint id, written only by the classifier (atomically): entries it inserted and
+/// entries it removed. The agent reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtUsage {
+    pub opened: u64,
+    pub closed: u64,
+}
+const _: () = assert!(core::mem::size_of::<CtUsage>() == 16);
+
+/// Per endpoint id, written only by the agent: entries its sweep and flushes removed. Two
+/// maps, because a whole-value write from user space would race the classifier's atomics.
+/// An endpoint holds `opened - closed - released` entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtReleased {
+    pub closed: u64,
+}
+const _: () = assert!(core::mem::size_of::<CtReleased>() == 8);
+
+crate::user_pod!(CtKey, CtValue, FragKey, FragValue, CtUsage, CtReleased);

@@ -1,14 +1,16 @@
 //! Connection tracking: flows that were let through once pass without a policy lookup,
 //! in both directions, until their lifetime runs out.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use policy_common::{
     Direction, proto,
     conntrack::*,
 };
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use crate::{
-    maps::{CONNTRACK, FRAGMENTS},
+    maps::{CONFIG, CONNTRACK, CT_RELEASED, CT_USAGE, FRAGMENTS},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple},
 };
 
@@ -57,20 +59,27 @@ pub enum Tracked {
     Reply,
 }
 
-/// The live entry of the packet's flow, if any.
+/// The live entry of the packet's flow, if any. An expired one is removed on the way, which
+/// returns its slot to the endpoint's budget.
 #[inline(always)]
 pub fn find(key: &CtKey, time: u64) -> Option<&'static mut CtValue> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: the pointer from a successful lookup is valid for this program run; concurrent
     // writers on other CPUs only store whole aligned words, which is benign for a lifetime.
     let entry = unsafe { &mut *entry };
-    if entry.expires_ns < time { None } else { Some(entry) }
+    if entry.expires_ns < time {
+        forget(key);
+        return None;
+    }
+    Some(entry)
 }
 
-/// Forgets a flow whose verdict was revoked.
+/// Removes a flow (expired, or its verdict revoked) and counts it against the endpoint.
 #[inline(always)]
 pub fn forget(key: &CtKey) {
-    let _ = CONNTRACK.remove(key);
+    if CONNTRACK.remove(key).is_ok() {
+        usage_add(key.endpoint, false);
+    }
 }
 
 /// Follows the TCP state of a live entry and refreshes its lifetime in place (no map update
@@ -112,10 +121,42 @@ pub fn related(key: &CtKey, time: u64) -> bool {
     CONNTRACK.get_ptr(key).is_some_and(|entry| unsafe { (*entry).expires_ns >= time })
 }
 
-/// Records a flow that was let through, judged under `revision`. A failed insert (never for
-/// an LRU map short of memory pressure) only costs a policy lookup on the next packet.
+/// Adds to the endpoint's `opened` or `closed` count.
+#[inline(always)]
+fn usage_add(endpoint: u32, opened: bool) {
+    let Some(usage) = CT_USAGE.get_ptr_mut(endpoint) else { return };
+    // SAFETY: a valid, aligned u64 in an array value that lives as long as the map; every
+    // writer of these fields uses this atomic add (BPF_XADD: the generic BPF CPU has no
+    // fetching atomics, so the result is not read).
+    unsafe {
+        let counter = if opened { &raw mut (*usage).opened } else { &raw mut (*usage).closed };
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1);
+    }
+}
+
+/// Whether the endpoint may hold one more entry: what it opened minus what the classifier
+/// and the agent closed stays under the budget. Check and add are two steps, so CPUs racing
+/// for the last slots can overshoot by at most one entry each; the agent leaves that room.
+#[inline(always)]
+fn within_budget(endpoint: u32) -> bool {
+    let budget = match CONFIG.get(0).map_or(0, |c| c.ct_budget) {
+        0 => DEFAULT_BUDGET,
+        set => set,
+    } as u64;
+    let released = CT_RELEASED.get(endpoint).map_or(0, |r| r.closed);
+    let Some(usage) = CT_USAGE.get(endpoint) else { return false };
+    // SAFETY: aligned u64s of a live array value; 64-bit loads are atomic on BPF.
+    let (opened, closed) = unsafe { (core::ptr::read_volatile(&raw const usage.opened), core::ptr::read_volatile(&raw const usage.closed)) };
+    opened.wrapping_sub(closed).wrapping_sub(released) < budget
+}
+
+/// Records a flow that was let through, judged under `revision`, if the endpoint's budget
+/// allows. Without an entry the flow still passed; its later packets are judged by policy.
 #[inline(always)]
 pub fn create(key: &CtKey, packet: &Packet, direction: Direction, cookie: u32, revision: u32, time: u64) {
+    if !within_budget(key.endpoint) {
+        return;
+    }
     let mut seen = 0;
     if packet.tuple.protocol == proto::TCP && packet.tcp_flags & TCP_RST != 0 {
         seen = TCP_SEEN_RST;
@@ -129,7 +170,10 @@ pub fn create(key: &CtKey, packet: &Packet, direction: Direction, cookie: u32, r
         revision,
         _pad2: 0,
     };
-    let _ = CONNTRACK.insert(key, &value, 0);
+    // Another CPU may have inserted the same flow first: then nothing is counted.
+    if CONNTRACK.insert(key, &value, BPF_NOEXIST as u64).is_ok() {
+        usage_add(key.endpoint, true);
+    }
 }
 
 #[inline(always)]

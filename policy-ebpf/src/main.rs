@@ -3,6 +3,9 @@
 //! decides; every policy decision was made by the agent when it wrote the maps.
 #![no_std]
 #![no_main]
+// Atomic adds on map values: core's AtomicU64 has no read-modify-write on BPF.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod conntrack;
 mod linkctl;
@@ -150,7 +153,7 @@ fn judge(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direction: Dire
         if related_error(endpoint, packet, direction, time) {
             return Reason::PassReply;
         }
-        return policy_verdict(endpoint, ifindex, packet, direction, None, time);
+        return policy_verdict(endpoint, ifindex, packet, direction, time).0;
     }
     let key = conntrack::key(endpoint.id, packet.family, &packet.tuple, direction);
     if let Some(entry) = conntrack::find(&key, time)
@@ -161,27 +164,21 @@ fn judge(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direction: Dire
             Tracked::Reply => Reason::PassReply,
         };
     }
-    let key = packet.opening.then_some(&key);
-    if !enforced {
-        if let Some(key) = key {
-            conntrack::create(key, packet, direction, 0, endpoint.revision, time);
-        }
-        return Reason::PassNotIsolated;
+    let (reason, cookie) = if enforced {
+        policy_verdict(endpoint, ifindex, packet, direction, time)
+    } else {
+        (Reason::PassNotIsolated, 0)
+    };
+    if packet.opening && !reason.is_drop() {
+        conntrack::create(&key, packet, direction, cookie, endpoint.revision, time);
     }
-    policy_verdict(endpoint, ifindex, packet, direction, key, time)
+    reason
 }
 
-/// The policy lookup for a packet no tracked flow covers; `track` is the conntrack key to
-/// record the flow under if it passes (opening packets only).
+/// The policy lookup for a packet no tracked flow covers: the verdict and the cookie of the
+/// rule that allowed it (0 for none).
 #[inline(always)]
-fn policy_verdict(
-    endpoint: &EndpointInfo,
-    ifindex: u32,
-    packet: &Packet,
-    direction: Direction,
-    track: Option<&CtKey>,
-    time: u64,
-) -> Reason {
+fn policy_verdict(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direction: Direction, time: u64) -> (Reason, u32) {
     let peer = match direction {
         Direction::Egress => &packet.tuple.dst,
         Direction::Ingress => &packet.tuple.src,
@@ -196,13 +193,9 @@ fn policy_verdict(
         None if endpoint.has(FLAG_AUDIT) => Reason::PassAudit,
         None => Reason::DropPolicy,
     };
-    if let Some(key) = track
-        && !reason.is_drop()
-    {
-        conntrack::create(key, packet, direction, cookie.unwrap_or(0), endpoint.revision, time);
-    }
-    telemetry::report(endpoint.id, ifindex, packet, direction, reason, cookie.unwrap_or(0), peer_identity, time);
-    reason
+    let cookie = cookie.unwrap_or(0);
+    telemetry::report(endpoint.id, ifindex, packet, direction, reason, cookie, peer_identity, time);
+    (reason, cookie)
 }
 
 /// Whether a tracked flow may go on. An entry judged under another revision of the endpoint
