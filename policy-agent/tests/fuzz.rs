@@ -373,6 +373,7 @@ struct Run {
     skipped: usize,
     by_kind: BTreeMap<String, usize>,
     model_time: f64,
+    new_divergences: usize,
     /// Model verdicts per frame class (coverage).
     reasons: BTreeMap<(&'static str, &'static str), u64>,
     save: bool,
@@ -415,6 +416,7 @@ impl Run {
                 Change::CtPut(k, _) if self.model.ct.contains_key(k) => "ct re-judged, kept",
                 Change::CtPut(..) => "ct created",
                 Change::FragPut(_) => "fragment recorded",
+                Change::BudgetFull => "ct budget spent",
             };
             *self.reasons.entry(("(state)", what)).or_default() += 1;
         }
@@ -446,7 +448,8 @@ impl Run {
         self.divergences += 1;
         let kind = format!("{class}: {} want {} got {}", dir_name(dir), describe(want), got.describe());
         *self.by_kind.entry(kind).or_default() += 1;
-        if self.divergences <= MAX_REPORTS {
+        self.new_divergences += 1;
+        if self.new_divergences <= MAX_REPORTS {
             let ep = pre.maps.endpoints.get(&IFINDEX).map_or("none".to_string(), |e| format!("id={} flags={:#x} revision={} lookups={:?}", e.id, e.flags, e.revision, e.lookups));
             eprintln!(
                 "DIVERGENCE seed={:#x} {label} class={class} dir={} endpoint[{ep}] ct={} frags={}\n  frame={}\n  model: {}\n  kernel: {}",
@@ -497,7 +500,8 @@ impl Run {
         }
         self.divergences += 1;
         *self.by_kind.entry("state at end of epoch".into()).or_default() += 1;
-        if self.divergences <= MAX_REPORTS {
+        self.new_divergences += 1;
+        if self.new_divergences <= MAX_REPORTS {
             eprintln!("STATE DIVERGENCE seed={:#x} {label}", self.seed);
             for (k, v) in &want {
                 if got.get(k) != Some(v) {
@@ -565,6 +569,7 @@ fn classifier_matches_reference_model() {
         by_kind: BTreeMap::new(),
         reasons: BTreeMap::new(),
         model_time: 0.0,
+        new_divergences: 0,
         save: false,
     };
     let cases = run.replay_corpus();

@@ -10,8 +10,8 @@
 //! * ICMP means protocol 1 in IPv4 and 58 in IPv6; the other number is "another protocol";
 //! * link control never records a fragment entry; passes of steps 10-12 do;
 //! * "the pod's own IPv6" needs FLAG_HAS_IPV6 in both directions;
-//! * conntrack budget (not in the spec; from policy_common::conntrack): an endpoint holding
-//!   `ct_budget` entries gets no new ones; the verdict is unchanged.
+//! * conntrack budget (the lead's answer in the spec): an endpoint holding `ct_budget`
+//!   entries (0: DEFAULT_BUDGET) gets no new ones; the verdict is unchanged.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -61,12 +61,14 @@ pub enum Change {
     CtPut(CtKey, CtEntry),
     CtDelete(CtKey),
     FragPut(FragKey),
+    /// An opening packet that got no state: the endpoint's budget is spent (no-op).
+    BudgetFull,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct Model {
-    /// Entries the endpoint may hold (`Config::ct_budget`); at the budget, opening packets
-    /// get their verdict but no state.
+    /// Entries the endpoint may hold (`Config::ct_budget`, 0 = `DEFAULT_BUDGET`); at the
+    /// budget, opening packets get their verdict but no state.
     pub ct_budget: u32,
     pub maps: MapContents,
     pub ct: HashMap<CtKey, CtEntry>,
@@ -416,6 +418,7 @@ impl Model {
                 Change::FragPut(k) => {
                     self.frags.insert(k);
                 }
+                Change::BudgetFull => {}
             }
         }
     }
@@ -556,8 +559,11 @@ impl Model {
         // 12.
         let create = |cookie: u32, changes: &mut Vec<Change>| {
             let deleted = changes.iter().filter(|c| matches!(c, Change::CtDelete(_))).count();
-            if opening && ((self.ct.len() - deleted) as u64) < u64::from(self.ct_budget) {
+            let budget = if self.ct_budget == 0 { policy_common::conntrack::DEFAULT_BUDGET } else { self.ct_budget };
+            if opening && ((self.ct.len() - deleted) as u64) < u64::from(budget) {
                 changes.push(Change::CtPut(key, CtEntry { origin: dir, revision: ep.revision, cookie }));
+            } else if opening {
+                changes.push(Change::BudgetFull);
             }
         };
         if !enforced {
