@@ -43,7 +43,9 @@ pub fn allowed(endpoint: u32, mask: u8, peer: u32, direction: Direction, protoco
 
 #[inline(always)]
 fn allowed_for(endpoint: u32, mask: u8, identity: u32, direction: Direction, protocol: u8, port: u16) -> Option<u32> {
-    if mask & lookup::EXACT != 0
+    // Exact entries never name port 0 (a port without a number is the whole protocol).
+    if port != 0
+        && mask & lookup::EXACT != 0
         && let Some(cookie) = hash_entry(PolicyKey::new(endpoint, identity, direction, protocol, port))
     {
         return Some(cookie);

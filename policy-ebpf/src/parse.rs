@@ -287,8 +287,9 @@ fn parse_l4(ctx: &TcContext, offset: usize, ip_end: usize, packet: &mut Packet) 
             set_ports(packet, &header);
             packet.opening = header[12] == SCTP_CHUNK_INIT && header[4..8] == [0; 4];
         }
-        proto::ICMP => parse_icmp(ctx, offset, ip_end, packet, false)?,
-        proto::ICMPV6 => parse_icmp(ctx, offset, ip_end, packet, true)?,
+        // ICMP is protocol 1 in IPv4 and 58 in IPv6; the other number is just another protocol.
+        proto::ICMP if packet.family == family::IPV4 => parse_icmp(ctx, offset, ip_end, packet, false)?,
+        proto::ICMPV6 if packet.family == family::IPV6 => parse_icmp(ctx, offset, ip_end, packet, true)?,
         // Other protocols have no ports; policies can still allow them with a rule that
         // names no ports (any protocol). They have no handshake either: any packet opens.
         _ => packet.opening = true,
@@ -362,11 +363,12 @@ fn parse_quoted(ctx: &TcContext, offset: usize, ip_end: usize, packet: &mut Pack
             let ports = bytes_at::<4>(ctx, l4, ip_end)?;
             (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]))
         }
-        proto::ICMP | proto::ICMPV6 => {
+        proto::ICMP | proto::ICMPV6 if (protocol == proto::ICMPV6) == v6 => {
             // A quoted echo request: its identifier is the flow's client port.
             let header = bytes_at::<8>(ctx, l4, ip_end)?;
             let id = u16::from_be_bytes([header[4], header[5]]);
-            if header[0] == ICMP_ECHO_REQUEST || header[0] == ICMPV6_ECHO_REQUEST { (id, 0) } else { (0, id) }
+            let request = if v6 { ICMPV6_ECHO_REQUEST } else { ICMP_ECHO_REQUEST };
+            if header[0] == request { (id, 0) } else { (0, id) }
         }
         _ => (0, 0),
     };
