@@ -722,6 +722,15 @@ impl Gen {
             };
             p.ext.push(e);
         }
+        if !p.ext.is_empty() && self.rng.chance(1, 10) {
+            // A long header, around the kernel's 1024-byte bound on the chain (finding F3).
+            let i = self.rng.below(p.ext.len() as u64) as usize;
+            p.ext[i] = match self.rng.below(3) {
+                0 => Ext::Ah(self.rng.range(230, 250) as u8),
+                1 => Ext::Opts(60, self.rng.range(110, 125) as u8),
+                _ => Ext::Opts(0, self.rng.range(110, 125) as u8),
+            };
+        }
         if self.rng.chance(1, 3) {
             self.length_lie(&mut p);
         }

@@ -28,6 +28,11 @@ use policy_common::{
 /// BPF_PROG_TEST_RUN runs on ifindex 1.
 pub const IFINDEX: u32 = 1;
 
+/// Where the IPv6 extension-header chain may end (the transport header's offset in the
+/// frame) at most; beyond it the packet is malformed (finding F3: the kernel's bound, not in
+/// the spec; fail-closed, so the model takes it).
+pub const MAX_L4_OFFSET: usize = 1024;
+
 /// Interpretation switches (defaults: the readings above).
 pub const QUOTE_IHL_STRICT: bool = true;
 /// Whether an ICMP error whose conntrack entry has another revision is still "related".
@@ -72,6 +77,8 @@ pub struct Model {
     pub ct_budget: u32,
     pub maps: MapContents,
     pub ct: HashMap<CtKey, CtEntry>,
+    /// Entries of `ct` whose lifetime has run out (the driver ages them in the kernel too).
+    pub expired: HashSet<CtKey>,
     pub frags: HashSet<FragKey>,
 }
 
@@ -245,6 +252,9 @@ fn parse_v6(f: &[u8]) -> Option<Parsed> {
             off += len;
         }
     }
+    if off > MAX_L4_OFFSET {
+        return None;
+    }
     let mut ip = Ip {
         v6: true,
         src: v6_at(f, 22),
@@ -411,9 +421,11 @@ impl Model {
             match *c {
                 Change::CtPut(k, e) => {
                     self.ct.insert(k, e);
+                    self.expired.remove(&k);
                 }
                 Change::CtDelete(k) => {
                     self.ct.remove(&k);
+                    self.expired.remove(&k);
                 }
                 Change::FragPut(k) => {
                     self.frags.insert(k);
@@ -511,7 +523,7 @@ impl Model {
             let addrs = ip.dst == related.dst && (ip.src == related.src || (!egress && self.is_host(ip.src)));
             let key = ct_key(ep.id, dir, related.proto, related.src, related.sport, related.dst, related.dport);
             let live = match self.ct.get(&key) {
-                Some(e) => RELATED_IGNORES_REVISION || e.revision == ep.revision,
+                Some(e) => !self.expired.contains(&key) && (RELATED_IGNORES_REVISION || e.revision == ep.revision),
                 None => false,
             };
             if addrs && live && related.src.is_ipv6() == ip.v6 {
@@ -529,7 +541,12 @@ impl Model {
         };
         // 11.
         let key = ct_key(ep.id, dir, ip.proto, ip.src, sport, ip.dst, dport);
-        if let Some(entry) = self.ct.get(&key).copied() {
+        let expired = self.expired.contains(&key);
+        if expired {
+            // An expired entry met on lookup is removed; the packet is judged as new.
+            changes.push(Change::CtDelete(key));
+        }
+        if let Some(entry) = self.ct.get(&key).copied().filter(|_| !expired) {
             let mut hit = true;
             if entry.revision != ep.revision {
                 let o = entry.origin;
