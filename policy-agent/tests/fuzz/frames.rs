@@ -632,6 +632,16 @@ impl Gen {
         if self.rng.chance(1, 4) {
             p.ext.push(Ext::Opts(0, 0));
         }
+        if self.rng.chance(1, 8) {
+            // As a first fragment, with a later one queued: link control records no fragment.
+            self.next_frag_id = self.next_frag_id.wrapping_add(1) & 0xffff;
+            let id = self.next_frag_id;
+            p.ext.push(Ext::Frag(0, true, id));
+            let mut later = Packet::new(p.src, p.dst, proto::ICMPV6, vec![0; 16]);
+            later.ttl = p.ttl;
+            later.ext.push(Ext::Frag(3, false, id));
+            self.pending.push_back((later.frame(), dir, "later fragment"));
+        }
         (p, dir)
     }
 
