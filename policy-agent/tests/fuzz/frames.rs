@@ -360,6 +360,8 @@ pub struct Gen {
     /// What the current allow entries admit (direction, identity, protocol, a port), so
     /// that new flows often hit them.
     hints: Vec<(Direction, u32, u8, u16)>,
+    /// An endpoint entry taken away by [`Gen::change`], put back by a later change.
+    removed: Option<EndpointInfo>,
 }
 
 fn other(dir: Direction) -> Direction {
@@ -371,13 +373,14 @@ fn other(dir: Direction) -> Direction {
 
 impl Gen {
     pub fn new(seed: u64) -> Self {
-        Self { rng: Rng::new(seed), flows: Vec::new(), pending: VecDeque::new(), next_frag_id: 1, cross_icmp: std::env::var_os("FUZZ_NO_CROSS_ICMP").is_none(), hints: Vec::new() }
+        Self { rng: Rng::new(seed), flows: Vec::new(), pending: VecDeque::new(), next_frag_id: 1, cross_icmp: std::env::var_os("FUZZ_NO_CROSS_ICMP").is_none(), hints: Vec::new(), removed: None }
     }
 
     /// Forget flows and queued frames (a new epoch).
     pub fn reset(&mut self) {
         self.flows.clear();
         self.pending.clear();
+        self.removed = None;
     }
 
     fn dir(&mut self) -> Direction {
@@ -527,6 +530,16 @@ impl Gen {
             p => self.l4(v6, p, sport, dport, false),
         };
         Some((Packet::new(src, dst, flow.proto, l4), dir))
+    }
+
+    /// Opening frames of new flows (remembered, so later frames continue them).
+    pub fn openings(&mut self, n: usize) -> Vec<(Vec<u8>, Direction)> {
+        (0..n)
+            .map(|_| {
+                let dir = self.dir();
+                (self.opening(dir).frame(), dir)
+            })
+            .collect()
     }
 
     /// Either a new flow or a continuation.
@@ -1057,7 +1070,19 @@ impl Gen {
 
     /// A change within an epoch: policy, flags, revision or an identity. Returns a label.
     pub fn change(&mut self, m: &mut MapContents, ifindex: u32) -> &'static str {
+        if let Some(mut info) = self.removed.take() {
+            // The interface is managed again (same endpoint id: its state is still there).
+            if self.rng.chance(1, 2) {
+                info.revision = info.revision.wrapping_add(1);
+            }
+            m.endpoints.insert(ifindex, info);
+            return "endpoint back";
+        }
         let Some(mut info) = m.endpoints.get(&ifindex).copied() else { return "none" };
+        if self.rng.chance(1, 25) {
+            self.removed = m.endpoints.remove(&ifindex);
+            return "endpoint removed";
+        }
         let bump = self.rng.chance(4, 5);
         let label = match self.rng.below(6) {
             0 => {
