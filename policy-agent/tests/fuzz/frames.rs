@@ -203,7 +203,7 @@ impl Packet {
                     IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
                 };
                 let mut opts = self.v4_options.clone();
-                while opts.len() % 4 != 0 {
+                while !opts.len().is_multiple_of(4) {
                     opts.push(0);
                 }
                 opts.truncate(40);
