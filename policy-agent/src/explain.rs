@@ -393,13 +393,7 @@ fn judge(
     }
     let (compiled, contents, slots) = compiled_for.entry(node.clone()).or_insert_with(|| {
         let compiled = compile::compile(state, &NodeContext { name: node.clone(), ips: Vec::new() });
-        // Sequential slots, as the agent would hand out on a fresh node.
-        let slots: BTreeMap<PodRef, EndpointSlot> = compiled
-            .endpoints
-            .keys()
-            .zip(1u32..)
-            .map(|(pod, n)| (pod.clone(), EndpointSlot { ifindex: n, id: n }))
-            .collect();
+        let slots = compile::sequential_slots(&compiled);
         let contents = compile::render(&compiled, &slots, false);
         (compiled, contents, slots)
     });

@@ -16,7 +16,6 @@ pub mod resolve;
 pub mod state;
 pub mod status;
 pub mod sync;
-pub mod testbed;
 pub mod watch;
 
 pub use error::AgentError;

@@ -201,7 +201,8 @@ pub fn load_manifest_dir(dir: &Path) -> Result<(ClusterState, Vec<Problem>), Age
     Ok((state, problems))
 }
 
-fn is_manifest_file(path: &Path) -> bool {
+/// A file the manifest loaders read: `*.yaml`, `*.yml` or `*.json`, not a dotfile.
+pub fn is_manifest_file(path: &Path) -> bool {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return false };
     !name.starts_with('.')
         && path.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))

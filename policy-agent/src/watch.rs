@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 
 use crate::{
     AgentError,
-    state::{ClusterState, Object, load_manifest_file},
+    state::{ClusterState, Object, is_manifest_file, load_manifest_file},
 };
 
 /// A consistent view of the cluster and when its newest change was made (for the
@@ -113,10 +113,7 @@ impl ManifestSource {
         let mut found = BTreeMap::new();
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            let wanted = !name.starts_with('.') && [".yaml", ".yml", ".json"].iter().any(|ext| name.ends_with(ext));
-            if !wanted {
+            if !is_manifest_file(&entry.path()) {
                 continue;
             }
             // A file removed between listing and stat is simply not there.

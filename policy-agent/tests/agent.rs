@@ -13,9 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use policy_agent::{
-    testbed::{AgentRun, Bpffs, NODE_V4, Node, probe::{Servers, tcp_ok}},
-};
+use testbed::{AgentRun, Bpffs, NODE_V4, Node, probe::{Servers, tcp_ok}};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_policy-agent");
 const NODE_NAME: &str = "node-1";
@@ -237,7 +235,7 @@ fn sigkill_and_restart_keeps_enforcing_without_a_gap() {
 fn probe_in(ns_name: &str, to: SocketAddr) -> bool {
     let path = format!("/run/netns/{ns_name}");
     std::thread::spawn(move || {
-        policy_agent::testbed::enter_netns(&path);
+        testbed::enter_netns(&path);
         std::net::TcpStream::connect_timeout(&to, PROBE).is_ok()
     })
     .join()

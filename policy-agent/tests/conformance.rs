@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use policy_agent::testbed::{
+use testbed::{
     AgentRun, Bpffs, NODE_V4, NODE_V6, Node, enter_netns,
     matrix::{self, ProbeOptions, ProbePod, Protocol, Reachability},
     probe::Servers,

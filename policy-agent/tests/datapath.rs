@@ -25,7 +25,7 @@ use policy_common::{
     policy::{PREFIX_ANY_PROTOCOL, PREFIX_FULL, PREFIX_PROTOCOL, PolicyKey, PolicyValue, PortRangePrefixes, lookup},
     proto,
 };
-use policy_agent::testbed::{
+use testbed::{
     Bpffs, Netns, Node,
     packet::{ACK, FIN, Frame, L4, RST, SYN, arp, arp_from},
     probe::{SctpSink, Servers, sctp_send_init, tcp_ok, udp_ok},
@@ -132,6 +132,17 @@ impl Fixture {
         for block in PortRangePrefixes::new(first, last) {
             self.entry(block.lpm_prefix_len(), PolicyKey::new(ENDPOINT, peer, direction, protocol, block.port));
         }
+    }
+
+    /// Runs the frame as if it had come in on interface `ingress_ifindex` (0: sent by the
+    /// node itself).
+    fn run_from(&self, hook: Hook, frame: &[u8], ingress_ifindex: u32) -> u32 {
+        // `struct __sk_buff` up to `ifindex`: TEST_RUN takes a prefix, `ingress_ifindex` at 36.
+        let mut ctx = [0u8; 44];
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        let program = self.datapath.program(hook).expect("program");
+        let opts = TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), ..TestRunOptions::default() };
+        program.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
     }
 
     fn run(&self, hook: Hook, frame: &[u8]) -> u32 {
@@ -1225,4 +1236,94 @@ fn the_agent_sweep_returns_expired_flows_to_the_budget() {
         assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 31000 + port, v4(PEER), 53).build()), TC_ACT_OK);
     }
     assert_eq!(f.conntrack_of(ENDPOINT), CT_BUDGET as usize, "the whole budget is usable again");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn node_addresses_from_outside_are_world() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED | FLAG_EGRESS_ISOLATED);
+    // The compiler lets the node reach every pod; here, any protocol from HOST.
+    f.allow(identity::HOST, Direction::Ingress, None, None);
+    // Two flows: the first is tracked once it passes.
+    let from_node = |sport| Frame::udp(v6(NODE6), sport, v6(POD6), 9999).build();
+    assert_eq!(f.run_from(Hook::ToPod, &from_node(53), 0), TC_ACT_OK, "control: sent by the node itself");
+    assert_eq!(f.run_from(Hook::ToPod, &from_node(54), 5), TC_ACT_SHOT, "the node's address, forged on another interface");
+    let mut nd = Frame::new(v6(NODE6), v6(POD6), L4::Icmp { kind: 136, code: 0, id: 0 });
+    nd.hop_limit = 255;
+    assert_eq!(f.run_from(Hook::ToPod, &nd.build(), 0), TC_ACT_OK, "control: the node's neighbour advertisement");
+    assert_eq!(f.run_from(Hook::ToPod, &nd.build(), 5), TC_ACT_SHOT, "a forged one");
+    f.allow(PEER_ID, Direction::Egress, Some(proto::UDP), Some(53));
+    let sent = Frame::udp(v6(POD6), 40000, v6(PEER6), 53);
+    assert_eq!(f.run(Hook::FromPod, &sent.build()), TC_ACT_OK);
+    let too_big = Frame::new(v6(NODE6), v6(POD6), L4::IcmpError { kind: 2, inner: Box::new(sent) }).build();
+    assert_eq!(f.run_from(Hook::ToPod, &too_big, 0), TC_ACT_OK, "control: the node reports the path MTU");
+    assert_eq!(f.run_from(Hook::ToPod, &too_big, 5), TC_ACT_SHOT, "a forged report");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn source_routes_and_fragmented_control_messages_are_dropped() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_EGRESS_ISOLATED);
+    f.allow(identity::ANY, Direction::Egress, None, None);
+    let mut routed = Frame::udp(v4(POD), 1, v4(PEER), 53);
+    routed.ipv4_options = vec![0x94, 4, 0, 0];
+    assert_eq!(f.run(Hook::FromPod, &routed.build()), TC_ACT_OK, "control: router alert");
+    for option in [0x83u8, 0x89] {
+        routed.ipv4_options = vec![1, option, 7, 4, 198, 18, 1, 30];
+        assert_eq!(f.run(Hook::FromPod, &routed.build()), TC_ACT_SHOT, "IPv4 source route {option:x}");
+    }
+    let mut segment = Frame::udp(v6(POD6), 1, v6(PEER6), 53);
+    segment.ipv6_ext = vec![43];
+    assert_eq!(f.run(Hook::FromPod, &segment.build()), TC_ACT_OK, "control: no segments left");
+    let mut frame = segment.build();
+    frame[14 + 40 + 3] = 1;
+    assert_eq!(f.run(Hook::FromPod, &frame), TC_ACT_SHOT, "a routing header with a segment left");
+    let mut solicit = Frame::new(v6(LINK_LOCAL), v6(LINK_LOCAL), L4::Icmp { kind: 135, code: 0, id: 0 });
+    solicit.hop_limit = 255;
+    assert_eq!(f.run(Hook::FromPod, &solicit.build()), TC_ACT_OK, "control: whole");
+    solicit.fragment = Some((5, true, 0));
+    assert_eq!(f.run(Hook::FromPod, &solicit.build()), TC_ACT_SHOT, "neighbour discovery in fragments");
+    let error = Frame::new(v4(POD), v4(PEER), L4::IcmpError { kind: 3, inner: Box::new(Frame::udp(v4(PEER), 53, v4(POD), 1)) });
+    let mut fragmented = error.clone();
+    fragmented.fragment = Some((6, true, 0));
+    assert_eq!(f.run(Hook::FromPod, &fragmented.build()), TC_ACT_SHOT, "an ICMP error in fragments");
+    assert_eq!(f.counted(ENDPOINT, Reason::DropFrame), 5);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn peers_cannot_take_the_room_of_the_pods_own_flows() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_EGRESS_ISOLATED);
+    f.allow(PEER_ID, Direction::Egress, Some(proto::UDP), Some(53));
+    // A peer opens flows to the pod as fast as it can (ingress is not isolated).
+    for port in 0..(CT_BUDGET as u16 * 2) {
+        assert_eq!(f.run(Hook::ToPod, &Frame::udp(v4(PEER), 20000 + port, v4(POD), 9).build()), TC_ACT_OK);
+    }
+    assert_eq!(f.conntrack_len(), CT_BUDGET as usize, "flows the peer opened: one budget");
+    // The pod's own flows still get state, and their replies pass.
+    for port in 0..CT_BUDGET as u16 {
+        assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 40000 + port, v4(PEER), 53).build()), TC_ACT_OK);
+    }
+    assert_eq!(f.conntrack_len(), 2 * CT_BUDGET as usize, "the pod's own: a budget of their own");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn a_half_open_connection_keeps_the_short_lifetime() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED);
+    f.allow(PEER_ID, Direction::Ingress, Some(proto::TCP), Some(443));
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 443, SYN).build()), TC_ACT_OK);
+    assert_eq!(f.run(Hook::FromPod, &Frame::tcp(v4(POD), 443, v4(PEER), 40000, SYN | ACK).build()), TC_ACT_OK);
+    let lifetime = || {
+        let key = f.maps.conntrack.keys().next().expect("entry").expect("key");
+        let expires = f.maps.conntrack.get(&key, 0).expect("value").expires_ns;
+        Duration::from_nanos(expires.saturating_sub(policy_agent::conntrack::coarse_now_ns()))
+    };
+    assert!(lifetime() <= Duration::from_secs(60), "the pod's SYN-ACK alone: still opening ({:?})", lifetime());
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 443, ACK).build()), TC_ACT_OK);
+    assert!(lifetime() > Duration::from_secs(3600), "the opener's ACK completes it ({:?})", lifetime());
 }

@@ -23,7 +23,7 @@ use policy_agent::compile::{MapContents, diff};
 use policy_agent::datapath::{Datapath, Hook, Maps, PinLayout, map_name};
 use policy_common::{
     Direction,
-    conntrack::{CtKey, CtReleased, CtUsage, CtValue, FragKey, FragValue},
+    conntrack::{CtKey, CtReleased, CtUsage, CtValue, FragKey, FragValue, usage_slot},
     counters::Reason,
     endpoint::EndpointInfo,
     event::{CONFIG_EVENTS_ALLOWED, CONFIG_EVENTS_DENIED, Config},
@@ -33,7 +33,7 @@ use policy_common::{
 };
 
 // The only testbed import (it may move to its own crate).
-use policy_agent::testbed::Bpffs;
+use testbed::Bpffs;
 
 use frames::Gen;
 use model::{Change, CtEntry, IFINDEX, Model, Outcome};
@@ -146,8 +146,11 @@ impl Kernel {
     fn clear_state(&mut self) {
         // The entries go, and so does what the classifier counted of them.
         for ep in [0u32, 7, 12, 4095] {
-            self.ct_usage.set(ep, CtUsage::default(), 0).expect("CT_USAGE");
-            self.ct_released.set(ep, CtReleased::default(), 0).expect("CT_RELEASED");
+            for origin in 0..2 {
+                let slot = usage_slot(ep, origin);
+                self.ct_usage.set(slot, CtUsage::default(), 0).expect("CT_USAGE");
+                self.ct_released.set(slot, CtReleased::default(), 0).expect("CT_RELEASED");
+            }
         }
         let keys: Vec<CtKey> = self.maps.conntrack.keys().filter_map(Result::ok).collect();
         for k in keys {
@@ -164,9 +167,10 @@ impl Kernel {
         let expires_ns = if expired { 1 } else { FOREVER_NS };
         let value = CtValue { expires_ns, cookie: e.cookie, origin: e.origin as u8, tcp_flags: 0, _pad: [0; 2], revision: e.revision, _pad2: 0 };
         self.maps.conntrack.insert(key, value, 0).expect("conntrack insert");
-        let mut usage = self.ct_usage.get(&key.endpoint, 0).expect("CT_USAGE");
+        let slot = usage_slot(key.endpoint, e.origin as u8);
+        let mut usage = self.ct_usage.get(&slot, 0).expect("CT_USAGE");
         usage.opened += 1;
-        self.ct_usage.set(key.endpoint, usage, 0).expect("CT_USAGE");
+        self.ct_usage.set(slot, usage, 0).expect("CT_USAGE");
     }
 
     /// Lets an entry's lifetime run out (as if its timeout had passed).
@@ -632,7 +636,9 @@ fn classifier_matches_reference_model() {
                     run.kernel.inject_ct(key, CtEntry { origin: dir, revision: 0, cookie: 0 }, false);
                 }
             }
-            run.kernel.ct_usage.set(foreign, CtUsage { opened: 1 << 40, closed: 0 }, 0).expect("CT_USAGE");
+            for origin in 0..2 {
+                run.kernel.ct_usage.set(usage_slot(foreign, origin), CtUsage { opened: 1 << 40, closed: 0 }, 0).expect("CT_USAGE");
+            }
             run.foreign = Some(foreign);
         } else {
             run.foreign = None;

@@ -26,7 +26,7 @@ use kube::{
     Api, Client,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
-use policy_agent::testbed::{
+use testbed::{
     AgentRun, Bpffs, NODE_V4, Node,
     apiserver::{ApiServer, Relay},
     probe::{Servers, tcp_ok},

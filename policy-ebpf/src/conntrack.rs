@@ -68,17 +68,17 @@ pub fn find(key: &CtKey, time: u64) -> Option<&'static mut CtValue> {
     // writers on other CPUs only store whole aligned words, which is benign for a lifetime.
     let entry = unsafe { &mut *entry };
     if entry.expires_ns < time {
-        forget(key);
+        forget(key, entry.origin);
         return None;
     }
     Some(entry)
 }
 
-/// Removes a flow (expired, or its verdict revoked) and counts it against the endpoint.
+/// Removes a flow (expired, or its verdict revoked) opened in `origin`, and counts it.
 #[inline(always)]
-pub fn forget(key: &CtKey) {
+pub fn forget(key: &CtKey, origin: u8) {
     if CONNTRACK.remove(key).is_ok() {
-        usage_add(key.endpoint, false);
+        usage_add(usage_slot(key.endpoint, origin), false);
     }
 }
 
@@ -95,9 +95,15 @@ pub fn track(entry: &mut CtValue, packet: &Packet, direction: Direction, time: u
         if packet.tcp_flags & TCP_FIN != 0 {
             seen |= TCP_SEEN_FIN;
         }
-        // The handshake is complete once the side that did not open has answered.
-        if origin != direction as u8 && packet.tcp_flags & TCP_ACK != 0 {
-            seen |= TCP_SEEN_ACK;
+        // Half open once the side that did not open has answered; complete (the long
+        // lifetime) only when the opener acknowledges that answer, so a peer that never
+        // finishes the handshake cannot hold a pod's entries for hours.
+        if packet.tcp_flags & TCP_ACK != 0 {
+            if origin != direction as u8 {
+                seen |= TCP_SEEN_REPLY;
+            } else if seen & TCP_SEEN_REPLY != 0 {
+                seen |= TCP_SEEN_ACK;
+            }
         }
         // A new SYN on a closing tuple reopens it.
         if packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && origin == direction as u8 {
@@ -121,10 +127,10 @@ pub fn related(key: &CtKey, time: u64) -> bool {
     CONNTRACK.get_ptr(key).is_some_and(|entry| unsafe { (*entry).expires_ns >= time })
 }
 
-/// Adds to the endpoint's `opened` or `closed` count.
+/// Adds one to a usage slot's `opened` or `closed` count.
 #[inline(always)]
-fn usage_add(endpoint: u32, opened: bool) {
-    let Some(usage) = CT_USAGE.get_ptr_mut(endpoint) else { return };
+fn usage_add(slot: u32, opened: bool) {
+    let Some(usage) = CT_USAGE.get_ptr_mut(slot) else { return };
     // SAFETY: a valid, aligned u64 in an array value that lives as long as the map; every
     // writer of these fields uses this atomic add (BPF_XADD: the generic BPF CPU has no
     // fetching atomics, so the result is not read).
@@ -138,13 +144,13 @@ fn usage_add(endpoint: u32, opened: bool) {
 /// and the agent closed stays under the budget. Check and add are two steps, so CPUs racing
 /// for the last slots can overshoot by at most one entry each; the agent leaves that room.
 #[inline(always)]
-fn within_budget(endpoint: u32) -> bool {
+fn within_budget(slot: u32) -> bool {
     let budget = match CONFIG.get(0).map_or(0, |c| c.ct_budget) {
         0 => DEFAULT_BUDGET,
         set => set,
     } as u64;
-    let released = CT_RELEASED.get(endpoint).map_or(0, |r| r.closed);
-    let Some(usage) = CT_USAGE.get(endpoint) else { return false };
+    let released = CT_RELEASED.get(slot).map_or(0, |r| r.closed);
+    let Some(usage) = CT_USAGE.get(slot) else { return false };
     // SAFETY: aligned u64s of a live array value; 64-bit loads are atomic on BPF.
     let (opened, closed) = unsafe { (core::ptr::read_volatile(&raw const usage.opened), core::ptr::read_volatile(&raw const usage.closed)) };
     opened.wrapping_sub(closed).wrapping_sub(released) < budget
@@ -154,7 +160,8 @@ fn within_budget(endpoint: u32) -> bool {
 /// allows. Without an entry the flow still passed; its later packets are judged by policy.
 #[inline(always)]
 pub fn create(key: &CtKey, packet: &Packet, direction: Direction, cookie: u32, revision: u32, time: u64) {
-    if !within_budget(key.endpoint) {
+    let slot = usage_slot(key.endpoint, direction as u8);
+    if !within_budget(slot) {
         return;
     }
     let mut seen = 0;
@@ -172,7 +179,7 @@ pub fn create(key: &CtKey, packet: &Packet, direction: Direction, cookie: u32, r
     };
     // Another CPU may have inserted the same flow first: then nothing is counted.
     if CONNTRACK.insert(key, &value, BPF_NOEXIST as u64).is_ok() {
-        usage_add(key.endpoint, true);
+        usage_add(slot, true);
     }
 }
 

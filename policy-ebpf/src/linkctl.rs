@@ -23,8 +23,10 @@ pub fn verdict(endpoint: &EndpointInfo, packet: &Packet, direction: Direction) -
                 && (own(endpoint, src) || link_local(src) || unspecified(src))
                 && (link_local(dst) || link_multicast(dst) || node(dst))
         }
+        // The node's address counts only if the node sent it (see lookup::peer_identity).
         Direction::Ingress => {
-            (link_local(src) || unspecified(src) || node(src)) && (own(endpoint, dst) || link_local(dst) || link_multicast(dst))
+            (link_local(src) || unspecified(src) || (!packet.forwarded && node(src)))
+                && (own(endpoint, dst) || link_local(dst) || link_multicast(dst))
         }
     };
     if addressed && packet.ip_len <= MAX_ICMPV6_CONTROL && packet.hop_limit == required_hop_limit(packet.icmp_type) {

@@ -92,13 +92,15 @@ fn decide(ctx: &TcContext, endpoint: &EndpointInfo, ifindex: u32, direction: Dir
         return Reason::DropFrame;
     }
     let enforced = isolated(endpoint, direction);
-    let packet = match parse_linear(ctx) {
+    let mut packet = match parse_linear(ctx) {
         Ok(packet) => packet,
         Err(ParseError::Frame) => return Reason::DropFrame,
         // A packet leaving the pod whose headers we cannot read has no verified source.
         Err(ParseError::Malformed) if enforced || direction == Direction::Egress => return Reason::DropMalformed,
         Err(ParseError::Malformed) => return Reason::PassNotIsolated,
     };
+    // SAFETY: the context pointer is valid for the program run.
+    packet.forwarded = unsafe { (*ctx.skb.skb).ingress_ifindex } != 0;
     match packet.kind {
         Kind::Arp => return arp_verdict(endpoint, &packet, direction),
         Kind::LinkControl => return linkctl::verdict(endpoint, &packet, direction),
@@ -183,7 +185,7 @@ fn policy_verdict(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direct
         Direction::Egress => &packet.tuple.dst,
         Direction::Ingress => &packet.tuple.src,
     };
-    let peer_identity = lookup::identity_of(packet.family, peer);
+    let peer_identity = lookup::peer_identity(packet, peer, direction);
     // The destination port is the one a policy names, on either side of the connection.
     let mask = endpoint.lookups[direction as usize & 1];
     let cookie = lookup::allowed(endpoint.id, mask, peer_identity, direction, packet.tuple.protocol, packet.tuple.dport);
@@ -220,7 +222,7 @@ fn still_allowed(endpoint: &EndpointInfo, key: &CtKey, entry: &mut CtValue) -> b
             Some(cookie) => entry.cookie = cookie,
             None if endpoint.has(FLAG_AUDIT) => {}
             None => {
-                conntrack::forget(key);
+                conntrack::forget(key, entry.origin);
                 return false;
             }
         }
@@ -236,7 +238,7 @@ fn still_allowed(endpoint: &EndpointInfo, key: &CtKey, entry: &mut CtValue) -> b
 fn related_error(endpoint: &EndpointInfo, packet: &Packet, direction: Direction, time: u64) -> bool {
     let related = &packet.related;
     let from_flow_peer = packet.tuple.src == related.src
-        || (direction == Direction::Ingress && lookup::identity_of(packet.family, &packet.tuple.src) == identity::HOST);
+        || (direction == Direction::Ingress && lookup::peer_identity(packet, &packet.tuple.src, direction) == identity::HOST);
     packet.tuple.dst == related.dst
         && from_flow_peer
         && conntrack::related(&conntrack::key(endpoint.id, packet.family, related, direction), time)

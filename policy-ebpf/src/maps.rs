@@ -39,10 +39,10 @@ pub static PORT_RANGES: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(policy
 pub static CONNTRACK: HashMap<CtKey, CtValue> = HashMap::pinned(conntrack::MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map(name = "CT_USAGE_V1")]
-pub static CT_USAGE: Array<CtUsage> = Array::pinned(endpoint::MAX_ENTRIES, 0);
+pub static CT_USAGE: Array<CtUsage> = Array::pinned(conntrack::USAGE_SLOTS, 0);
 
 #[map(name = "CT_RELEASED_V1")]
-pub static CT_RELEASED: Array<CtReleased> = Array::pinned(endpoint::MAX_ENTRIES, 0);
+pub static CT_RELEASED: Array<CtReleased> = Array::pinned(conntrack::USAGE_SLOTS, 0);
 
 #[map(name = "FRAGMENTS_V1")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(conntrack::FRAG_MAX_ENTRIES, 0);

@@ -28,6 +28,9 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+const IPOPT_LSRR: u8 = 0x83;
+const IPOPT_SSRR: u8 = 0x89;
+
 const SCTP_CHUNK_INIT: u8 = 1;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_REDIRECT: u8 = 5;
@@ -93,6 +96,9 @@ pub struct Packet {
     pub ip_len: u32,
     /// For [`Kind::IcmpError`]: the quoted flow, reversed so it reads like one of its replies.
     pub related: Tuple,
+    /// The packet came in on another interface (the skb's ingress ifindex is set): towards a
+    /// pod, its source was not the node itself, whatever address it carries.
+    pub forwarded: bool,
 }
 
 /// The one way to read packet data: a pointer to a `T` at `offset`, if it lies inside the
@@ -135,6 +141,7 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, ParseError> {
         hop_limit: 0,
         ip_len: 0,
         related: EMPTY_TUPLE,
+        forwarded: false,
     };
     // VLAN tags (0x8100, 0x88a8, 0x9100) and every other EtherType end here: a pod has no
     // business sending them, and the node would route what it finds inside.
@@ -177,6 +184,7 @@ fn parse_ipv4(ctx: &TcContext, frame_len: usize, packet: &mut Packet) -> Result<
     if ihl < 20 || total < ihl || ETH_HLEN + total > frame_len {
         return Err(ParseError::Malformed);
     }
+    refuse_source_route(ctx, ihl, ETH_HLEN + total)?;
     packet.family = family::IPV4;
     packet.ip_len = total as u32;
     packet.hop_limit = header[8];
@@ -187,6 +195,30 @@ fn parse_ipv4(ctx: &TcContext, frame_len: usize, packet: &mut Packet) -> Result<
     packet.fragment_id = u16::from_be_bytes([header[4], header[5]]) as u32;
     packet.fragment = fragment_kind(frag & 0x1fff != 0, frag & 0x2000 != 0);
     Ok((ETH_HLEN + ihl, ETH_HLEN + total))
+}
+
+/// IPv4 loose and strict source routes name the next hops: a node that honours them
+/// (`accept_source_route`) would forward the packet past the destination we judged. Any
+/// option byte with their type drops the packet: a scan of fixed words keeps the verifier's
+/// paths few, and pods send hardly any options at all (a false match fails closed).
+#[inline(always)]
+fn refuse_source_route(ctx: &TcContext, ihl: usize, ip_end: usize) -> Result<(), ParseError> {
+    for word in 0..10 {
+        let off = ETH_HLEN + 20 + word * 4;
+        if off >= ETH_HLEN + ihl {
+            break;
+        }
+        let [a, b, c, d] = bytes_at::<4>(ctx, off, ip_end)?;
+        if source_route(a) || source_route(b) || source_route(c) || source_route(d) {
+            return Err(ParseError::Frame);
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn source_route(option: u8) -> bool {
+    option == IPOPT_LSRR || option == IPOPT_SSRR
 }
 
 #[inline(always)]
@@ -222,16 +254,28 @@ fn parse_ipv6(ctx: &TcContext, frame_len: usize, packet: &mut Packet) -> Result<
     let mut off = ETH_HLEN + 40;
     let mut fragment_seen = false;
     for count in 0..=MAX_IPV6_EXT_HEADERS {
+        if !matches!(next, IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AH | IPV6_FRAGMENT) {
+            packet.tuple.protocol = next;
+            return Ok((off, ip_end));
+        }
+        if count == MAX_IPV6_EXT_HEADERS {
+            break;
+        }
         let len = match next {
-            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
-                let ext = bytes_at::<2>(ctx, off, ip_end)?;
-                next = ext[0];
-                (ext[1] as usize + 1) * 8
-            }
             IPV6_AH => {
                 let ext = bytes_at::<2>(ctx, off, ip_end)?;
                 next = ext[0];
                 (ext[1] as usize + 2) * 4
+            }
+            IPV6_ROUTING => {
+                // Segments left: the node (seg6, RPL) would send the packet on to an address
+                // we never judged.
+                let ext = bytes_at::<4>(ctx, off, ip_end)?;
+                if ext[3] != 0 {
+                    return Err(ParseError::Frame);
+                }
+                next = ext[0];
+                (ext[1] as usize + 1) * 8
             }
             IPV6_FRAGMENT => {
                 // Two fragment headers would let the classifier and the reassembler disagree
@@ -247,14 +291,13 @@ fn parse_ipv6(ctx: &TcContext, frame_len: usize, packet: &mut Packet) -> Result<
                 packet.fragment = fragment_kind(frag & 0xfff8 != 0, frag & 1 != 0);
                 8
             }
+            // Hop-by-hop and destination options.
             _ => {
-                packet.tuple.protocol = next;
-                return Ok((off, ip_end));
+                let ext = bytes_at::<2>(ctx, off, ip_end)?;
+                next = ext[0];
+                (ext[1] as usize + 1) * 8
             }
         };
-        if count == MAX_IPV6_EXT_HEADERS {
-            break;
-        }
         off += len;
         // Keeps the offset bounded for the verifier; the header must end inside the packet.
         if off > 1024 || off > ip_end {
@@ -326,12 +369,16 @@ fn parse_icmp(ctx: &TcContext, offset: usize, ip_end: usize, packet: &mut Packet
         packet.tuple.dport = id;
     } else if error {
         let limit = if v6 { MAX_ICMPV6_CONTROL } else { MAX_ICMPV4_ERROR };
-        if packet.ip_len > limit {
+        // A fragmented error would carry past its bound in later fragments.
+        if packet.ip_len > limit || packet.fragment != Fragment::None {
             return Err(ParseError::Frame);
         }
         packet.kind = Kind::IcmpError;
         parse_quoted(ctx, offset + 8, ip_end, packet, v6)?;
     } else if v6 && ((130..=136).contains(&icmp_type) || icmp_type == 143) {
+        if packet.fragment != Fragment::None {
+            return Err(ParseError::Frame);
+        }
         packet.kind = Kind::LinkControl;
     }
     Ok(())

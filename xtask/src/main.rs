@@ -41,7 +41,8 @@ enum Task {
     /// real-API-server suite; prints their directory (the suite reads it from POLICY_KUBE_BIN).
     Kube,
     /// Measure the datapath and the control plane next to iptables, ipset and nftables; write
-    /// bench/REPORT.md, bench/results.json and SVG plots (root).
+    /// bench/REPORT.md, bench/summary.json (medians), SVG plots and the raw samples in
+    /// target/bench/results.json (root).
     Bench {
         /// Fewer, shorter runs (under two minutes).
         #[arg(long)]
@@ -93,19 +94,24 @@ fn main() -> Result<()> {
     }
 }
 
+/// The workspace crate with the simulated node, the demo and the benchmarks (xtask/testbed).
+const TESTBED: &str = "policy-testbed";
+
 /// Debian packages the benchmark baselines use, with a command each provides.
 const BENCH_PACKAGES: &[(&str, &str)] =
     &[("iptables", "iptables-legacy-restore"), ("ipset", "ipset"), ("nftables", "nft"), ("iperf3", "iperf3")];
 
-/// Builds the agent and the bench example in release, runs it and lets it write bench/.
+/// Builds the agent and the test bed's bench in release, runs it and lets it write bench/
+/// (the report) and target/bench/ (the raw samples).
 fn bench(quick: bool) -> Result<()> {
     setup::run()?;
     require_root("the benchmarks")?;
     setup::ensure_debian_packages(BENCH_PACKAGES)?;
-    run(cargo().args(["build", "--release", "--package", "policy-agent", "--bins", "--example", "bench"]))?;
+    run(cargo().args(["build", "--release", "--package", "policy-agent", "--bins", "--package", TESTBED, "--bin", "bench"]))?;
     let root = workspace_root();
-    let mut cmd = Command::new(root.join("target/release/examples/bench"));
+    let mut cmd = Command::new(root.join("target/release/bench"));
     cmd.arg("--agent").arg(root.join("target/release/policy-agent")).arg("--out").arg(root.join("bench"));
+    cmd.arg("--raw").arg(root.join("target/bench"));
     if quick {
         cmd.arg("--quick");
     }
@@ -139,9 +145,9 @@ fn build_agent() -> Result<PathBuf> {
 fn demo(check: bool) -> Result<()> {
     setup::run()?;
     require_root("the demo")?;
-    run(cargo().args(["build", "--package", "policy-agent", "--bins", "--example", "demo"]))?;
+    run(cargo().args(["build", "--package", "policy-agent", "--bins", "--package", TESTBED, "--bin", "demo"]))?;
     let root = workspace_root();
-    let mut cmd = Command::new(root.join("target/debug/examples/demo"));
+    let mut cmd = Command::new(root.join("target/debug/demo"));
     cmd.arg("--agent").arg(root.join("target/debug/policy-agent"));
     if check {
         cmd.arg("--check");

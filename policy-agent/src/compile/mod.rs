@@ -7,8 +7,6 @@
 mod maps;
 mod policy;
 
-pub mod bench_support;
-
 #[cfg(test)]
 mod tests;
 
@@ -132,6 +130,12 @@ impl Compiled {
     }
 }
 
+/// Endpoint slots numbered 1, 2, ... in pod order, as the agent would hand them out on a
+/// fresh node: for compiling without a datapath (explain, benchmarks).
+pub fn sequential_slots(compiled: &Compiled) -> BTreeMap<PodRef, EndpointSlot> {
+    compiled.endpoints.keys().zip(1u32..).map(|(pod, n)| (pod.clone(), EndpointSlot { ifindex: n, id: n })).collect()
+}
+
 /// Whether a pod is enforced on its node: scheduled there, with an IP, not in the host
 /// network, not terminated.
 pub fn is_local_endpoint(pod: &Pod, node: &str) -> bool {
@@ -142,54 +146,88 @@ pub fn is_local_endpoint(pod: &Pod, node: &str) -> bool {
 pub fn compile(state: &ClusterState, node: &NodeContext) -> Compiled {
     let mut problems = Vec::new();
     let policies: Vec<ParsedPolicy> = state.policies.values().map(|p| parse_policy(p, &mut problems)).collect();
-
-    let mut blocks: BTreeSet<resolve::CidrBlock> = BTreeSet::new();
-    let mut egress_named_ports: BTreeSet<(String, u8)> = BTreeSet::new();
-    let mut ingress_named_ports: BTreeSet<(String, u8)> = BTreeSet::new();
-    for policy in &policies {
-        for (direction, rules) in [(Direction::Ingress, &policy.ingress), (Direction::Egress, &policy.egress)] {
-            for rule in rules.iter().flatten() {
-                for peer in rule.peers.iter().flatten() {
-                    if let ParsedPeer::Block(block) = peer {
-                        blocks.insert(block.clone());
-                    }
-                }
-                for port in rule.ports.iter().flatten() {
-                    if let ParsedPort::Named(protocol, name) = port {
-                        let set = if direction == Direction::Egress {
-                            &mut egress_named_ports
-                        } else {
-                            &mut ingress_named_ports
-                        };
-                        set.insert((name.clone(), *protocol));
-                    }
-                }
-            }
-        }
-    }
-    let blocks: Vec<resolve::CidrBlock> = blocks.into_iter().collect();
+    let inputs = PolicyInputs::collect(&policies);
     let table = resolve::resolve_identities(
         state,
         &node.name,
         &node.ips,
-        &IdentityInputs { blocks: &blocks, egress_named_ports: &egress_named_ports },
+        &IdentityInputs { blocks: &inputs.blocks, egress_named_ports: &inputs.egress_named_ports },
         &mut problems,
     );
+    let cookies = allocate_cookies(&policies);
+    let endpoints = {
+        let sources = RuleSources {
+            policies: &policies,
+            by_namespace: policies_by_namespace(&policies),
+            peer_sets: resolve_all_peers(state, &policies, &table),
+            cookies: &cookies,
+            table: &table,
+            ingress_named_ports: &inputs.ingress_named_ports,
+        };
+        compile_endpoints(state, node, &sources)
+    };
+    problems.sort();
+    problems.dedup();
+    Compiled {
+        ipcache: table.ipcache,
+        endpoints,
+        identities: table.info,
+        cookies: cookies.into_iter().map(|(rule, cookie)| (cookie, rule)).collect(),
+        problems,
+    }
+}
 
+/// What identities and endpoints depend on besides labels: the ipBlocks and named ports the
+/// policies use.
+struct PolicyInputs {
+    blocks: Vec<resolve::CidrBlock>,
+    /// Resolved on each peer, so part of a pod's identity.
+    egress_named_ports: BTreeSet<(String, u8)>,
+    /// Resolved on the selected pod, so part of an endpoint's shape.
+    ingress_named_ports: BTreeSet<(String, u8)>,
+}
+
+impl PolicyInputs {
+    fn collect(policies: &[ParsedPolicy]) -> Self {
+        let mut blocks = BTreeSet::new();
+        let mut egress_named_ports = BTreeSet::new();
+        let mut ingress_named_ports = BTreeSet::new();
+        for policy in policies {
+            for (direction, rules) in [(Direction::Ingress, &policy.ingress), (Direction::Egress, &policy.egress)] {
+                for rule in rules.iter().flatten() {
+                    for peer in rule.peers.iter().flatten() {
+                        if let ParsedPeer::Block(block) = peer {
+                            blocks.insert(block.clone());
+                        }
+                    }
+                    let named = if direction == Direction::Egress { &mut egress_named_ports } else { &mut ingress_named_ports };
+                    for port in rule.ports.iter().flatten() {
+                        if let ParsedPort::Named(protocol, name) = port {
+                            named.insert((name.clone(), *protocol));
+                        }
+                    }
+                }
+            }
+        }
+        Self { blocks: blocks.into_iter().collect(), egress_named_ports, ingress_named_ports }
+    }
+}
+
+fn rule_ref(policy: &ParsedPolicy, direction: Direction, rule: &ParsedRule) -> RuleRef {
+    RuleRef { namespace: policy.name.namespace.clone(), policy: policy.name.name.clone(), direction, index: rule.index }
+}
+
+/// A cookie for every rule of every valid policy, stable across runs (a hash of the rule's name).
+fn allocate_cookies(policies: &[ParsedPolicy]) -> BTreeMap<RuleRef, u32> {
     let rule_refs: BTreeSet<RuleRef> = policies
         .iter()
         .flat_map(|policy| {
             [Direction::Ingress, Direction::Egress].into_iter().flat_map(move |direction| {
-                policy.rules(direction).into_iter().flatten().map(move |rule| RuleRef {
-                    namespace: policy.name.namespace.clone(),
-                    policy: policy.name.name.clone(),
-                    direction,
-                    index: rule.index,
-                })
+                policy.rules(direction).into_iter().flatten().map(move |rule| rule_ref(policy, direction, rule))
             })
         })
         .collect();
-    let cookie_numbers = resolve::allocate(
+    let numbers = resolve::allocate(
         rule_refs.iter(),
         |rule| {
             fnv1a64(format!("{}\0{}\0{}\0{}", rule.namespace, rule.policy, rule.direction as u8, rule.index).as_bytes())
@@ -197,120 +235,132 @@ pub fn compile(state: &ClusterState, node: &NodeContext) -> Compiled {
         FIRST_RULE_COOKIE,
         1 << 32,
     );
-    let cookie_of = |policy: &ParsedPolicy, direction: Direction, rule: &ParsedRule| -> u32 {
-        let key = RuleRef {
-            namespace: policy.name.namespace.clone(),
-            policy: policy.name.name.clone(),
-            direction,
-            index: rule.index,
-        };
-        cookie_numbers.get(&key).copied().unwrap_or(COOKIE_NODE)
-    };
+    numbers.into_iter().map(|(rule, cookie)| (rule.clone(), cookie)).collect()
+}
 
-    // Peers do not depend on the selected pod: resolve each rule's peers once.
-    let mut namespace_labels: BTreeMap<&str, Labels> = BTreeMap::new();
-    for namespace in table.groups.keys() {
-        namespace_labels.insert(namespace, state.namespace_labels(namespace));
-    }
-    let peer_sets: Vec<BTreeMap<(Direction, usize), PeerSet>> = policies
+/// The peers of each rule, per policy (same order as `policies`), keyed by direction and
+/// rule index. Peers do not depend on the selected pod, so each rule is resolved once.
+fn resolve_all_peers(
+    state: &ClusterState,
+    policies: &[ParsedPolicy],
+    table: &IdentityTable,
+) -> Vec<BTreeMap<(Direction, usize), PeerSet>> {
+    let namespace_labels: BTreeMap<&str, Labels> =
+        table.groups.keys().map(|namespace| (namespace.as_str(), state.namespace_labels(namespace))).collect();
+    policies
         .iter()
         .map(|policy| {
             let mut sets = BTreeMap::new();
             for direction in [Direction::Ingress, Direction::Egress] {
                 for rule in policy.rules(direction).into_iter().flatten() {
-                    sets.insert((direction, rule.index), resolve_peers(policy, rule, &table, &namespace_labels));
+                    sets.insert((direction, rule.index), resolve_peers(policy, rule, table, &namespace_labels));
                 }
             }
             sets
         })
-        .collect();
+        .collect()
+}
 
-    let mut policies_by_namespace: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+/// Indices into `policies`, by the policy's namespace.
+fn policies_by_namespace(policies: &[ParsedPolicy]) -> BTreeMap<&str, Vec<usize>> {
+    let mut by_namespace: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (index, policy) in policies.iter().enumerate() {
-        policies_by_namespace.entry(policy.name.namespace.as_str()).or_default().push(index);
+        by_namespace.entry(policy.name.namespace.as_str()).or_default().push(index);
     }
+    by_namespace
+}
 
-    // Endpoints with the same namespace, labels and ingress named ports get the same rules.
+/// What every endpoint's rules are built from.
+struct RuleSources<'a> {
+    policies: &'a [ParsedPolicy],
+    by_namespace: BTreeMap<&'a str, Vec<usize>>,
+    peer_sets: Vec<BTreeMap<(Direction, usize), PeerSet>>,
+    cookies: &'a BTreeMap<RuleRef, u32>,
+    table: &'a IdentityTable,
+    ingress_named_ports: &'a BTreeSet<(String, u8)>,
+}
+
+/// The local pods' endpoint policies. Endpoints of the same shape (namespace, labels,
+/// ingress named ports) get the same rules, so each shape is compiled once.
+fn compile_endpoints(
+    state: &ClusterState,
+    node: &NodeContext,
+    sources: &RuleSources<'_>,
+) -> BTreeMap<PodRef, EndpointPolicy> {
     let mut memo: BTreeMap<EndpointShape, EndpointPolicy> = BTreeMap::new();
     let mut endpoints = BTreeMap::new();
-    let mut scratch_problems = Vec::new();
     for (pod_ref, pod) in &state.pods {
         if !is_local_endpoint(pod, &node.name) {
             continue;
         }
-        // Problems with these addresses were reported during identity resolution.
-        let ips = pod_ips(pod, &mut scratch_problems);
-        let ipv4 = ips.iter().find_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        });
-        let ipv6 = ips.iter().find_map(|ip| match ip {
-            IpAddr::V6(v6) => Some(*v6),
-            IpAddr::V4(_) => None,
-        });
-        if ipv4.is_none() && ipv6.is_none() {
-            continue;
-        }
-        let labels = pod_labels(pod);
-        let own_ports: BTreeMap<(String, u8), u16> = ingress_named_ports
-            .iter()
-            .filter_map(|(name, protocol)| {
-                resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port))
-            })
-            .collect();
-        let memo_key = (pod_ref.namespace.clone(), labels, own_ports);
-        let template = memo.entry(memo_key).or_insert_with_key(|(namespace, labels, own_ports)| {
-            let selecting = policies_by_namespace
-                .get(namespace.as_str())
-                .into_iter()
-                .flatten()
-                .filter(|index| policies[**index].selector.as_ref().is_some_and(|s| s.matches(labels)));
-            let mut endpoint = EndpointPolicy::default();
-            for &index in selecting {
-                let policy = &policies[index];
-                for direction in [Direction::Ingress, Direction::Egress] {
-                    let Some(rules) = policy.rules(direction) else { continue };
-                    match direction {
-                        Direction::Ingress => {
-                            endpoint.ingress_isolated = true;
-                            endpoint.ingress_policies.push(policy.name.clone());
-                        }
-                        Direction::Egress => {
-                            endpoint.egress_isolated = true;
-                            endpoint.egress_policies.push(policy.name.clone());
-                        }
-                    }
-                    for rule in rules {
-                        let Some(peers) = peer_sets[index].get(&(direction, rule.index)) else { continue };
-                        let cookie = cookie_of(policy, direction, rule);
-                        emit_rule(&mut endpoint.rules, direction, rule, peers, own_ports, &table, cookie);
-                    }
-                }
-            }
-            if endpoint.ingress_isolated {
-                // The node reaches its pods for probes whatever the policies say.
-                for &host in &table.host_identities {
-                    let key = RuleKey { direction: Direction::Ingress, peer: host, protocol: None, port: None };
-                    endpoint.rules.insert(key, COOKIE_NODE);
-                }
-            }
-            endpoint
-        });
+        let Some((ipv4, ipv6)) = endpoint_addresses(pod) else { continue };
+        let shape = endpoint_shape(pod_ref, pod, sources.ingress_named_ports);
+        let template = memo.entry(shape).or_insert_with_key(|shape| endpoint_rules(sources, shape));
         let mut endpoint = template.clone();
         endpoint.ipv4 = ipv4;
         endpoint.ipv6 = ipv6;
         endpoints.insert(pod_ref.clone(), endpoint);
     }
+    endpoints
+}
 
-    problems.sort();
-    problems.dedup();
-    Compiled {
-        ipcache: table.ipcache,
-        endpoints,
-        identities: table.info,
-        cookies: cookie_numbers.into_iter().map(|(rule, cookie)| (cookie, rule.clone())).collect(),
-        problems,
+/// A pod's first IPv4 and first IPv6 address; `None` if it has neither.
+fn endpoint_addresses(pod: &Pod) -> Option<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
+    // Problems with these addresses were reported during identity resolution.
+    let ips = pod_ips(pod, &mut Vec::new());
+    let ipv4 = ips.iter().find_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    });
+    let ipv6 = ips.iter().find_map(|ip| match ip {
+        IpAddr::V6(v6) => Some(*v6),
+        IpAddr::V4(_) => None,
+    });
+    (ipv4.is_some() || ipv6.is_some()).then_some((ipv4, ipv6))
+}
+
+fn endpoint_shape(pod_ref: &PodRef, pod: &Pod, ingress_named_ports: &BTreeSet<(String, u8)>) -> EndpointShape {
+    let own_ports = ingress_named_ports
+        .iter()
+        .filter_map(|(name, protocol)| resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port)))
+        .collect();
+    (pod_ref.namespace.clone(), pod_labels(pod), own_ports)
+}
+
+/// The isolation and allow entries of an endpoint of this shape (addresses not filled in).
+fn endpoint_rules(sources: &RuleSources<'_>, (namespace, labels, own_ports): &EndpointShape) -> EndpointPolicy {
+    let selecting = sources
+        .by_namespace
+        .get(namespace.as_str())
+        .into_iter()
+        .flatten()
+        .filter(|index| sources.policies[**index].selector.as_ref().is_some_and(|s| s.matches(labels)));
+    let mut endpoint = EndpointPolicy::default();
+    for &index in selecting {
+        let policy = &sources.policies[index];
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let Some(rules) = policy.rules(direction) else { continue };
+            let (isolated, isolating) = match direction {
+                Direction::Ingress => (&mut endpoint.ingress_isolated, &mut endpoint.ingress_policies),
+                Direction::Egress => (&mut endpoint.egress_isolated, &mut endpoint.egress_policies),
+            };
+            *isolated = true;
+            isolating.push(policy.name.clone());
+            for rule in rules {
+                let Some(peers) = sources.peer_sets[index].get(&(direction, rule.index)) else { continue };
+                let cookie = sources.cookies.get(&rule_ref(policy, direction, rule)).copied().unwrap_or(COOKIE_NODE);
+                emit_rule(&mut endpoint.rules, direction, rule, peers, own_ports, sources.table, cookie);
+            }
+        }
     }
+    if endpoint.ingress_isolated {
+        // The node reaches its pods for probes whatever the policies say.
+        for &host in &sources.table.host_identities {
+            let key = RuleKey { direction: Direction::Ingress, peer: host, protocol: None, port: None };
+            endpoint.rules.insert(key, COOKIE_NODE);
+        }
+    }
+    endpoint
 }
 
 /// What an endpoint's rules depend on: namespace, labels and its ingress named ports.

@@ -104,6 +104,20 @@ pub(crate) fn parse_policy(policy: &NetworkPolicy, problems: &mut Vec<Problem>) 
         }
     };
 
+    let types = policy_types(&mut reporter, spec);
+    let ingress = types.contains(&Direction::Ingress).then(|| {
+        let rules = spec.ingress.iter().flatten().map(|rule| (rule.from.as_deref(), rule.ports.as_deref()));
+        parse_rules(&mut reporter, "spec.ingress", "from", rules)
+    });
+    let egress = types.contains(&Direction::Egress).then(|| {
+        let rules = spec.egress.iter().flatten().map(|rule| (rule.to.as_deref(), rule.ports.as_deref()));
+        parse_rules(&mut reporter, "spec.egress", "to", rules)
+    });
+    ParsedPolicy { name, selector, ingress, egress }
+}
+
+/// The directions the policy isolates: `spec.policyTypes`, or its default.
+fn policy_types(reporter: &mut Reporter<'_>, spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec) -> BTreeSet<Direction> {
     let has_egress_rules = spec.egress.as_ref().is_some_and(|rules| !rules.is_empty());
     let mut types: BTreeSet<Direction> = BTreeSet::new();
     for (index, policy_type) in spec.policy_types.iter().flatten().enumerate() {
@@ -127,30 +141,20 @@ pub(crate) fn parse_policy(policy: &NetworkPolicy, problems: &mut Vec<Problem>) 
             types.insert(Direction::Egress);
         }
     }
+    types
+}
 
-    let ingress = types.contains(&Direction::Ingress).then(|| {
-        spec.ingress
-            .iter()
-            .flatten()
-            .enumerate()
-            .map(|(index, rule)| {
-                let field = format!("spec.ingress[{index}]");
-                parse_rule(&mut reporter, &field, "from", index, rule.from.as_deref(), rule.ports.as_deref())
-            })
-            .collect()
-    });
-    let egress = types.contains(&Direction::Egress).then(|| {
-        spec.egress
-            .iter()
-            .flatten()
-            .enumerate()
-            .map(|(index, rule)| {
-                let field = format!("spec.egress[{index}]");
-                parse_rule(&mut reporter, &field, "to", index, rule.to.as_deref(), rule.ports.as_deref())
-            })
-            .collect()
-    });
-    ParsedPolicy { name, selector, ingress, egress }
+/// The rules of `spec.ingress` or `spec.egress` (`list`), each given as its peers and ports.
+fn parse_rules<'r>(
+    reporter: &mut Reporter<'_>,
+    list: &str,
+    peers_field: &str,
+    rules: impl Iterator<Item = (Option<&'r [NetworkPolicyPeer]>, Option<&'r [NetworkPolicyPort]>)>,
+) -> Vec<ParsedRule> {
+    rules
+        .enumerate()
+        .map(|(index, (peers, ports))| parse_rule(reporter, &format!("{list}[{index}]"), peers_field, index, peers, ports))
+        .collect()
 }
 
 fn parse_rule(

@@ -88,9 +88,35 @@ fn address(text: &str) -> Address {
 }
 
 fn cases() -> Vec<Case> {
-    let x_a = |spec: &str| np("x", "p", &format!("{{podSelector: {SEL_A}, {spec}}}"));
-    let egress_a =
-        |rules: &str| np("x", "e", &format!("{{podSelector: {SEL_A}, policyTypes: [Egress], egress: {rules}}}"));
+    [
+        isolation_cases(),
+        namespace_peer_cases(),
+        selector_expression_cases(),
+        ip_block_cases(),
+        ip_block_validity_and_family_cases(),
+        protocol_and_port_cases(),
+        invalid_port_cases(),
+        ingress_named_port_cases(),
+        egress_named_port_cases(),
+        combined_policy_cases(),
+        node_and_defaulting_cases(),
+        seed_example_cases(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+fn x_a(spec: &str) -> String {
+    np("x", "p", &format!("{{podSelector: {SEL_A}, {spec}}}"))
+}
+
+fn egress_a(rules: &str) -> String {
+    np("x", "e", &format!("{{podSelector: {SEL_A}, policyTypes: [Egress], egress: {rules}}}"))
+}
+
+/// Isolation per direction and `policyTypes` defaulting.
+fn isolation_cases() -> Vec<Case> {
     vec![
         case(
             "no policy allows everything",
@@ -155,6 +181,12 @@ fn cases() -> Vec<Case> {
             x_a("policyTypes: [Ingress], ingress: [{}], egress: [{to: [{podSelector: {matchLabels: {pod: b}}}]}]"),
             &[("x/a", "x/c", "TCP", 80, true), ("x/a", "198.19.255.8", "TCP", 80, true)],
         ),
+    ]
+}
+
+/// podSelector and namespaceSelector peers, and the namespace name label.
+fn namespace_peer_cases() -> Vec<Case> {
+    vec![
         case(
             "podSelector peer means the policy's namespace",
             x_a("ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]"),
@@ -227,6 +259,12 @@ fn cases() -> Vec<Case> {
             ),
             &[("z/a", "x/a", "TCP", 80, true), ("w/a", "x/a", "TCP", 80, false)],
         ),
+    ]
+}
+
+/// matchExpressions operators and invalid selectors or peers.
+fn selector_expression_cases() -> Vec<Case> {
+    vec![
         case(
             "matchExpressions In selects the policy's pods",
             np("x", "p", "{podSelector: {matchExpressions: [{key: pod, operator: In, values: [a, b]}]}}"),
@@ -294,6 +332,12 @@ fn cases() -> Vec<Case> {
             &["cannot be combined", "no valid peer"],
             &[("x/b", "x/a", "TCP", 80, false)],
         ),
+    ]
+}
+
+/// ipBlock peers: pod IPs, `except`, nested blocks.
+fn ip_block_cases() -> Vec<Case> {
+    vec![
         case(
             "ipBlock matches pod IPs",
             x_a("ingress: [{from: [{ipBlock: {cidr: 198.18.2.0/24}}]}]"),
@@ -331,6 +375,12 @@ fn cases() -> Vec<Case> {
                 ("x/a", "198.19.1.1", "TCP", 443, false),
             ],
         ),
+    ]
+}
+
+/// Malformed blocks, and IPv4 against IPv6.
+fn ip_block_validity_and_family_cases() -> Vec<Case> {
+    vec![
         case_with_problems(
             "a CIDR without a length matches nothing",
             egress_a("[{to: [{ipBlock: {cidr: 198.19.0.0}}]}]"),
@@ -374,6 +424,12 @@ fn cases() -> Vec<Case> {
             x_a("ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]"),
             &[("2001:2::201", "2001:2::101", "TCP", 80, true), ("2001:2:0:ff::1", "2001:2::101", "TCP", 80, false)],
         ),
+    ]
+}
+
+/// Numeric ports, protocols and `endPort` ranges.
+fn protocol_and_port_cases() -> Vec<Case> {
+    vec![
         case(
             "numeric TCP port",
             x_a("ingress: [{ports: [{port: 80}]}]"),
@@ -416,6 +472,12 @@ fn cases() -> Vec<Case> {
             &["spec.ingress[0].ports[0].endPort", "no valid port"],
             &[("x/b", "x/a", "TCP", 80, false), ("x/b", "x/a", "TCP", 1, false)],
         ),
+    ]
+}
+
+/// Ports that match nothing, and a valid port next to them.
+fn invalid_port_cases() -> Vec<Case> {
+    vec![
         case_with_problems(
             "endPort below port matches nothing",
             x_a("ingress: [{ports: [{port: 90, endPort: 80}]}]"),
@@ -452,6 +514,12 @@ fn cases() -> Vec<Case> {
             &["spec.ingress[0].ports[0].protocol"],
             &[("x/b", "x/a", "TCP", 81, true), ("x/b", "x/a", "TCP", 80, false)],
         ),
+    ]
+}
+
+/// Named ports resolved on the selected pod.
+fn ingress_named_port_cases() -> Vec<Case> {
+    vec![
         case(
             "named port on ingress resolves on the selected pod",
             np(
@@ -493,6 +561,12 @@ fn cases() -> Vec<Case> {
                 ("y/a", "x/b", "TCP", 80, false),
             ],
         ),
+    ]
+}
+
+/// Named ports resolved on each peer, and invalid names.
+fn egress_named_port_cases() -> Vec<Case> {
+    vec![
         case(
             "named port on egress resolves on each peer",
             egress_a("[{to: [{namespaceSelector: {}}], ports: [{port: http}]}]"),
@@ -535,6 +609,12 @@ fn cases() -> Vec<Case> {
             &["spec.ingress[0].ports[0].endPort", "no valid port"],
             &[("x/b", "x/a", "TCP", 80, false)],
         ),
+    ]
+}
+
+/// Unions of policies, and egress and ingress together.
+fn combined_policy_cases() -> Vec<Case> {
+    vec![
         case(
             "policies are a union",
             format!(
@@ -604,6 +684,12 @@ fn cases() -> Vec<Case> {
                 ("x/a", "x/b", "TCP", 81, false),
             ],
         ),
+    ]
+}
+
+/// The node, hostNetwork and terminated pods, other namespaces, absent or empty fields.
+fn node_and_defaulting_cases() -> Vec<Case> {
+    vec![
         case(
             "the pod's own node is always allowed in",
             np("x", "deny", DENY_X),
@@ -671,6 +757,12 @@ fn cases() -> Vec<Case> {
             &["spec.policyTypes[0]"],
             &[("y/a", "x/a", "TCP", 80, false), ("x/a", "y/a", "TCP", 80, true)],
         ),
+    ]
+}
+
+/// The seed example: web, api and db.
+fn seed_example_cases() -> Vec<Case> {
+    vec![
         case(
             "seed example: only api reaches db on 3306",
             r"

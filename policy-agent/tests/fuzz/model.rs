@@ -176,6 +176,11 @@ fn parse_v4(f: &[u8]) -> Option<Parsed> {
         return None;
     }
     let ip_end = 14 + total;
+    // Options (lead's answer): any option byte (IP header bytes 20..IHL) that is 0x83 or 0x89
+    // (loose or strict source route) is DropFrame.
+    if f[34..14 + ihl].iter().any(|&b| b == 0x83 || b == 0x89) {
+        return Some(Parsed::Frame);
+    }
     let fragw = be16(f, 20);
     let frag = if fragw & 0x1fff != 0 {
         Frag::Later
@@ -240,9 +245,22 @@ fn parse_v6(f: &[u8]) -> Option<Parsed> {
             frag_id = be32(f, off + 4);
             next = f[off];
             off += 8;
+            // The kernel bounds each next-header offset as it goes (F3).
+            if off > MAX_L4_OFFSET {
+                return None;
+            }
         } else {
             if off + 2 > ip_end {
                 return None;
+            }
+            // A routing header that still has segments to visit (lead's answer).
+            if next == 43 {
+                if off + 4 > ip_end {
+                    return None;
+                }
+                if f[off + 3] != 0 {
+                    return Some(Parsed::Frame);
+                }
             }
             let len = if next == 51 { (f[off + 1] as usize + 2) * 4 } else { (f[off + 1] as usize + 1) * 8 };
             if off + len > ip_end {
@@ -250,6 +268,9 @@ fn parse_v6(f: &[u8]) -> Option<Parsed> {
             }
             next = f[off];
             off += len;
+            if off > MAX_L4_OFFSET {
+                return None;
+            }
         }
     }
     if off > MAX_L4_OFFSET {
@@ -311,11 +332,14 @@ fn transport(f: &[u8], ip: &mut Ip, l4: usize, ip_end: usize) -> Option<bool> {
                 L4::Normal { sport: 0, dport: id, opening: false }
             } else if error {
                 let bound = if ip.v6 { 1280 } else { 576 };
-                if ip.ip_len > bound {
+                if ip.ip_len > bound || ip.frag != Frag::None {
                     return Some(false);
                 }
                 L4::IcmpError { related: quote(f, ip.v6, l4 + 8, ip_end)? }
             } else if ip.v6 && matches!(kind, 130..=136 | 143) {
+                if ip.frag != Frag::None {
+                    return Some(false);
+                }
                 L4::LinkControl { kind }
             } else {
                 L4::Normal { sport: 0, dport: 0, opening: false }
@@ -575,9 +599,14 @@ impl Model {
         }
         // 12.
         let create = |cookie: u32, changes: &mut Vec<Change>| {
-            let deleted = changes.iter().filter(|c| matches!(c, Change::CtDelete(_))).count();
+            // Each opening direction of the endpoint has a budget of its own.
+            let held = self
+                .ct
+                .iter()
+                .filter(|(k, e)| k.endpoint == key.endpoint && e.origin == dir && !changes.iter().any(|c| matches!(c, Change::CtDelete(d) if d == *k)))
+                .count();
             let budget = if self.ct_budget == 0 { policy_common::conntrack::DEFAULT_BUDGET } else { self.ct_budget };
-            if opening && ((self.ct.len() - deleted) as u64) < u64::from(budget) {
+            if opening && (held as u64) < u64::from(budget) {
                 changes.push(Change::CtPut(key, CtEntry { origin: dir, revision: ep.revision, cookie }));
             } else if opening {
                 changes.push(Change::BudgetFull);

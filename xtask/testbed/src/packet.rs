@@ -122,6 +122,9 @@ impl Frame {
                         ext.extend([next, 0]);
                         ext.extend(((offset << 3) | u16::from(more)).to_be_bytes());
                         ext.extend(id.to_be_bytes());
+                    } else if t == 43 {
+                        // A routing header with no segments left (type 0: nothing to route).
+                        ext.extend([next, 0, 0, 0, 0, 0, 0, 0]);
                     } else {
                         // Eight bytes: next header, length 0, PadN option of four bytes.
                         ext.extend([next, 0, 1, 4, 0, 0, 0, 0]);

@@ -13,7 +13,7 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::{Pod, PodIP, PodStatus};
-use policy_agent::testbed::{
+use testbed::{
     Bpffs, NODE_V4, Node,
     probe::{Servers, tcp_ok},
 };
@@ -85,7 +85,7 @@ fn main() -> ExitCode {
 }
 
 fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/three-tier")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../manifests/examples/three-tier")
 }
 
 fn run(args: &Args) -> Result<bool, String> {
@@ -103,20 +103,7 @@ fn run(args: &Args) -> Result<bool, String> {
     copy_example(&manifests, "00-namespace.yaml")?;
     write_pods(&manifests)?;
     println!("== Starting the agent on the node, watching {}", manifests.display());
-    let agent = Command::new("ip")
-        .args(["netns", "exec", &node.ns.name])
-        .arg(&args.agent)
-        .args(["run", "--manifests"])
-        .arg(&manifests)
-        .args(["--node", NODE_NAME, "--bpffs"])
-        .arg(&bpffs.path)
-        .args(["--metrics-addr", METRICS, "--flow-log", "denied", "--flow-log-file"])
-        .arg(&flows)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("start agent: {e}"))?;
-    let _agent = AgentProcess(agent);
+    let agent = start_agent(args, &node, &manifests, &bpffs.path, &flows)?;
     wait_ready(&node)?;
 
     let mut ok = true;
@@ -140,17 +127,55 @@ fn run(args: &Args) -> Result<bool, String> {
     ok &= table(&node, |from, to| matches!((from, to), ("api", "db") | ("web", "api") | (_, "web")));
 
     println!("\n== Why is web -> db dropped? (policy-agent explain)");
+    show_explain(args, &manifests)?;
+    println!("\n== Flow log: the drops (JSON lines from the classifier's ring buffer)");
+    ok &= show_drops(&flows);
+    println!("\n== policy-agent status");
+    show_status(&node);
+    println!("\n== Cleaning up: stopping the agent, removing pinned maps and links, deleting the namespaces");
+    drop(agent);
+    let _ = Command::new(&args.agent).args(["cleanup", "--bpffs"]).arg(&bpffs.path).stdout(Stdio::null()).status();
+    if args.check && !ok {
+        return Ok(false);
+    }
+    Ok(ok || !args.check)
+}
+
+/// `policy-agent run` inside the node namespace, on the manifest directory, logging drops to
+/// `flows`; stopped when the returned guard drops.
+fn start_agent(args: &Args, node: &Node, manifests: &Path, bpffs: &Path, flows: &Path) -> Result<AgentProcess, String> {
+    let agent = Command::new("ip")
+        .args(["netns", "exec", &node.ns.name])
+        .arg(&args.agent)
+        .args(["run", "--manifests"])
+        .arg(manifests)
+        .args(["--node", NODE_NAME, "--bpffs"])
+        .arg(bpffs)
+        .args(["--metrics-addr", METRICS, "--flow-log", "denied", "--flow-log-file"])
+        .arg(flows)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start agent: {e}"))?;
+    Ok(AgentProcess(agent))
+}
+
+fn show_explain(args: &Args, manifests: &Path) -> Result<(), String> {
     let explain = Command::new(&args.agent)
         .args(["explain", "--manifests"])
-        .arg(&manifests)
+        .arg(manifests)
         .args(["--from", "three-tier/web", "--to", "three-tier/db", "--port", "3306"])
         .output()
         .map_err(|e| format!("explain: {e}"))?;
     print!("{}", String::from_utf8_lossy(&explain.stdout));
+    Ok(())
+}
 
-    println!("\n== Flow log: the drops (JSON lines from the classifier's ring buffer)");
+/// Prints the first drops of the flow log; whether there were any.
+fn show_drops(flows: &Path) -> bool {
+    // The agent drains the ring buffer on its own schedule.
     std::thread::sleep(Duration::from_millis(300));
-    let log = std::fs::read_to_string(&flows).unwrap_or_default();
+    let log = std::fs::read_to_string(flows).unwrap_or_default();
     let drops: Vec<&str> = log.lines().filter(|l| l.contains("\"verdict\":\"deny\"")).collect();
     for line in drops.iter().take(6) {
         println!("   {line}");
@@ -158,34 +183,26 @@ fn run(args: &Args) -> Result<bool, String> {
     if drops.len() > 6 {
         println!("   ... {} more", drops.len() - 6);
     }
-    ok &= !drops.is_empty();
+    !drops.is_empty()
+}
 
-    println!("\n== policy-agent status");
-    let status = node.ns.run(|| http_get(METRICS, "/status"));
-    match status {
-        Some(body) => {
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            for e in v["endpoints"].as_array().into_iter().flatten() {
-                println!(
-                    "   {:<18} {:<12} endpoint {} ingress {} entries {} attached {}",
-                    e["pod"].as_str().unwrap_or("?"),
-                    e["interface"].as_str().unwrap_or("-"),
-                    e["endpoint_id"],
-                    if e["ingress_isolated"].as_bool() == Some(true) { "isolated" } else { "open" },
-                    e["policy_entries"],
-                    e["attached"]
-                );
-            }
-        }
-        None => println!("   (no answer)"),
+fn show_status(node: &Node) {
+    let Some(body) = node.ns.run(|| http_get(METRICS, "/status")) else {
+        println!("   (no answer)");
+        return;
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    for e in v["endpoints"].as_array().into_iter().flatten() {
+        println!(
+            "   {:<18} {:<12} endpoint {} ingress {} entries {} attached {}",
+            e["pod"].as_str().unwrap_or("?"),
+            e["interface"].as_str().unwrap_or("-"),
+            e["endpoint_id"],
+            if e["ingress_isolated"].as_bool() == Some(true) { "isolated" } else { "open" },
+            e["policy_entries"],
+            e["attached"]
+        );
     }
-    println!("\n== Cleaning up: stopping the agent, removing pinned maps and links, deleting the namespaces");
-    drop(_agent);
-    let _ = Command::new(&args.agent).args(["cleanup", "--bpffs"]).arg(&bpffs.path).stdout(Stdio::null()).status();
-    if args.check && !ok {
-        return Ok(false);
-    }
-    Ok(ok || !args.check)
 }
 
 fn target(pod: &str) -> SocketAddr {

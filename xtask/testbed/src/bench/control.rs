@@ -4,7 +4,6 @@
 //! agent's memory at rest with a large cluster.
 
 use std::{
-    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
@@ -14,13 +13,12 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{log, median, percentile, proc_status_kib};
+use policy_agent::compile::{MapContents, compile, diff, render, sequential_slots};
+
 use crate::{
-    compile::{
-        EndpointSlot, MapContents,
-        bench_support::{synthetic_cluster, synthetic_node},
-        compile, diff, render,
-    },
-    testbed::{AgentRun, Bpffs, NODE_V4, Node, probe::Servers},
+    AgentRun, Bpffs, NODE_V4, Node,
+    probe::Servers,
+    synthetic::{synthetic_cluster, synthetic_node},
 };
 
 // --- Compile -------------------------------------------------------------------------------
@@ -62,8 +60,7 @@ pub fn compile_child(pods: usize, policies: usize, runs: usize) {
         compiled = Some(c);
     }
     let compiled = compiled.expect("compiled once");
-    let slots: BTreeMap<_, _> =
-        compiled.endpoints.keys().zip(1u32..).map(|(pod, n)| (pod.clone(), EndpointSlot { ifindex: n, id: n })).collect();
+    let slots = sequential_slots(&compiled);
     let start = Instant::now();
     let contents = render(&compiled, &slots, false);
     let render_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -204,6 +201,8 @@ fn cleanup_agent(agent: &Path, bpffs: &Path) {
 pub struct Latency {
     pub change: String,
     pub expect: String,
+    /// Raw; empty in summary.json.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples_ms: Vec<f64>,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -244,74 +243,40 @@ fn until(node: &Node, from: &str, to: SocketAddr, want: bool, start: Instant) ->
     })
 }
 
+/// The latency node's namespace and pods (name, last address byte).
+const LATENCY_NS: &str = "bench";
+const LATENCY_PODS: [(&str, u8); 4] = [("a", 1), ("b", 2), ("c", 3), ("d", 4)];
+
+fn latency_addr(last: u8) -> (Ipv4Addr, Ipv6Addr) {
+    (Ipv4Addr::new(198, 18, 50, last), Ipv6Addr::new(0x2001, 2, 0, 50, 0, 0, 0, u16::from(last)))
+}
+
+/// The manifest of latency pod `name`, labelled `app`.
+fn latency_pod_file(name: &str, app: &str) -> String {
+    let last = LATENCY_PODS.iter().find(|p| p.0 == name).expect("pod").1;
+    let (v4, v6) = latency_addr(last);
+    pod_yaml(LATENCY_NS, name, &[("app", app)], v4, v6)
+}
+
 pub fn latency(agent: &Path, iterations: usize, background: (usize, usize)) -> LatencyResults {
-    const NS: &str = "bench";
-    let pods: [(&str, u8); 4] = [("a", 1), ("b", 2), ("c", 3), ("d", 4)];
-    let addr = |last: u8| (Ipv4Addr::new(198, 18, 50, last), Ipv6Addr::new(0x2001, 2, 0, 50, 0, 0, 0, u16::from(last)));
     let mut node = Node::new("lt");
-    for (name, last) in pods {
-        let (v4, v6) = addr(last);
+    for (name, last) in LATENCY_PODS {
+        let (v4, v6) = latency_addr(last);
         node.add_pod(name, v4, v6);
     }
     let bpffs = Bpffs::new("lt");
     let dir = bpffs.scratch("manifests");
     let log_path = bpffs.scratch("log").join("agent.log");
     let _servers: Vec<Servers> = ["b", "c", "d"].iter().map(|p| Servers::start(&node.pod(p).ns, &[80], Duration::from_secs(600))).collect();
-    write_atomic(&dir, "00-namespace.yaml", &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n"));
-    write_background(&dir, background.0, background.1);
-    let pod_file = |name: &str, app: &str| {
-        let last = pods.iter().find(|p| p.0 == name).expect("pod").1;
-        let (v4, v6) = addr(last);
-        pod_yaml(NS, name, &[("app", app)], v4, v6)
-    };
-    for p in ["a", "b", "d"] {
-        write_atomic(&dir, &format!("10-pod-{p}.yaml"), &pod_file(p, p));
-    }
-    write_atomic(&dir, "20-b-allow-a.yaml", &ingress_policy(NS, "b-allow-a", "b", Some("a")));
-    write_atomic(&dir, "21-deny-c.yaml", &ingress_policy(NS, "deny-c", "c", None));
+    write_latency_manifests(&dir, background);
     let args = agent_args(&dir, &bpffs.path);
     let run = AgentRun::start(agent, &node.ns, &args, METRICS, &log_path);
-    let target = |p: &str| SocketAddr::new(IpAddr::V4(node.pod(p).ipv4), 80);
     // Ready means synced: a -> b allowed, c unmanaged (no manifest), d open.
-    let settle = Instant::now();
-    let _ = until(&node, "a", target("b"), true, settle);
-
+    let target = SocketAddr::new(IpAddr::V4(node.pod("b").ipv4), 80);
+    let _ = until(&node, "a", target, true, Instant::now());
     let mut rows: Vec<Latency> = Vec::new();
-    let mut record = |change: &str, expect: &str, v: Option<f64>| {
-        let row = match rows.iter_mut().find(|r| r.change == change && r.expect == expect) {
-            Some(r) => r,
-            None => {
-                rows.push(Latency { change: change.into(), expect: expect.into(), samples_ms: Vec::new(), p50_ms: 0.0, p99_ms: 0.0, failures: 0 });
-                rows.last_mut().expect("pushed")
-            }
-        };
-        match v {
-            Some(ms) => row.samples_ms.push(ms),
-            None => row.failures += 1,
-        }
-    };
     for i in 0..iterations {
-        // A new policy isolates d.
-        let start = Instant::now();
-        write_atomic(&dir, "30-deny-d.yaml", &ingress_policy(NS, "deny-d", "d", None));
-        record("new policy (deny-all for a pod)", "drop", until(&node, "a", target("d"), false, start));
-        let start = Instant::now();
-        std::fs::remove_file(dir.join("30-deny-d.yaml")).expect("remove policy");
-        record("policy removed", "allow", until(&node, "a", target("d"), true, start));
-        // A label change takes a out of b's allowed peers, and back.
-        let start = Instant::now();
-        write_atomic(&dir, "10-pod-a.yaml", &pod_file("a", "x"));
-        record("label change (peer leaves the allowed set)", "drop", until(&node, "a", target("b"), false, start));
-        let start = Instant::now();
-        write_atomic(&dir, "10-pod-a.yaml", &pod_file("a", "a"));
-        record("label change (peer joins the allowed set)", "allow", until(&node, "a", target("b"), true, start));
-        // A new pod that a policy isolates (its interface exists already, as after CNI ADD).
-        let start = Instant::now();
-        write_atomic(&dir, "10-pod-c.yaml", &pod_file("c", "c"));
-        record("new pod (selected by a deny-all policy)", "drop", until(&node, "a", target("c"), false, start));
-        let start = Instant::now();
-        std::fs::remove_file(dir.join("10-pod-c.yaml")).expect("remove pod");
-        record("pod deleted", "allow", until(&node, "a", target("c"), true, start));
+        latency_iteration(&node, &dir, &mut rows);
         if i == 0 || (i + 1) % 5 == 0 {
             log(format!("latency: iteration {} of {iterations}", i + 1));
         }
@@ -321,12 +286,7 @@ pub fn latency(agent: &Path, iterations: usize, background: (usize, usize)) -> L
         r.p99_ms = percentile(&r.samples_ms, 99.0);
         log(format!("latency {:<45} -> {:<5}: p50 {:.0} ms, p99 {:.0} ms ({} samples, {} timeouts)", r.change, r.expect, r.p50_ms, r.p99_ms, r.samples_ms.len(), r.failures));
     }
-    let metrics = run.get("/metrics").unwrap_or_default();
-    let metric = |name: &str| -> f64 {
-        metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().last()).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
-    };
-    let agent_reported_mean_ms =
-        metric("policy_enforcement_latency_seconds_sum") / metric("policy_enforcement_latency_seconds_count") * 1e3;
+    let agent_reported_mean_ms = agent_mean_latency_ms(&run.get("/metrics").unwrap_or_default());
     let agent_rss_kib = agent_pid(&dir).and_then(|pid| proc_status_kib(&pid, "VmRSS")).unwrap_or(0);
     drop(run);
     cleanup_agent(agent, &bpffs.path);
@@ -338,6 +298,66 @@ pub fn latency(agent: &Path, iterations: usize, background: (usize, usize)) -> L
         agent_reported_mean_ms,
         agent_rss_kib,
     }
+}
+
+/// The namespace, the background, pods a, b and d, b allowing a, and a deny-all for c.
+fn write_latency_manifests(dir: &Path, background: (usize, usize)) {
+    write_atomic(dir, "00-namespace.yaml", &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {LATENCY_NS}\n"));
+    write_background(dir, background.0, background.1);
+    for p in ["a", "b", "d"] {
+        write_atomic(dir, &format!("10-pod-{p}.yaml"), &latency_pod_file(p, p));
+    }
+    write_atomic(dir, "20-b-allow-a.yaml", &ingress_policy(LATENCY_NS, "b-allow-a", "b", Some("a")));
+    write_atomic(dir, "21-deny-c.yaml", &ingress_policy(LATENCY_NS, "deny-c", "c", None));
+}
+
+/// Each change once and back, timed from the file write to the verdict flipping.
+fn latency_iteration(node: &Node, dir: &Path, rows: &mut Vec<Latency>) {
+    let target = |p: &str| SocketAddr::new(IpAddr::V4(node.pod(p).ipv4), 80);
+    // A new policy isolates d.
+    let start = Instant::now();
+    write_atomic(dir, "30-deny-d.yaml", &ingress_policy(LATENCY_NS, "deny-d", "d", None));
+    record(rows, "new policy (deny-all for a pod)", "drop", until(node, "a", target("d"), false, start));
+    let start = Instant::now();
+    std::fs::remove_file(dir.join("30-deny-d.yaml")).expect("remove policy");
+    record(rows, "policy removed", "allow", until(node, "a", target("d"), true, start));
+    // A label change takes a out of b's allowed peers, and back.
+    let start = Instant::now();
+    write_atomic(dir, "10-pod-a.yaml", &latency_pod_file("a", "x"));
+    record(rows, "label change (peer leaves the allowed set)", "drop", until(node, "a", target("b"), false, start));
+    let start = Instant::now();
+    write_atomic(dir, "10-pod-a.yaml", &latency_pod_file("a", "a"));
+    record(rows, "label change (peer joins the allowed set)", "allow", until(node, "a", target("b"), true, start));
+    // A new pod that a policy isolates (its interface exists already, as after CNI ADD).
+    let start = Instant::now();
+    write_atomic(dir, "10-pod-c.yaml", &latency_pod_file("c", "c"));
+    record(rows, "new pod (selected by a deny-all policy)", "drop", until(node, "a", target("c"), false, start));
+    let start = Instant::now();
+    std::fs::remove_file(dir.join("10-pod-c.yaml")).expect("remove pod");
+    record(rows, "pod deleted", "allow", until(node, "a", target("c"), true, start));
+}
+
+/// Adds a sample (or, for `None`, a timeout) to the row of this change.
+fn record(rows: &mut Vec<Latency>, change: &str, expect: &str, v: Option<f64>) {
+    let row = match rows.iter_mut().position(|r| r.change == change && r.expect == expect) {
+        Some(i) => &mut rows[i],
+        None => {
+            rows.push(Latency { change: change.into(), expect: expect.into(), samples_ms: Vec::new(), p50_ms: 0.0, p99_ms: 0.0, failures: 0 });
+            rows.last_mut().expect("pushed")
+        }
+    };
+    match v {
+        Some(ms) => row.samples_ms.push(ms),
+        None => row.failures += 1,
+    }
+}
+
+/// The mean of the agent's own `policy_enforcement_latency_seconds` histogram, in ms.
+fn agent_mean_latency_ms(metrics: &str) -> f64 {
+    let metric = |name: &str| -> f64 {
+        metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().last()).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+    };
+    metric("policy_enforcement_latency_seconds_sum") / metric("policy_enforcement_latency_seconds_count") * 1e3
 }
 
 // --- Agent memory at rest -----------------------------------------------------------------

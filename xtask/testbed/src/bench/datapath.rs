@@ -29,11 +29,12 @@ use policy_common::{
 use serde::{Deserialize, Serialize};
 
 use super::{log, median};
-use crate::{
+use policy_agent::{
     compile::MapOp,
-    testbed::packet::{ACK, Frame, SYN},
     datapath::{Datapath, Hook, MapSizes, Maps, PinLayout},
 };
+
+use crate::packet::{ACK, Frame, SYN};
 
 /// BPF_PROG_TEST_RUN runs on the loopback device: the endpoint entry is keyed by ifindex 1.
 const LO: u32 = 1;
@@ -60,6 +61,8 @@ pub struct Row {
     pub ns: f64,
     /// Median minus the floor measured the same way.
     pub net_ns: f64,
+    /// Raw; empty in summary.json.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<f64>,
 }
 
@@ -219,93 +222,126 @@ pub fn run(cfg: &Settings, bpffs_root: &std::path::Path) -> Results {
     for &n in &cfg.sizes {
         fill(&mut maps, filled, n);
         filled = n;
-        let mid = n / 2;
-        let ep = endpoint_of(mid);
-        let port = port_of(mid);
         for v6 in [false, true] {
-            let (fam, pod, peer) = if v6 {
-                ("IPv6", IpAddr::V6(POD_V6), IpAddr::V6(peer_v6(mid)))
-            } else {
-                ("IPv4", IpAddr::V4(POD_V4), IpAddr::V4(peer_v4(mid)))
-            };
-            let set_endpoint = |maps: &mut Maps, flags: u32| {
-                // As the compiler writes it for a pod with exact-port rules plus the node's
-                // any-protocol entry: two lookups for a denied flow.
-                let mut lookups = [0; 2];
-                lookups[Direction::Ingress as usize] = lookup::EXACT | lookup::ANY_PROTOCOL;
-                let info = EndpointInfo { id: ep, flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6, ipv4: POD_V4.octets(), ipv6: POD_V6.octets(), lookups, _pad: [0; 2], revision: 0 };
-                maps.endpoints.insert(EndpointKey { ifindex: LO }, info, 0).expect("endpoint");
-            };
-            let syn = Frame::tcp(peer, 40000, pod, port, SYN).padded();
-            let ack = Frame::tcp(peer, 40000, pod, port, ACK).padded();
-            let denied = Frame::tcp(peer, 40001, pod, DENIED_PORT, SYN).padded();
-            set_endpoint(&mut maps, FLAG_INGRESS_ISOLATED);
-            // Opens the flow the established packets belong to.
-            run_prog(prog, &syn, 1, TC_ACT_OK);
-            let mut samples: [Vec<f64>; 4] = Default::default();
-            let mut floors = Vec::new();
-            // One untimed round first (JIT image, map pages and caches warm).
-            for run in 0..=cfg.runs {
-                if run == 0 {
-                    floor.run(&ack, cfg.repeat / 10);
-                    run_prog(prog, &ack, cfg.repeat / 10, TC_ACT_OK);
-                    run_prog(prog, &denied, cfg.repeat / 10, TC_ACT_SHOT);
-                    for _ in 0..1000 {
-                        floor.run(&ack, 1);
-                        run_prog(prog, &ack, 1, TC_ACT_OK);
-                    }
-                    continue;
-                }
-                floors.push(floor.run(&ack, cfg.repeat));
-                samples[0].push(run_prog(prog, &ack, cfg.repeat, TC_ACT_OK));
-                samples[2].push(run_prog(prog, &denied, cfg.repeat, TC_ACT_SHOT));
-                set_endpoint(&mut maps, 0);
-                samples[3].push(run_prog(prog, &syn, cfg.repeat, TC_ACT_OK));
-                set_endpoint(&mut maps, FLAG_INGRESS_ISOLATED);
-            }
-            // New allowed flows, one call per packet, interleaved with the two baselines.
-            let (mut new_calls, mut est_calls, mut floor_calls) = (Vec::new(), Vec::new(), Vec::new());
-            for j in 0..cfg.new_flow_calls {
-                let sport = 1024 + j as u16;
-                let fresh = Frame::tcp(peer, sport, pod, port, SYN).padded();
-                floor_calls.push(floor.run(&fresh, 1));
-                est_calls.push(run_prog(prog, &ack, 1, TC_ACT_OK));
-                new_calls.push(run_prog(prog, &fresh, 1, TC_ACT_OK));
-            }
-            let fam_code = if v6 { family::IPV6 } else { family::IPV4 };
-            let mut stale = 0;
-            for j in 0..cfg.new_flow_calls {
-                let key = CtKey::new(ep, fam_code, proto::TCP, addr16(pod), port, addr16(peer), 1024 + j as u16);
-                if maps.conntrack.remove(&key).is_err() {
-                    stale += 1;
-                }
-            }
-            if stale > 0 {
-                log(format!("datapath: {stale} new-flow conntrack entries were not found to remove"));
-            }
+            let target = Target::new(n, v6);
+            let (repeat, floors) = measure_repeat(cfg, prog, &floor, &mut maps, &target);
+            let per_call = measure_per_call(cfg, prog, &floor, &mut maps, &target);
             let floor_rep = median(&floors);
-            let floor_one = median(&floor_calls);
-            floor_repeat.extend(floors);
-            floor_call.extend(floor_calls);
+            let floor_one = median(&per_call.floor);
             let mut push = |path: &str, method: &str, s: Vec<f64>, floor: f64| {
                 let ns = median(&s);
-                results.rows.push(Row { family: fam.into(), entries: n, path: path.into(), method: method.into(), ns, net_ns: ns - floor, samples: s });
+                results.rows.push(Row { family: target.family.into(), entries: n, path: path.into(), method: method.into(), ns, net_ns: ns - floor, samples: s });
             };
-            let [est, new_unused, den, not_iso] = samples;
-            drop(new_unused);
+            let [est, den, not_iso] = repeat;
             push("established", "repeat", est, floor_rep);
-            push("new allowed", "per-call", new_calls, floor_one);
+            push("new allowed", "per-call", per_call.new_flow, floor_one);
             push("denied", "repeat", den, floor_rep);
             push("not isolated", "repeat", not_iso, floor_rep);
-            push("established (per-call check)", "per-call", est_calls, floor_one);
-            let r = |p: &str| results.get(fam, n, p).map_or(f64::NAN, |r| r.net_ns);
+            push("established (per-call check)", "per-call", per_call.established, floor_one);
+            floor_repeat.extend(floors);
+            floor_call.extend(per_call.floor);
+            let r = |p: &str| results.get(target.family, n, p).map_or(f64::NAN, |r| r.net_ns);
             log(format!(
-                "datapath {fam} {n:>6} entries: established {:.0} ns, new allowed {:.0} ns, denied {:.0} ns, not isolated {:.0} ns (net of floor {floor_rep:.0}/{floor_one:.0} ns)",
-                r("established"), r("new allowed"), r("denied"), r("not isolated")
+                "datapath {} {n:>6} entries: established {:.0} ns, new allowed {:.0} ns, denied {:.0} ns, not isolated {:.0} ns (net of floor {floor_rep:.0}/{floor_one:.0} ns)",
+                target.family, r("established"), r("new allowed"), r("denied"), r("not isolated")
             ));
         }
     }
     results.floor_repeat_ns = median(&floor_repeat);
     results.floor_per_call_ns = median(&floor_call);
     results
+}
+
+/// The measured flow at one map size and family: from the peer in the middle of the filled
+/// entries to the pod, on that peer's allowed port.
+struct Target {
+    family: &'static str,
+    v6: bool,
+    pod: IpAddr,
+    peer: IpAddr,
+    endpoint: u32,
+    port: u16,
+}
+
+impl Target {
+    fn new(entries: usize, v6: bool) -> Self {
+        let mid = entries / 2;
+        let (family, pod, peer) = if v6 {
+            ("IPv6", IpAddr::V6(POD_V6), IpAddr::V6(peer_v6(mid)))
+        } else {
+            ("IPv4", IpAddr::V4(POD_V4), IpAddr::V4(peer_v4(mid)))
+        };
+        Self { family, v6, pod, peer, endpoint: endpoint_of(mid), port: port_of(mid) }
+    }
+}
+
+fn set_endpoint(maps: &mut Maps, endpoint: u32, flags: u32) {
+    // As the compiler writes it for a pod with exact-port rules plus the node's any-protocol
+    // entry: two lookups for a denied flow.
+    let mut lookups = [0; 2];
+    lookups[Direction::Ingress as usize] = lookup::EXACT | lookup::ANY_PROTOCOL;
+    let info = EndpointInfo { id: endpoint, flags: flags | FLAG_HAS_IPV4 | FLAG_HAS_IPV6, ipv4: POD_V4.octets(), ipv6: POD_V6.octets(), lookups, _pad: [0; 2], revision: 0 };
+    maps.endpoints.insert(EndpointKey { ifindex: LO }, info, 0).expect("endpoint");
+}
+
+/// The paths TEST_RUN can repeat (established, denied, not isolated), `cfg.runs` times
+/// each, and the empty program's time per run alongside.
+fn measure_repeat(cfg: &Settings, prog: &SchedClassifier, floor: &EmptyProgram, maps: &mut Maps, t: &Target) -> ([Vec<f64>; 3], Vec<f64>) {
+    let syn = Frame::tcp(t.peer, 40000, t.pod, t.port, SYN).padded();
+    let ack = Frame::tcp(t.peer, 40000, t.pod, t.port, ACK).padded();
+    let denied = Frame::tcp(t.peer, 40001, t.pod, DENIED_PORT, SYN).padded();
+    set_endpoint(maps, t.endpoint, FLAG_INGRESS_ISOLATED);
+    // Opens the flow the established packets belong to.
+    run_prog(prog, &syn, 1, TC_ACT_OK);
+    // One untimed round first (JIT image, map pages and caches warm).
+    floor.run(&ack, cfg.repeat / 10);
+    run_prog(prog, &ack, cfg.repeat / 10, TC_ACT_OK);
+    run_prog(prog, &denied, cfg.repeat / 10, TC_ACT_SHOT);
+    for _ in 0..1000 {
+        floor.run(&ack, 1);
+        run_prog(prog, &ack, 1, TC_ACT_OK);
+    }
+    let mut samples: [Vec<f64>; 3] = Default::default();
+    let mut floors = Vec::new();
+    for _ in 0..cfg.runs {
+        floors.push(floor.run(&ack, cfg.repeat));
+        samples[0].push(run_prog(prog, &ack, cfg.repeat, TC_ACT_OK));
+        samples[1].push(run_prog(prog, &denied, cfg.repeat, TC_ACT_SHOT));
+        set_endpoint(maps, t.endpoint, 0);
+        samples[2].push(run_prog(prog, &syn, cfg.repeat, TC_ACT_OK));
+        set_endpoint(maps, t.endpoint, FLAG_INGRESS_ISOLATED);
+    }
+    (samples, floors)
+}
+
+/// Single-call timings, interleaved.
+struct PerCall {
+    new_flow: Vec<f64>,
+    established: Vec<f64>,
+    floor: Vec<f64>,
+}
+
+/// New allowed flows, one call per packet (a new source port each), interleaved with the
+/// two baselines; then removes the conntrack entries they created.
+fn measure_per_call(cfg: &Settings, prog: &SchedClassifier, floor: &EmptyProgram, maps: &mut Maps, t: &Target) -> PerCall {
+    let ack = Frame::tcp(t.peer, 40000, t.pod, t.port, ACK).padded();
+    let mut calls = PerCall { new_flow: Vec::new(), established: Vec::new(), floor: Vec::new() };
+    for j in 0..cfg.new_flow_calls {
+        let fresh = Frame::tcp(t.peer, 1024 + j as u16, t.pod, t.port, SYN).padded();
+        calls.floor.push(floor.run(&fresh, 1));
+        calls.established.push(run_prog(prog, &ack, 1, TC_ACT_OK));
+        calls.new_flow.push(run_prog(prog, &fresh, 1, TC_ACT_OK));
+    }
+    let fam_code = if t.v6 { family::IPV6 } else { family::IPV4 };
+    let mut stale = 0;
+    for j in 0..cfg.new_flow_calls {
+        let key = CtKey::new(t.endpoint, fam_code, proto::TCP, addr16(t.pod), t.port, addr16(t.peer), 1024 + j as u16);
+        if maps.conntrack.remove(&key).is_err() {
+            stale += 1;
+        }
+    }
+    if stale > 0 {
+        log(format!("datapath: {stale} new-flow conntrack entries were not found to remove"));
+    }
+    calls
 }

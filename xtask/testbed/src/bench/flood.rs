@@ -32,11 +32,12 @@ use policy_common::{
 use serde::{Deserialize, Serialize};
 
 use super::{CpuTicks, log, median, thread_cpu_ns};
-use crate::{
+use policy_agent::{
     compile::MapOp,
     datapath::{Maps, PinLayout},
-    testbed::{Bpffs, Netns, Node},
 };
+
+use crate::{Bpffs, Netns, Node};
 
 pub const A4: Ipv4Addr = Ipv4Addr::new(198, 18, 40, 1);
 pub const B4: Ipv4Addr = Ipv4Addr::new(198, 18, 40, 2);
@@ -149,6 +150,8 @@ pub struct Summary {
 pub struct TcpSummary {
     pub variant: Variant,
     pub gbits: f64,
+    /// Raw; empty in summary.json.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<f64>,
     pub ratio: f64,
 }
@@ -158,6 +161,8 @@ pub struct Results {
     pub seconds_per_run: f64,
     pub rounds: usize,
     pub rules: Vec<usize>,
+    /// Raw, one per round; empty in summary.json.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runs: Vec<Run>,
     pub summary: Vec<Summary>,
     pub tcp_seconds: u32,
@@ -206,7 +211,7 @@ impl Topology {
         let mut node = Node::new(&suffix);
         node.add_pod("a", A4, A6);
         node.add_pod("b", B4, B6);
-        let scratch = std::env::temp_dir().join(format!("{}-{suffix}", crate::testbed::run_prefix()));
+        let scratch = std::env::temp_dir().join(format!("{}-{suffix}", crate::run_prefix()));
         std::fs::create_dir_all(&scratch).expect("scratch dir");
         let mut topo = Self { variant, node, bpffs: None, maps: None, next_flow: 0, scratch };
         if variant == Variant::Bpf {
@@ -373,7 +378,7 @@ fn send_flood(ns: &Netns, dst: Ipv4Addr, kind: Kind, first_flow: u64, secs: f64)
         assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
         // SAFETY: we own fd.
         let _owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        let (addr, addr_len) = crate::testbed::probe::sockaddr(&SocketAddr::new(IpAddr::V4(dst), 0));
+        let (addr, addr_len) = crate::probe::sockaddr(&SocketAddr::new(IpAddr::V4(dst), 0));
         let mut bufs = vec![[0u8; 8 + PAYLOAD]; BATCH];
         let fixed_dport = if kind == Kind::Denied { DENIED_PORT } else { ALLOWED_FIRST };
         for b in &mut bufs {
@@ -514,56 +519,9 @@ pub fn run(settings: &Settings, agent: &Path) -> Results {
             }
             log(format!("flood: {rules} rules, round {} of {} done", round + 1, settings.rounds));
         }
-        for kind in Kind::ALL {
-            let pick = |v: Variant| -> Vec<&Run> { results.runs.iter().filter(|r| r.variant == v && r.rules == rules && r.kind == kind).collect() };
-            let none = pick(Variant::None);
-            let base_of = |round: usize| none.iter().find(|r| r.round == round).map_or(f64::NAN, |r| handled_pps(r));
-            for v in Variant::ALL {
-                let runs = pick(v);
-                let pps = median(&runs.iter().map(|r| handled_pps(r)).collect::<Vec<_>>());
-                // Paired with the no-enforcement run of the same round, then the median.
-                let ratios: Vec<f64> = runs.iter().map(|r| handled_pps(r) / base_of(r.round)).collect();
-                let added: Vec<f64> = runs.iter().map(|r| 1e9 / handled_pps(r) - 1e9 / base_of(r.round)).collect();
-                let summary = Summary {
-                    variant: v,
-                    rules,
-                    kind,
-                    pps,
-                    sent_pps: median(&runs.iter().map(|r| r.sent_pps).collect::<Vec<_>>()),
-                    delivered_fraction: median(&runs.iter().map(|r| r.delivered as f64 / r.sent.max(1) as f64).collect::<Vec<_>>()),
-                    cpu_ns_per_packet: median(&runs.iter().map(|r| r.cpu_ns_per_packet).collect::<Vec<_>>()),
-                    sender_cpu_ns_per_packet: median(&runs.iter().map(|r| r.sender_cpu_ns_per_packet).collect::<Vec<_>>()),
-                    ratio: median(&ratios),
-                    added_ns: median(&added),
-                    rounds: runs.len(),
-                };
-                log(format!(
-                    "flood {rules:>5} rules, {:<29} {:<38} {:>9.0} pps ({:.2}x), delivered {:>5.1}%, {:.0} ns CPU/packet",
-                    kind.label(),
-                    v.label(),
-                    summary.pps,
-                    summary.ratio,
-                    summary.delivered_fraction * 100.0,
-                    summary.cpu_ns_per_packet
-                ));
-                results.summary.push(summary);
-            }
-        }
+        results.summary.extend(summarize(&results.runs, rules));
     }
-    // TCP: no enforcement vs the classifier (b isolated, a allowed on the iperf3 port).
-    let mut tcp: Vec<(Variant, Vec<f64>)> = vec![(Variant::None, Vec::new()), (Variant::Bpf, Vec::new())];
-    for _ in 0..settings.tcp_rounds {
-        for (v, samples) in &mut tcp {
-            let topo = topos.iter().find(|t| t.variant == *v).expect("topology");
-            samples.push(iperf(topo, settings.tcp_seconds));
-        }
-    }
-    let base = median(&tcp[0].1);
-    for (v, samples) in tcp {
-        let gbits = median(&samples);
-        log(format!("tcp: {} {gbits:.2} Gbit/s ({:.2}x)", v.label(), gbits / base));
-        results.tcp.push(TcpSummary { variant: v, gbits, samples, ratio: gbits / base });
-    }
+    results.tcp = tcp_throughput(&topos, settings);
     for t in &topos {
         let _ = std::fs::remove_dir_all(&t.scratch);
         if let Some(b) = &t.bpffs {
@@ -573,4 +531,63 @@ pub fn run(settings: &Settings, agent: &Path) -> Results {
     drop(_sinks);
     drop(topos);
     results
+}
+
+/// Per variant and kind of flood, the medians of the rounds run with `rules` rules.
+fn summarize(runs: &[Run], rules: usize) -> Vec<Summary> {
+    let mut summaries = Vec::new();
+    for kind in Kind::ALL {
+        let pick = |v: Variant| -> Vec<&Run> { runs.iter().filter(|r| r.variant == v && r.rules == rules && r.kind == kind).collect() };
+        let none = pick(Variant::None);
+        let base_of = |round: usize| none.iter().find(|r| r.round == round).map_or(f64::NAN, |r| handled_pps(r));
+        for v in Variant::ALL {
+            let runs = pick(v);
+            let med = |f: &dyn Fn(&Run) -> f64| median(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
+            // Paired with the no-enforcement run of the same round, then the median.
+            let summary = Summary {
+                variant: v,
+                rules,
+                kind,
+                pps: med(&handled_pps),
+                sent_pps: med(&|r| r.sent_pps),
+                delivered_fraction: med(&|r| r.delivered as f64 / r.sent.max(1) as f64),
+                cpu_ns_per_packet: med(&|r| r.cpu_ns_per_packet),
+                sender_cpu_ns_per_packet: med(&|r| r.sender_cpu_ns_per_packet),
+                ratio: med(&|r| handled_pps(r) / base_of(r.round)),
+                added_ns: med(&|r| 1e9 / handled_pps(r) - 1e9 / base_of(r.round)),
+                rounds: runs.len(),
+            };
+            log(format!(
+                "flood {rules:>5} rules, {:<29} {:<38} {:>9.0} pps ({:.2}x), delivered {:>5.1}%, {:.0} ns CPU/packet",
+                kind.label(),
+                v.label(),
+                summary.pps,
+                summary.ratio,
+                summary.delivered_fraction * 100.0,
+                summary.cpu_ns_per_packet
+            ));
+            summaries.push(summary);
+        }
+    }
+    summaries
+}
+
+/// TCP: no enforcement vs the classifier (b isolated, a allowed on the iperf3 port), rounds
+/// interleaved.
+fn tcp_throughput(topos: &[Topology], settings: &Settings) -> Vec<TcpSummary> {
+    let mut tcp: Vec<(Variant, Vec<f64>)> = vec![(Variant::None, Vec::new()), (Variant::Bpf, Vec::new())];
+    for _ in 0..settings.tcp_rounds {
+        for (v, samples) in &mut tcp {
+            let topo = topos.iter().find(|t| t.variant == *v).expect("topology");
+            samples.push(iperf(topo, settings.tcp_seconds));
+        }
+    }
+    let base = median(&tcp[0].1);
+    tcp.into_iter()
+        .map(|(v, samples)| {
+            let gbits = median(&samples);
+            log(format!("tcp: {} {gbits:.2} Gbit/s ({:.2}x)", v.label(), gbits / base));
+            TcpSummary { variant: v, gbits, samples, ratio: gbits / base }
+        })
+        .collect()
 }

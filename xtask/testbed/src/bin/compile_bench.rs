@@ -1,11 +1,10 @@
 //! Times the policy compiler on a synthetic cluster (run in release mode):
-//! `cargo run --release -p policy-agent --example compile_bench [PODS] [POLICIES]`.
+//! `cargo run --release -p policy-testbed --bin compile_bench [PODS] [POLICIES]`.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use policy_agent::compile::bench_support::{synthetic_cluster, synthetic_node};
-use policy_agent::compile::{EndpointSlot, MapContents, compile, diff, render};
+use testbed::synthetic::{synthetic_cluster, synthetic_node};
+use policy_agent::compile::{MapContents, compile, diff, render, sequential_slots};
 
 fn main() {
     let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>());
@@ -21,12 +20,7 @@ fn main() {
         compiled = compile(&state, &node);
         compile_times.push(start.elapsed());
     }
-    let slots: BTreeMap<_, _> = compiled
-        .endpoints
-        .keys()
-        .zip(1u32..)
-        .map(|(pod, n)| (pod.clone(), EndpointSlot { ifindex: n, id: n }))
-        .collect();
+    let slots = sequential_slots(&compiled);
     let start = Instant::now();
     let contents = render(&compiled, &slots, false);
     let render_time = start.elapsed();

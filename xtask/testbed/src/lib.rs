@@ -8,6 +8,7 @@ pub mod apiserver;
 pub mod packet;
 pub mod probe;
 pub mod bench;
+pub mod synthetic;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -330,7 +331,7 @@ impl AgentRun {
         let (ns, addr, path) = (format!("/run/netns/{}", self.node_ns), self.metrics_addr.clone(), path.to_owned());
         std::thread::spawn(move || {
             enter_netns(&ns);
-            crate::status::fetch(&addr, &path).ok()
+            policy_agent::status::fetch(&addr, &path).ok()
         })
         .join()
         .ok()

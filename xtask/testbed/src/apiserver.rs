@@ -107,6 +107,83 @@ fn stop(child: &mut Child, grace: Duration) {
     let _ = child.wait();
 }
 
+/// Writes the static token file: `admin` (system:masters) and the ServiceAccount
+/// `(namespace, name)`; returns the ServiceAccount's user name.
+fn write_token_file(path: &Path, admin_token: &str, sa_token: &str, (sa_ns, sa_name): (&str, &str)) -> String {
+    let sa_user = format!("system:serviceaccount:{sa_ns}:{sa_name}");
+    std::fs::write(
+        path,
+        format!(
+            "{admin_token},admin,admin-uid,\"system:masters\"\n{sa_token},{sa_user},{sa_ns}-{sa_name}-uid,\"system:serviceaccounts,system:serviceaccounts:{sa_ns}\"\n"
+        ),
+    )
+    .expect("write token file");
+    sa_user
+}
+
+/// etcd on free loopback ports, data under `dir`/etcd; the child and its client URL.
+fn start_etcd(dir: &Path) -> (Child, String) {
+    let (etcd_port, peer_port) = (free_port(), free_port());
+    let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let etcd = spawn_logged(
+        Command::new(etcd_binary())
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls={etcd_url}"))
+            .arg(format!("--advertise-client-urls={etcd_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=test={peer_url}"))
+            .arg("--logger=zap")
+            .arg("--log-level=warn"),
+        &dir.join("etcd.log"),
+    );
+    (etcd, etcd_url)
+}
+
+/// kube-apiserver's flags: loopback only, the test certificates, token authentication, RBAC.
+fn apiserver_args(etcd_url: &str, port: u16, certs: &Path, token_file: &Path) -> Vec<OsString> {
+    let p = |name: &str| certs.join(name).into_os_string();
+    let mut apiserver_args: Vec<OsString> = vec![
+        format!("--etcd-servers={etcd_url}").into(),
+        "--bind-address=127.0.0.1".into(),
+        format!("--secure-port={port}").into(),
+        "--insecure-port=0".into(),
+        format!("--advertise-address={ADVERTISE}").into(),
+        format!("--service-cluster-ip-range={SERVICE_RANGE}").into(),
+        format!("--cert-dir={}", certs.display()).into(),
+    ];
+    for (flag, file) in [
+        ("--tls-cert-file", "server.crt"),
+        ("--tls-private-key-file", "server.key"),
+        ("--service-account-key-file", "sa.pub"),
+        ("--service-account-signing-key-file", "sa.key"),
+    ] {
+        let mut arg = OsString::from(format!("{flag}="));
+        arg.push(p(file));
+        apiserver_args.push(arg);
+    }
+    apiserver_args.extend(
+        [
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            "--api-audiences=https://kubernetes.default.svc.cluster.local",
+            "--authorization-mode=RBAC",
+            // No controller-manager creates the default ServiceAccounts pods would need.
+            "--disable-admission-plugins=ServiceAccount",
+            // No endpoints for the `kubernetes` Service: nothing routes to it anyway.
+            "--endpoint-reconciler-type=none",
+            // The install DaemonSet asks for capabilities; `privileged` needs this too.
+            "--allow-privileged=true",
+            "--anonymous-auth=false",
+            "--profiling=false",
+        ]
+        .map(OsString::from),
+    );
+    apiserver_args.push(format!("--token-auth-file={}", token_file.display()).into());
+    apiserver_args
+}
+
 /// etcd and kube-apiserver for one test, with an admin identity and a ServiceAccount identity.
 pub struct ApiServer {
     dir: PathBuf,
@@ -139,71 +216,10 @@ impl ApiServer {
 
         let admin_token = random_token();
         let sa_token = random_token();
-        let (sa_ns, sa_name) = service_account;
-        let sa_user = format!("system:serviceaccount:{sa_ns}:{sa_name}");
-        std::fs::write(
-            dir.join("tokens.csv"),
-            format!(
-                "{admin_token},admin,admin-uid,\"system:masters\"\n{sa_token},{sa_user},{sa_ns}-{sa_name}-uid,\"system:serviceaccounts,system:serviceaccounts:{sa_ns}\"\n"
-            ),
-        )
-        .expect("write token file");
-
-        let (etcd_port, peer_port, port) = (free_port(), free_port(), free_port());
-        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let etcd = spawn_logged(
-            Command::new(etcd_binary())
-                .arg("--name=test")
-                .arg(format!("--data-dir={}", dir.join("etcd").display()))
-                .arg(format!("--listen-client-urls={etcd_url}"))
-                .arg(format!("--advertise-client-urls={etcd_url}"))
-                .arg(format!("--listen-peer-urls={peer_url}"))
-                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-                .arg(format!("--initial-cluster=test={peer_url}"))
-                .arg("--logger=zap")
-                .arg("--log-level=warn"),
-            &dir.join("etcd.log"),
-        );
-
-        let p = |name: &str| certs.join(name).into_os_string();
-        let mut apiserver_args: Vec<OsString> = vec![
-            format!("--etcd-servers={etcd_url}").into(),
-            "--bind-address=127.0.0.1".into(),
-            format!("--secure-port={port}").into(),
-            "--insecure-port=0".into(),
-            format!("--advertise-address={ADVERTISE}").into(),
-            format!("--service-cluster-ip-range={SERVICE_RANGE}").into(),
-            format!("--cert-dir={}", certs.display()).into(),
-        ];
-        for (flag, file) in [
-            ("--tls-cert-file", "server.crt"),
-            ("--tls-private-key-file", "server.key"),
-            ("--service-account-key-file", "sa.pub"),
-            ("--service-account-signing-key-file", "sa.key"),
-        ] {
-            let mut arg = OsString::from(format!("{flag}="));
-            arg.push(p(file));
-            apiserver_args.push(arg);
-        }
-        apiserver_args.extend(
-            [
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                "--api-audiences=https://kubernetes.default.svc.cluster.local",
-                "--authorization-mode=RBAC",
-                // No controller-manager creates the default ServiceAccounts pods would need.
-                "--disable-admission-plugins=ServiceAccount",
-                // No endpoints for the `kubernetes` Service: nothing routes to it anyway.
-                "--endpoint-reconciler-type=none",
-                // The install DaemonSet asks for capabilities; `privileged` needs this too.
-                "--allow-privileged=true",
-                "--anonymous-auth=false",
-                "--profiling=false",
-            ]
-            .map(OsString::from),
-        );
-        apiserver_args.push(format!("--token-auth-file={}", dir.join("tokens.csv").display()).into());
-
+        let sa_user = write_token_file(&dir.join("tokens.csv"), &admin_token, &sa_token, service_account);
+        let (etcd, etcd_url) = start_etcd(&dir);
+        let port = free_port();
+        let apiserver_args = apiserver_args(&etcd_url, port, &certs, &dir.join("tokens.csv"));
         let mut server = Self {
             ca_file: certs.join("ca.crt"),
             admin_kubeconfig: dir.join("admin.kubeconfig"),
@@ -220,6 +236,7 @@ impl ApiServer {
         server.start_apiserver();
         server
     }
+
 
     pub fn kubectl_path(&self) -> PathBuf {
         self.bin.join("kubectl")

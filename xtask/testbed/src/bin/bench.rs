@@ -1,19 +1,22 @@
 //! The benchmarks behind `cargo xtask bench`: the classifier's per-packet cost through
 //! BPF_PROG_TEST_RUN, UDP floods and TCP throughput over veths side by side with iptables,
 //! ipset and nftables, and the control plane (compile time and memory, time to enforcement,
-//! agent memory). Writes REPORT.md, results.json and SVG plots. Root only.
+//! agent memory). Writes REPORT.md, summary.json (medians) and SVG plots to `--out`, and
+//! every raw sample to `--raw`/results.json. Root only.
 //!
-//! Usage: bench --agent PATH [--quick] [--out DIR] [--only datapath,flood,control]
+//! Usage: bench --agent PATH [--quick] [--out DIR] [--raw DIR] [--only datapath,flood,control]
+//!        bench report RESULTS_JSON DIR             (rewrite the report in DIR from raw results)
 //!        bench compile-child PODS POLICIES RUNS   (internal: one compile in a child)
 
 use std::{path::PathBuf, process::ExitCode, time::{Duration, Instant}};
 
-use policy_agent::testbed::bench::{self, control, datapath, flood, log, report};
+use testbed::bench::{self, control, datapath, flood, log, report};
 
 struct Args {
     agent: PathBuf,
     quick: bool,
     out: PathBuf,
+    raw: PathBuf,
     only: Option<Vec<String>>,
 }
 
@@ -21,6 +24,7 @@ fn parse_args() -> Result<Args, String> {
     let mut agent = None;
     let mut quick = false;
     let mut out = PathBuf::from("bench");
+    let mut raw = PathBuf::from("target/bench");
     let mut only = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -28,19 +32,20 @@ fn parse_args() -> Result<Args, String> {
             "--agent" => agent = args.next().map(PathBuf::from),
             "--quick" => quick = true,
             "--out" => out = args.next().map(PathBuf::from).ok_or("--out DIR")?,
+            "--raw" => raw = args.next().map(PathBuf::from).ok_or("--raw DIR")?,
             "--only" => only = Some(args.next().ok_or("--only LIST")?.split(',').map(str::to_owned).collect()),
             other => return Err(format!("unknown argument {other}")),
         }
     }
     let agent = match agent {
         Some(a) => a,
-        // target/release/examples/bench -> target/release/policy-agent
-        None => std::env::current_exe().map_err(|e| e.to_string())?.parent().and_then(|p| p.parent()).ok_or("no agent")?.join("policy-agent"),
+        // target/release/bench -> target/release/policy-agent
+        None => std::env::current_exe().map_err(|e| e.to_string())?.parent().ok_or("no agent")?.join("policy-agent"),
     };
     if !agent.is_file() {
         return Err(format!("agent binary {} not found (--agent PATH)", agent.display()));
     }
-    Ok(Args { agent, quick, out, only })
+    Ok(Args { agent, quick, out, raw, only })
 }
 
 /// Runs one part; a panic (its namespaces and mounts are removed by their drop guards while
@@ -64,6 +69,9 @@ fn main() -> ExitCode {
         control::compile_child(n(2), n(3), n(4));
         return ExitCode::SUCCESS;
     }
+    if argv.get(1).map(String::as_str) == Some("report") {
+        return report_from(argv.get(2..4).unwrap_or_default());
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -79,7 +87,7 @@ fn main() -> ExitCode {
     let mut results = report::Results { quick: q, machine, ..report::Results::default() };
 
     if wants("datapath") {
-        let bpffs = policy_agent::testbed::Bpffs::new("tr");
+        let bpffs = testbed::Bpffs::new("tr");
         let settings = datapath::Settings {
             sizes: vec![10, 100, 1_000, 10_000, 100_000],
             repeat: if q { 100_000 } else { 1_000_000 },
@@ -108,7 +116,7 @@ fn main() -> ExitCode {
         results.rss = guarded(&mut results.failures, "agent memory", || control::rss(&args.agent, 10_000, 1_000, Duration::from_secs(if q { 2 } else { 10 })));
     }
     results.run_secs = started.elapsed().as_secs_f64();
-    match report::write(&results, &args.out) {
+    match report::write(&results, &args.out, &args.raw) {
         Ok(files) => {
             for f in files {
                 log(format!("wrote {}", f.display()));
@@ -118,6 +126,30 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("bench: writing the report: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `report RESULTS_JSON DIR`: REPORT.md, summary.json and the SVGs from the raw results of
+/// an earlier run (after a change to the report's wording, say).
+fn report_from(args: &[String]) -> ExitCode {
+    let [raw, dir] = args else {
+        eprintln!("bench: report RESULTS_JSON DIR");
+        return ExitCode::from(2);
+    };
+    let results: Result<report::Results, String> = std::fs::read_to_string(raw)
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()));
+    match results.and_then(|r| report::write_report(&r, std::path::Path::new(dir)).map_err(|e| e.to_string())) {
+        Ok(files) => {
+            for f in files {
+                log(format!("wrote {}", f.display()));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bench: {raw}: {e}");
             ExitCode::FAILURE
         }
     }

@@ -1,4 +1,4 @@
-//! The pieces of `cargo xtask bench` (`examples/bench.rs`): BPF_PROG_TEST_RUN timing of the
+//! The pieces of `cargo xtask bench` (`src/bin/bench.rs`): BPF_PROG_TEST_RUN timing of the
 //! classifier, UDP floods and TCP throughput over veths next to iptables, ipset and nftables,
 //! control-plane timings, and the report (Markdown, JSON, SVG). Needs root.
 
