@@ -71,6 +71,10 @@ pub struct RunArgs {
     /// Capacity of the conntrack map (tracked flows of all local pods).
     #[arg(long, default_value_t = policy_common::conntrack::MAX_ENTRIES)]
     pub conntrack_size: u32,
+    /// The most pods this node runs (kubelet's `--max-pods`, 110 by default). Each local pod
+    /// may hold `conntrack-size / max-pods` tracked flows, so no pod can take another's room.
+    #[arg(long, default_value_t = policy_common::conntrack::DEFAULT_MAX_PODS)]
+    pub max_pods: u32,
     /// Full resync period (interfaces that appeared, retries).
     #[arg(long, default_value = "1000", value_name = "MS")]
     pub resync_ms: u64,
@@ -97,7 +101,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         datapath.spawn_ebpf_logger()?;
         flags |= policy_common::event::CONFIG_DEBUG_LOG;
     }
-    let config = Config { flags, events_per_sec: args.flow_log_rate };
+    let config = Config { flags, events_per_sec: args.flow_log_rate, ct_budget: crate::conntrack::budget(args.conntrack_size, args.max_pods), _pad: 0 };
     syncer
         .maps_mut()
         .config
@@ -144,11 +148,19 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let resync = Duration::from_millis(args.resync_ms.max(50));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| AgentError::Syscall { what: "install the SIGTERM handler".into(), source })?;
+    let mut last_sweep = std::time::Instant::now();
     loop {
         if let Some((addr, _)) = servers.iter().find(|(_, server)| server.is_finished()) {
             return Err(AgentError::ServerStopped { addr: addr.clone() });
         }
         agent.reconcile(&source);
+        if last_sweep.elapsed() >= CONNTRACK_SWEEP {
+            last_sweep = std::time::Instant::now();
+            match agent.syncer.sweep_conntrack() {
+                Ok(removed) => tracing::debug!(removed, "conntrack sweep"),
+                Err(error) => tracing::warn!(%error, "conntrack sweep"),
+            }
+        }
         tokio::select! {
             () = source.changed() => {}
             () = tokio::time::sleep(resync) => {}
@@ -171,6 +183,10 @@ async fn start_servers(args: &RunArgs, view: &SharedView, pins: &PinLayout) -> R
     }
     Ok(servers)
 }
+
+/// How often expired flows are taken out of the conntrack table, freeing their endpoints'
+/// budgets (the shortest lifetime, after a FIN or RST, is 10 s).
+const CONNTRACK_SWEEP: Duration = Duration::from_secs(5);
 
 struct Agent {
     node: String,

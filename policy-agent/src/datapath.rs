@@ -18,7 +18,7 @@ use aya::{
 };
 use policy_common::{
     Direction,
-    conntrack::{CtKey, CtValue},
+    conntrack::{CtKey, CtReleased, CtUsage, CtValue},
     counters::Counter,
     endpoint::{EndpointInfo, EndpointKey},
     event::Config,
@@ -48,10 +48,14 @@ pub mod map_name {
     pub const FRAGMENTS: &str = "FRAGMENTS_V1";
     pub const COUNTERS: &str = "COUNTERS_V1";
     pub const EVENTS: &str = "EVENTS_V1";
-    pub const CONFIG: &str = "CONFIG_V1";
+    pub const CONFIG: &str = "CONFIG_V2";
     pub const EVENT_RATE: &str = "EVENT_RATE_V1";
-    pub const ALL: [&str; 11] =
-        [ADDRESSES, PREFIXES, ENDPOINTS, POLICY, PORT_RANGES, CONNTRACK, FRAGMENTS, COUNTERS, EVENTS, CONFIG, EVENT_RATE];
+    pub const CT_USAGE: &str = "CT_USAGE_V1";
+    pub const CT_RELEASED: &str = "CT_RELEASED_V1";
+    pub const ALL: [&str; 13] = [
+        ADDRESSES, PREFIXES, ENDPOINTS, POLICY, PORT_RANGES, CONNTRACK, FRAGMENTS, COUNTERS, EVENTS, CONFIG, EVENT_RATE, CT_USAGE,
+        CT_RELEASED,
+    ];
 }
 
 /// The two attachment points on a pod's host-side veth.
@@ -402,6 +406,8 @@ pub struct Maps {
     pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
     pub port_ranges: LpmTrie<MapData, PolicyKey, PolicyValue>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub ct_usage: Array<MapData, CtUsage>,
+    pub ct_released: Array<MapData, CtReleased>,
     pub counters: PerCpuArray<MapData, Counter>,
     pub config: Array<MapData, Config>,
     pub events: RingBuf<MapData>,
@@ -429,6 +435,8 @@ impl Maps {
             policy: typed(take(map_name::POLICY)?, map_name::POLICY)?,
             port_ranges: typed(take(map_name::PORT_RANGES)?, map_name::PORT_RANGES)?,
             conntrack: typed(take(map_name::CONNTRACK)?, map_name::CONNTRACK)?,
+            ct_usage: typed(take(map_name::CT_USAGE)?, map_name::CT_USAGE)?,
+            ct_released: typed(take(map_name::CT_RELEASED)?, map_name::CT_RELEASED)?,
             counters: typed(take(map_name::COUNTERS)?, map_name::COUNTERS)?,
             config: typed(take(map_name::CONFIG)?, map_name::CONFIG)?,
             events: typed(take(map_name::EVENTS)?, map_name::EVENTS)?,

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod compile;
+pub mod conntrack;
 pub mod datapath;
 pub mod error;
 pub mod explain;

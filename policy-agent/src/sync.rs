@@ -47,9 +47,16 @@ impl MapWriter for Maps {
         Maps::write(self, op).map(|_| ()).map_err(|(map, error)| map_error(map, op, error))
     }
 
+    /// Credits the removed flows back to the endpoint's conntrack budget, so a pod that later
+    /// gets the id (and perhaps the address) inherits no flows and a full budget.
     fn flush_conntrack(&mut self, id: u32) -> usize {
-        let stale: Vec<_> = self.conntrack.keys().filter_map(Result::ok).filter(|k| k.endpoint == id).collect();
-        stale.iter().filter(|k| self.conntrack.remove(k).is_ok()).count()
+        match crate::conntrack::flush_endpoint(self, id) {
+            Ok(n) => n as usize,
+            Err(error) => {
+                tracing::warn!(%error, endpoint = id, "conntrack flush");
+                0
+            }
+        }
     }
 }
 
@@ -65,6 +72,11 @@ impl Syncer<Maps> {
     pub fn adopt(maps: Maps) -> Result<Self, AgentError> {
         let loaded = maps.read()?;
         Ok(Self::with_loaded(maps, loaded))
+    }
+
+    /// Takes expired flows out of the conntrack table (the agent loop calls it periodically).
+    pub fn sweep_conntrack(&mut self) -> Result<u64, AgentError> {
+        crate::conntrack::sweep_expired(&mut self.maps)
     }
 }
 

@@ -26,12 +26,13 @@ use policy_common::{
     proto,
 };
 use testbed::{
-    Bpffs, Node,
-    packet::{ACK, FIN, Frame, L4, SYN, arp},
+    Bpffs, Netns, Node,
+    packet::{ACK, FIN, Frame, L4, RST, SYN, arp, arp_from},
     probe::{SctpSink, Servers, sctp_send_init, tcp_ok, udp_ok},
 };
 
-const TC_ACT_OK: u32 = 0;
+/// A pass hands the packet to the next program of the TCX chain (TCX_NEXT, -1).
+const TC_ACT_OK: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 
 /// BPF_PROG_TEST_RUN runs on the loopback device, so the endpoint is ifindex 1.
@@ -42,9 +43,14 @@ const PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 20);
 const OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 30);
 const POD6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0x10);
 const PEER6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0x20);
+/// One of the node's addresses (identity HOST), and a link-local one.
+const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 1);
+const LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 const PEER_ID: u32 = 1000;
 const OTHER_ID: u32 = 1001;
 const COOKIE: u32 = 4242;
+/// Tracked flows per endpoint in the fixture.
+const CT_BUDGET: u32 = 64;
 
 fn v4(a: Ipv4Addr) -> IpAddr {
     IpAddr::V4(a)
@@ -61,6 +67,8 @@ struct Fixture {
     /// the compiler's render does).
     flags: u32,
     lookups: [u8; 2],
+    /// The endpoint's revision, as written last.
+    revision: u32,
     _bpffs: Bpffs,
 }
 
@@ -69,11 +77,11 @@ impl Fixture {
         let bpffs = Bpffs::new("dp");
         let mut datapath = Datapath::load(PinLayout::new(&bpffs.path)).expect("load classifier");
         let mut maps = datapath.take_maps().expect("maps");
-        maps.config.set(0, Config { flags: CONFIG_EVENTS_DENIED | CONFIG_EVENTS_ALLOWED, events_per_sec: 1000 }, 0).expect("config");
-        for (addr, id) in [(v4(PEER), PEER_ID), (v4(OTHER), OTHER_ID), (v6(PEER6), PEER_ID)] {
+        maps.config.set(0, Config { flags: CONFIG_EVENTS_DENIED | CONFIG_EVENTS_ALLOWED, events_per_sec: 1000, ct_budget: CT_BUDGET, _pad: 0 }, 0).expect("config");
+        for (addr, id) in [(v4(PEER), PEER_ID), (v4(OTHER), OTHER_ID), (v6(PEER6), PEER_ID), (v6(NODE6), identity::HOST)] {
             insert_identity(&mut maps, addr, if addr.is_ipv4() { 32 } else { 128 }, id);
         }
-        Self { datapath, maps, flags: 0, lookups: [0; 2], _bpffs: bpffs }
+        Self { datapath, maps, flags: 0, lookups: [0; 2], revision: 0, _bpffs: bpffs }
     }
 
     fn endpoint(&mut self, flags: u32) {
@@ -85,9 +93,22 @@ impl Fixture {
             ipv6: POD6.octets(),
             lookups: self.lookups,
             _pad: [0; 2],
-            revision: 0,
+            revision: self.revision,
         };
         self.maps.endpoints.insert(EndpointKey { ifindex: LO }, info, 0).expect("endpoint");
+    }
+
+    /// Rewrites the endpoint with flags and a new revision, as the agent does after any
+    /// change that could alter a verdict.
+    fn new_revision(&mut self, flags: u32) {
+        self.revision += 1;
+        self.endpoint(flags);
+    }
+
+    /// Removes an exact-port allow entry (the agent's write) without touching the endpoint.
+    fn revoke(&mut self, peer: u32, direction: Direction, protocol: u8, port: u16) {
+        let key = PolicyKey::new(ENDPOINT, peer, direction, protocol, port);
+        self.maps.write(&MapOp::PolicyRemove { prefix_len: PREFIX_FULL, key }).expect("policy removal");
     }
 
     /// Writes an allow entry the way the agent does (through `Maps::write`).
@@ -113,6 +134,17 @@ impl Fixture {
         }
     }
 
+    /// Runs the frame as if it had come in on interface `ingress_ifindex` (0: sent by the
+    /// node itself).
+    fn run_from(&self, hook: Hook, frame: &[u8], ingress_ifindex: u32) -> u32 {
+        // `struct __sk_buff` up to `ifindex`: TEST_RUN takes a prefix, `ingress_ifindex` at 36.
+        let mut ctx = [0u8; 44];
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        let program = self.datapath.program(hook).expect("program");
+        let opts = TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), ..TestRunOptions::default() };
+        program.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    }
+
     fn run(&self, hook: Hook, frame: &[u8]) -> u32 {
         let program = self.datapath.program(hook).expect("program");
         let opts = TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() };
@@ -133,6 +165,19 @@ impl Fixture {
 
     fn conntrack_len(&self) -> usize {
         self.maps.conntrack.keys().count()
+    }
+
+    /// Tracked flows of one endpoint id.
+    fn conntrack_of(&self, endpoint: u32) -> usize {
+        self.maps.conntrack.keys().filter_map(Result::ok).filter(|k| k.endpoint == endpoint).count()
+    }
+
+    /// The same interface as another endpoint id (TEST_RUN always runs on one interface).
+    fn endpoint_id(&mut self, id: u32, flags: u32) {
+        self.endpoint(flags);
+        let mut info = self.maps.endpoints.get(&EndpointKey { ifindex: LO }, 0).expect("endpoint");
+        info.id = id;
+        self.maps.endpoints.insert(EndpointKey { ifindex: LO }, info, 0).expect("endpoint");
     }
 }
 
@@ -274,7 +319,7 @@ fn ipv6_with_extension_headers() {
 
 #[test]
 #[ignore = "privileged: run by cargo xtask test"]
-fn truncated_headers_fail_closed_only_where_isolated() {
+fn truncated_headers_fail_closed_where_isolated_and_leaving_any_pod() {
     let mut f = Fixture::new();
     f.endpoint(FLAG_INGRESS_ISOLATED);
     f.allow(identity::ANY, Direction::Ingress, None, None);
@@ -284,10 +329,12 @@ fn truncated_headers_fail_closed_only_where_isolated() {
     assert_eq!(f.counted(ENDPOINT, Reason::DropMalformed), 1);
     let mut out = Frame::tcp(v4(POD), 80, v4(PEER), 40000, SYN);
     out.truncate = Some(14 + 20 + 10);
-    assert_eq!(f.run(Hook::FromPod, &out.build()), TC_ACT_OK, "egress is not isolated: untouched");
+    assert_eq!(f.run(Hook::FromPod, &out.build()), TC_ACT_SHOT, "leaving the pod: its source cannot be verified");
     let mut udp = Frame::udp(v6(PEER6), 1, v6(POD6), 53);
     udp.truncate = Some(14 + 40 + 4);
     assert_eq!(f.run(Hook::ToPod, &udp.build()), TC_ACT_SHOT, "cut UDP header over IPv6");
+    f.endpoint(FLAG_EGRESS_ISOLATED);
+    assert_eq!(f.run(Hook::ToPod, &frame.build()), TC_ACT_OK, "entering, ingress not isolated: untouched");
 }
 
 #[test]
@@ -346,12 +393,13 @@ fn spoofed_source_is_dropped() {
 
 #[test]
 #[ignore = "privileged: run by cargo xtask test"]
-fn non_ip_and_neighbour_discovery_pass() {
+fn arp_and_neighbour_discovery_pass() {
     let mut f = Fixture::new();
     f.endpoint(FLAG_INGRESS_ISOLATED | FLAG_EGRESS_ISOLATED);
     assert_eq!(f.run(Hook::ToPod, &arp()), TC_ACT_OK);
-    assert_eq!(f.run(Hook::FromPod, &arp()), TC_ACT_OK);
-    let solicit = Frame::new(v6(PEER6), v6(POD6), L4::Icmp { kind: 135, code: 0, id: 0 });
+    assert_eq!(f.run(Hook::FromPod, &arp_from(POD)), TC_ACT_OK);
+    let mut solicit = Frame::new(v6(LINK_LOCAL), v6(POD6), L4::Icmp { kind: 135, code: 0, id: 0 });
+    solicit.hop_limit = 255;
     assert_eq!(f.run(Hook::ToPod, &solicit.build()), TC_ACT_OK);
     assert_eq!(f.counted(ENDPOINT, Reason::PassNonIp), 3);
 }
@@ -361,14 +409,13 @@ fn non_ip_and_neighbour_discovery_pass() {
 fn non_isolated_pod_is_untouched() {
     let mut f = Fixture::new();
     f.endpoint(0);
-    for hook in Hook::BOTH {
-        assert_eq!(f.run(hook, &Frame::tcp(v4(OTHER), 1, v4(POD), 80, SYN).build()), TC_ACT_OK);
-        let mut cut = Frame::tcp(v4(OTHER), 1, v4(POD), 80, SYN);
-        cut.truncate = Some(14 + 20 + 10);
-        assert_eq!(f.run(hook, &cut.build()), TC_ACT_OK);
-    }
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(OTHER), 1, v4(POD), 80, SYN).build()), TC_ACT_OK);
+    assert_eq!(f.run(Hook::FromPod, &Frame::tcp(v4(POD), 80, v4(OTHER), 1, SYN | ACK).build()), TC_ACT_OK);
+    let mut cut = Frame::tcp(v4(OTHER), 1, v4(POD), 80, SYN);
+    cut.truncate = Some(14 + 20 + 10);
+    assert_eq!(f.run(Hook::ToPod, &cut.build()), TC_ACT_OK, "entering: nothing to judge");
     assert_eq!(f.conntrack_len(), 0, "nothing is tracked for a pod with no isolation");
-    assert_eq!(f.counted(ENDPOINT, Reason::PassNotIsolated), 4);
+    assert_eq!(f.counted(ENDPOINT, Reason::PassNotIsolated), 3);
 }
 
 #[test]
@@ -454,22 +501,29 @@ struct Cluster {
     maps: Maps,
     /// Flags and lookup masks of each pod's endpoint, as written last.
     endpoints: std::collections::BTreeMap<&'static str, (u32, u32, [u8; 2])>,
+    /// Every endpoint write is a new revision, as the agent's are.
+    revision: u32,
 }
 
 const A4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 1);
 const B4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 2);
 const A6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 10, 0, 0, 0, 1);
 const B6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 10, 0, 0, 0, 2);
+const C4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 3);
+const C6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 10, 0, 0, 0, 3);
 const A_ID: u32 = 3000;
 const B_ID: u32 = 3001;
+const C_ID: u32 = 3002;
 const A_EP: u32 = 1;
 const B_EP: u32 = 2;
+const C_EP: u32 = 3;
 
 impl Cluster {
     fn new() -> Self {
         let mut node = Node::new("dpn");
         node.add_pod("a", A4, A6);
         node.add_pod("b", B4, B6);
+        node.add_pod("c", C4, C6);
         let bpffs = Bpffs::new("dpn");
         for pod in &node.pods {
             let out = node.ns.exec(&[env!("CARGO_BIN_EXE_policy-agent"), "attach", "--iface", &pod.host_if, "--bpffs", bpffs.path.to_str().expect("utf-8")]);
@@ -477,18 +531,21 @@ impl Cluster {
             assert!(text.contains("attached from_pod") && text.contains("attached to_pod"), "{text}");
         }
         let mut maps = Maps::open_pinned(&PinLayout::new(&bpffs.path)).expect("pinned maps");
-        for (addr, bits, id) in [(v4(A4), 32, A_ID), (v4(B4), 32, B_ID), (v6(A6), 128, A_ID), (v6(B6), 128, B_ID)] {
+        let addresses = [(v4(A4), A_ID), (v4(B4), B_ID), (v4(C4), C_ID), (v6(A6), A_ID), (v6(B6), B_ID), (v6(C6), C_ID)];
+        for (addr, bits, id) in addresses.map(|(a, id)| (a, if a.is_ipv4() { 32 } else { 128 }, id)) {
             insert_identity(&mut maps, addr, bits, id);
         }
-        let mut cluster = Self { node, bpffs, maps, endpoints: std::collections::BTreeMap::new() };
+        let mut cluster = Self { node, bpffs, maps, endpoints: std::collections::BTreeMap::new(), revision: 0 };
         cluster.endpoint("a", A_EP, 0);
         cluster.endpoint("b", B_EP, 0);
+        cluster.endpoint("c", C_EP, 0);
         cluster
     }
 
     fn endpoint(&mut self, pod: &'static str, id: u32, flags: u32) {
         let lookups = self.endpoints.get(pod).map_or([0; 2], |e| e.2);
         self.endpoints.insert(pod, (id, flags, lookups));
+        self.revision += 1;
         let p = self.node.pod(pod);
         let ifindex = self.node.ns.ifindex(&p.host_if);
         let info = EndpointInfo {
@@ -498,9 +555,24 @@ impl Cluster {
             ipv6: p.ipv6.octets(),
             lookups,
             _pad: [0; 2],
-            revision: 0,
+            revision: self.revision,
         };
         self.maps.endpoints.insert(EndpointKey { ifindex }, info, 0).expect("endpoint");
+    }
+
+    /// Takes the pod out of enforcement (as if no agent managed it): the control case of the
+    /// attack tests, which proves the test would see the frame get through.
+    fn unmanage(&mut self, pod: &str) {
+        let ifindex = self.node.ns.ifindex(&self.node.pod(pod).host_if);
+        self.maps.endpoints.remove(&EndpointKey { ifindex }).expect("endpoint removal");
+    }
+
+    /// Removes an exact-port allow entry of `pod` and writes its endpoint under a new revision.
+    fn revoke(&mut self, pod: &'static str, peer: u32, direction: Direction, protocol: u8, port: u16) {
+        let (id, flags, _) = self.endpoints[pod];
+        let key = PolicyKey::new(id, peer, direction, protocol, port);
+        self.maps.write(&MapOp::PolicyRemove { prefix_len: PREFIX_FULL, key }).expect("policy removal");
+        self.endpoint(pod, id, flags);
     }
 
     fn allow(&mut self, pod: &'static str, peer: u32, direction: Direction, protocol: u8, port: u16) {
@@ -544,7 +616,7 @@ fn real_tcp_and_udp_between_pods_follow_the_maps() {
     c.endpoint("b", B_EP, 0);
     let a = &c.node.pod("a").ns;
     assert!(tcp_ok(a, c.target("b", false, 81), PROBE_TIMEOUT));
-    assert_eq!(c.bpffs.path.join("links").read_dir().map(|d| d.count()).unwrap_or(0), 4, "two pinned links per pod");
+    assert_eq!(c.bpffs.path.join("links").read_dir().map(|d| d.count()).unwrap_or(0), 6, "two pinned links per pod");
 }
 
 #[test]
@@ -563,4 +635,695 @@ fn sctp_over_raw_sockets_follows_the_maps() {
         let ports = sink.ports();
         assert_eq!(ports, vec![80], "only the allowed SCTP port arrives; a TCP entry does not admit SCTP (v6={v6})");
     }
+}
+
+// --- What an attacker in a pod with CAP_NET_RAW tries (issue 12) -------------------------
+// Each test first shows its control: the same kind of frame passes where it is legitimate.
+
+/// Appends `extra` payload bytes and fixes the IP length fields (and the IPv4 checksum).
+fn grow(mut frame: Vec<u8>, extra: usize) -> Vec<u8> {
+    frame.resize(frame.len() + extra, 0xab);
+    set_ip_len(&mut frame, None);
+    frame
+}
+
+/// Sets the IP length field to `len` (IPv4 total length, IPv6 payload length), or to what
+/// the frame holds.
+fn set_ip_len(frame: &mut [u8], len: Option<usize>) {
+    if frame[12..14] == [0x86, 0xdd] {
+        let len = len.unwrap_or(frame.len() - 14 - 40) as u16;
+        frame[18..20].copy_from_slice(&len.to_be_bytes());
+    } else {
+        let len = len.unwrap_or(frame.len() - 14) as u16;
+        frame[16..18].copy_from_slice(&len.to_be_bytes());
+    }
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn vlan_tagged_frames_are_dropped_on_every_pod() {
+    let mut f = Fixture::new();
+    for flags in [0, FLAG_EGRESS_ISOLATED] {
+        f.endpoint(flags);
+        f.allow(identity::ANY, Direction::Egress, None, None);
+        let plain = Frame::udp(v4(POD), 40000, v4(PEER), 53);
+        assert_eq!(f.run(Hook::FromPod, &plain.build()), TC_ACT_OK, "control: untagged");
+        for tags in [vec![0x8100], vec![0x88a8, 0x8100], vec![0x8100, 0x8100], vec![0x9100]] {
+            for v6 in [false, true] {
+                let mut tagged = if v6 { Frame::udp(self::v6(POD6), 40000, self::v6(PEER6), 53) } else { plain.clone() };
+                tagged.vlan_tags = tags.clone();
+                assert_eq!(f.run(Hook::FromPod, &tagged.build()), TC_ACT_SHOT, "{tags:x?} v6={v6} flags={flags}");
+                assert_eq!(f.run(Hook::ToPod, &tagged.build()), TC_ACT_SHOT, "{tags:x?} v6={v6} flags={flags}");
+            }
+        }
+    }
+    assert_eq!(f.counted(ENDPOINT, Reason::DropFrame), 32);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn only_ip_and_arp_with_the_pods_sender_pass() {
+    let mut f = Fixture::new();
+    f.endpoint(0);
+    assert_eq!(f.run(Hook::FromPod, &arp_from(POD)), TC_ACT_OK, "control: the pod's own ARP");
+    assert_eq!(f.run(Hook::FromPod, &arp_from(Ipv4Addr::UNSPECIFIED)), TC_ACT_OK, "an ARP probe");
+    assert_eq!(f.run(Hook::FromPod, &arp_from(PEER)), TC_ACT_SHOT, "ARP claiming another pod's address");
+    assert_eq!(f.run(Hook::ToPod, &arp_from(PEER)), TC_ACT_OK, "ARP towards the pod");
+    let mut not_ipv4 = arp_from(POD);
+    not_ipv4[16..18].copy_from_slice(&[0x86, 0xdd]);
+    assert_eq!(f.run(Hook::FromPod, &not_ipv4), TC_ACT_SHOT, "ARP for another protocol");
+    for ethertype in [[0x88, 0xcc], [0x80, 0x35], [0x08, 0x42], [0x88, 0x8e], [0x00, 0x20]] {
+        let mut frame = Frame::udp(v4(POD), 1, v4(PEER), 53).build();
+        frame[12..14].copy_from_slice(&ethertype);
+        for hook in Hook::BOTH {
+            assert_eq!(f.run(hook, &frame), TC_ACT_SHOT, "EtherType {ethertype:x?}");
+        }
+    }
+    assert_eq!(f.counted(ENDPOINT, Reason::DropFrame), 2 + 10);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn forged_icmp_errors_are_not_related() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED | FLAG_EGRESS_ISOLATED);
+    f.allow(PEER_ID, Direction::Egress, Some(proto::UDP), Some(53));
+    assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 40000, v4(PEER), 53).build()), TC_ACT_OK);
+    let sent = Frame::udp(v4(POD), 40000, v4(PEER), 53);
+    let got = Frame::udp(v4(PEER), 53, v4(POD), 40000);
+    let error = |src, dst, kind, quoted: &Frame| Frame::new(v4(src), v4(dst), L4::IcmpError { kind, inner: Box::new(quoted.clone()) });
+    // Controls: the peer reports the pod's datagram unreachable; the pod reports the peer's.
+    assert_eq!(f.run(Hook::ToPod, &error(PEER, POD, 3, &sent).build()), TC_ACT_OK, "control: from the flow's peer");
+    assert_eq!(f.run(Hook::FromPod, &error(POD, PEER, 3, &got).build()), TC_ACT_OK, "control: to the flow's peer");
+    assert_eq!(f.counted(ENDPOINT, Reason::PassReply), 2);
+    // Exfiltration: an error quoting the tracked flow, sent to another host.
+    assert_eq!(f.run(Hook::FromPod, &error(POD, OTHER, 3, &got).build()), TC_ACT_SHOT, "to a host off the flow");
+    // Injection: from a host that is not the flow's peer.
+    assert_eq!(f.run(Hook::ToPod, &error(OTHER, POD, 3, &sent).build()), TC_ACT_SHOT, "from a host off the flow");
+    // Size: an error is at most 576 bytes; a payload channel is not.
+    let big = grow(error(PEER, POD, 3, &sent).build(), 600);
+    assert_eq!(f.run(Hook::ToPod, &big), TC_ACT_SHOT, "an oversized error");
+    // Redirects are never legitimate on a pod's link.
+    assert_eq!(f.run(Hook::ToPod, &error(PEER, POD, 5, &sent).build()), TC_ACT_SHOT, "an ICMP redirect");
+    let redirect6 = Frame::new(v6(LINK_LOCAL), v6(POD6), L4::Icmp { kind: 137, code: 0, id: 0 });
+    assert_eq!(f.run(Hook::ToPod, &redirect6.build()), TC_ACT_SHOT, "an ICMPv6 redirect");
+    assert_eq!(f.counted(ENDPOINT, Reason::DropPolicy), 2);
+    assert_eq!(f.counted(ENDPOINT, Reason::DropFrame), 3);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn the_node_may_report_errors_for_a_flow() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED | FLAG_EGRESS_ISOLATED);
+    f.allow(PEER_ID, Direction::Egress, Some(proto::UDP), Some(53));
+    let sent = Frame::udp(v6(POD6), 40000, v6(PEER6), 53);
+    assert_eq!(f.run(Hook::FromPod, &sent.build()), TC_ACT_OK);
+    let too_big = Frame::new(v6(NODE6), v6(POD6), L4::IcmpError { kind: 2, inner: Box::new(sent.clone()) });
+    assert_eq!(f.run(Hook::ToPod, &too_big.build()), TC_ACT_OK, "packet too big from the node");
+    let forged = Frame::new(v6(PEER6), v6(POD6), L4::IcmpError { kind: 1, inner: Box::new(Frame::udp(v6(POD6), 40001, v6(PEER6), 53)) });
+    assert_eq!(f.run(Hook::ToPod, &forged.build()), TC_ACT_SHOT, "quoting an untracked flow");
+    assert_eq!(f.run(Hook::ToPod, &grow(too_big.build(), 1300)), TC_ACT_SHOT, "over 1280 bytes");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn neighbour_discovery_and_mld_keep_to_the_link() {
+    let mut f = Fixture::new();
+    f.endpoint(0);
+    let nd = |src, dst, kind, hop_limit| {
+        let mut frame = Frame::new(v6(src), v6(dst), L4::Icmp { kind, code: 0, id: 0 });
+        frame.hop_limit = hop_limit;
+        frame.build()
+    };
+    let solicited = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 0x20);
+    let mld_reports = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16);
+    // Controls: what a pod's stack really sends and receives.
+    for (hook, frame) in [
+        (Hook::FromPod, nd(POD6, solicited, 135, 255)),
+        (Hook::FromPod, nd(LINK_LOCAL, LINK_LOCAL, 136, 255)),
+        (Hook::FromPod, nd(POD6, NODE6, 136, 255)),
+        (Hook::FromPod, nd(Ipv6Addr::UNSPECIFIED, solicited, 135, 255)),
+        (Hook::FromPod, nd(LINK_LOCAL, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2), 133, 255)),
+        (Hook::FromPod, nd(LINK_LOCAL, mld_reports, 143, 1)),
+        (Hook::ToPod, nd(LINK_LOCAL, POD6, 135, 255)),
+        (Hook::ToPod, nd(NODE6, POD6, 136, 255)),
+        (Hook::ToPod, nd(LINK_LOCAL, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1), 134, 255)),
+    ] {
+        assert_eq!(f.run(hook, &frame), TC_ACT_OK, "control {hook:?}");
+    }
+    // Around the policy: global addresses, remote peers, wrong hop limits, payload, RAs.
+    for (hook, frame, what) in [
+        (Hook::FromPod, nd(POD6, PEER6, 135, 255), "to a remote peer"),
+        (Hook::FromPod, nd(PEER6, solicited, 135, 255), "from another pod's address"),
+        (Hook::FromPod, nd(LINK_LOCAL, solicited, 135, 64), "hop limit not 255"),
+        (Hook::FromPod, nd(LINK_LOCAL, PEER6, 143, 1), "MLD to a remote peer"),
+        (Hook::FromPod, nd(LINK_LOCAL, mld_reports, 143, 64), "MLD hop limit not 1"),
+        (Hook::FromPod, nd(LINK_LOCAL, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1), 134, 255), "a router advertisement from a pod"),
+        (Hook::FromPod, grow(nd(LINK_LOCAL, solicited, 135, 255), 1400), "kilobytes of payload"),
+        (Hook::ToPod, nd(PEER6, POD6, 136, 255), "from a remote peer"),
+        (Hook::ToPod, nd(LINK_LOCAL, PEER6, 135, 255), "to another pod"),
+    ] {
+        assert_eq!(f.run(hook, &frame), TC_ACT_SHOT, "{what}");
+    }
+    assert_eq!(f.counted(ENDPOINT, Reason::DropFrame), 9);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn pods_without_policy_cannot_spoof_either() {
+    let mut f = Fixture::new();
+    f.endpoint(0);
+    assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 1, v4(OTHER), 80).build()), TC_ACT_OK, "control: own address");
+    assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(PEER), 1, v4(OTHER), 80).build()), TC_ACT_SHOT, "as an allowed peer");
+    assert_eq!(f.run(Hook::FromPod, &Frame::udp(v6(NODE6), 1, v6(PEER6), 80).build()), TC_ACT_SHOT, "as the node");
+    let mut later = Frame::udp(v4(PEER), 1, v4(OTHER), 80);
+    later.fragment = Some((9, false, 10));
+    assert_eq!(f.run(Hook::FromPod, &later.build()), TC_ACT_SHOT, "a later fragment");
+    assert_eq!(f.counted(ENDPOINT, Reason::DropSpoofed), 3);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn only_opening_packets_create_state() {
+    let mut f = Fixture::new();
+    // Egress isolated, nothing allowed; ingress open.
+    f.endpoint(FLAG_EGRESS_ISOLATED);
+    for flags in [SYN | ACK, ACK, RST, FIN | ACK, SYN | FIN] {
+        assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 80, v4(POD), 40000, flags).build()), TC_ACT_OK);
+    }
+    let sctp_data = {
+        let mut frame = Frame::sctp(v4(PEER), 9, v4(POD), 40000).build();
+        frame[14 + 20 + 12] = 0; // a DATA chunk, not INIT
+        frame
+    };
+    assert_eq!(f.run(Hook::ToPod, &sctp_data), TC_ACT_OK);
+    assert_eq!(f.run(Hook::ToPod, &Frame::new(v4(PEER), v4(POD), L4::Icmp { kind: 0, code: 0, id: 7 }).build()), TC_ACT_OK);
+    assert_eq!(f.conntrack_len(), 0, "none of these opens a flow");
+    // So the pod's own SYN is not a reply to anything.
+    assert_eq!(f.run(Hook::FromPod, &Frame::tcp(v4(POD), 40000, v4(PEER), 80, SYN).build()), TC_ACT_SHOT);
+    assert_eq!(f.run(Hook::FromPod, &Frame::sctp(v4(POD), 40000, v4(PEER), 9).build()), TC_ACT_SHOT);
+    assert_eq!(f.run(Hook::FromPod, &Frame::new(v4(POD), v4(PEER), L4::Icmp { kind: 8, code: 0, id: 7 }).build()), TC_ACT_SHOT);
+    // Control: a real SYN from the peer opens a flow, and the pod's SYN-ACK is its reply.
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 81, v4(POD), 40001, SYN).build()), TC_ACT_OK);
+    assert_eq!(f.run(Hook::FromPod, &Frame::tcp(v4(POD), 40001, v4(PEER), 81, SYN | ACK).build()), TC_ACT_OK);
+    assert_eq!(f.conntrack_len(), 1);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn a_new_revision_cuts_revoked_flows_and_keeps_allowed_ones() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED);
+    f.allow(PEER_ID, Direction::Ingress, Some(proto::TCP), Some(80));
+    f.allow(PEER_ID, Direction::Ingress, Some(proto::TCP), Some(81));
+    for port in [80, 81] {
+        assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), port, SYN).build()), TC_ACT_OK);
+    }
+    // Port 81 is revoked; the revision changes.
+    f.revoke(PEER_ID, Direction::Ingress, proto::TCP, 81);
+    f.new_revision(FLAG_INGRESS_ISOLATED);
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 80, ACK).build()), TC_ACT_OK, "still allowed: kept");
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 81, ACK).build()), TC_ACT_SHOT, "revoked: cut");
+    assert_eq!(f.run(Hook::FromPod, &Frame::tcp(v4(POD), 81, v4(PEER), 40000, ACK).build()), TC_ACT_OK, "egress not isolated");
+    assert_eq!(f.conntrack_len(), 1, "the revoked flow is forgotten");
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 80, ACK).build()), TC_ACT_OK);
+    assert_eq!(f.counted(ENDPOINT, Reason::PassEstablished), 2);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn leaving_audit_mode_cuts_what_audit_let_through() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED | FLAG_AUDIT);
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 80, SYN).build()), TC_ACT_OK);
+    assert_eq!(f.counted(ENDPOINT, Reason::PassAudit), 1);
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 80, ACK).build()), TC_ACT_OK, "control: audit keeps it");
+    f.new_revision(FLAG_INGRESS_ISOLATED);
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 80, ACK).build()), TC_ACT_SHOT);
+    assert_eq!(f.conntrack_len(), 0);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn length_fields_must_match_the_frame() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED);
+    f.allow(identity::ANY, Direction::Ingress, None, None);
+    for v6 in [false, true] {
+        let (peer, pod) = if v6 { (self::v6(PEER6), self::v6(POD6)) } else { (v4(PEER), v4(POD)) };
+        let good = Frame::tcp(peer, 40000, pod, 80, SYN);
+        assert_eq!(f.run(Hook::ToPod, &good.build()), TC_ACT_OK, "control v6={v6}");
+        assert_eq!(f.run(Hook::ToPod, &good.padded()), TC_ACT_OK, "control with Ethernet padding v6={v6}");
+        let ip_header = if v6 { 0 } else { 20 };
+        for len in [ip_header + 10, ip_header + 19, ip_header + 21 + 200] {
+            let mut lie = good.build();
+            set_ip_len(&mut lie, Some(len));
+            assert_eq!(f.run(Hook::ToPod, &lie), TC_ACT_SHOT, "length {len} v6={v6}");
+            // Leaving a pod that no policy isolates, too: the source is not trusted then.
+            let mut out = Frame::tcp(pod, 80, peer, 40000, SYN).build();
+            set_ip_len(&mut out, Some(len));
+            assert_eq!(f.run(Hook::FromPod, &out), TC_ACT_SHOT, "leaving, length {len} v6={v6}");
+        }
+    }
+    let mut short_ihl = Frame::tcp(v4(PEER), 40000, v4(POD), 80, SYN).build();
+    set_ip_len(&mut short_ihl, Some(16));
+    assert_eq!(f.run(Hook::ToPod, &short_ihl), TC_ACT_SHOT, "total length below the header");
+    assert_eq!(f.counted(ENDPOINT, Reason::DropMalformed), 13);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn ipv6_header_chains_have_exact_bounds() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED);
+    f.allow(PEER_ID, Direction::Ingress, Some(proto::TCP), Some(443));
+    let mut frame = Frame::tcp(v6(PEER6), 40003, v6(POD6), 443, SYN);
+    frame.ipv6_ext = vec![0, 60, 43, 60, 60, 60];
+    assert_eq!(f.run(Hook::ToPod, &frame.build()), TC_ACT_OK, "six extension headers are read");
+    frame.ipv6_ext = vec![0, 60, 43, 60, 60];
+    frame.fragment = Some((77, true, 0));
+    assert_eq!(f.run(Hook::ToPod, &frame.build()), TC_ACT_OK, "five and a fragment header");
+    frame.ipv6_ext = vec![44, 60];
+    frame.fragment = Some((78, true, 0));
+    assert_eq!(f.run(Hook::ToPod, &frame.build()), TC_ACT_SHOT, "two fragment headers");
+    assert_eq!(f.counted(ENDPOINT, Reason::DropMalformed), 1);
+}
+
+// --- Real frames from a pod with CAP_NET_RAW, over AF_PACKET ------------------------------
+// The attacker is pod a. Each test first sends its frame with a's endpoint removed (or with
+// a policy that allows it) and sees it arrive: the control that proves a leak would show.
+
+/// How long a receiver listens for a frame.
+const FRAME_WAIT: Duration = Duration::from_millis(400);
+
+/// Sends raw Ethernet frames out of the pod's eth0 (to the node's host-side veth MAC).
+fn send_frames(ns: &Netns, frames: Vec<Vec<u8>>) {
+    ns.run(move || {
+        // SAFETY: plain socket calls on a descriptor owned here; buffers outlive each call.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = libc::if_nametoindex(c"eth0".as_ptr()) as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&HOST_MAC);
+            for mut frame in frames {
+                frame[..6].copy_from_slice(&HOST_MAC);
+                let sent = libc::sendto(fd, frame.as_ptr().cast(), frame.len(), 0, (&raw const addr).cast(), size_of::<libc::sockaddr_ll>() as u32);
+                assert_eq!(sent, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+        }
+    });
+}
+
+/// The MAC of every host-side veth in the test bed.
+const HOST_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 1];
+
+/// Counts the frames that arrive on a pod's eth0 carrying `marker`, for `FRAME_WAIT`.
+struct FrameSink(std::thread::JoinHandle<usize>);
+
+impl FrameSink {
+    fn start(ns: &Netns, marker: [u8; 8]) -> Self {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = ns.spawn(move || {
+            // SAFETY: as in `send_frames`; the receive buffer outlives each call.
+            unsafe {
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32);
+                assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+                let timeout = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size_of::<libc::timeval>() as u32);
+                let _ = ready_tx.send(());
+                let deadline = std::time::Instant::now() + FRAME_WAIT;
+                let mut seen = 0;
+                let mut buf = [0u8; 4096];
+                while std::time::Instant::now() < deadline {
+                    let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                    if n > 0 && buf[..n as usize].windows(8).any(|w| w == marker) {
+                        seen += 1;
+                    }
+                }
+                libc::close(fd);
+                seen
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).expect("sink ready");
+        Self(handle)
+    }
+
+    fn count(self) -> usize {
+        self.0.join().expect("sink thread")
+    }
+}
+
+/// Whether `frame`, sent by pod a, reaches pod `to` (which must see `marker` in it).
+fn delivered(c: &Cluster, to: &str, marker: [u8; 8], frame: Vec<u8>) -> bool {
+    let sink = FrameSink::start(&c.node.pod(to).ns, marker);
+    send_frames(&c.node.pod("a").ns, vec![frame]);
+    sink.count() > 0
+}
+
+/// A UDP datagram whose payload is `marker` (UDP checksum 0: none, fine for IPv4).
+fn marked_udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, marker: [u8; 8]) -> Vec<u8> {
+    let mut frame = Frame::udp(src, sport, dst, dport).build();
+    let end = frame.len();
+    frame[end - 4..].copy_from_slice(&marker[..4]);
+    frame.extend_from_slice(&marker[4..]);
+    fix_lengths(&mut frame);
+    frame
+}
+
+/// Recomputes the IP length fields (and the IPv4 header checksum) after a frame grew.
+fn fix_lengths(frame: &mut [u8]) {
+    let offset = if frame[12..14] == [0x86, 0xdd] || frame[12..14] == [0x08, 0x00] { 14 } else { 22 };
+    if frame[offset] >> 4 == 6 {
+        let len = (frame.len() - offset - 40) as u16;
+        frame[offset + 4..offset + 6].copy_from_slice(&len.to_be_bytes());
+    } else {
+        let len = (frame.len() - offset) as u16;
+        frame[offset + 2..offset + 4].copy_from_slice(&len.to_be_bytes());
+        frame[offset + 10..offset + 12].copy_from_slice(&[0, 0]);
+        let mut sum: u32 = frame[offset..offset + 20].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        frame[offset + 10..offset + 12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
+    if frame[offset] >> 4 == 4 && frame[offset + 9] == proto::UDP {
+        let len = (frame.len() - offset - 20) as u16;
+        frame[offset + 24..offset + 26].copy_from_slice(&len.to_be_bytes());
+    }
+}
+
+fn marker(n: u8) -> [u8; 8] {
+    [0x5a, 0xa5, 0x5a, 0xa5, n, std::process::id() as u8, 0xc3, 0x3c]
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn real_double_vlan_tagged_frames_do_not_leave_a_pod() {
+    let mut c = Cluster::new();
+    for (i, tags) in [[0x88a8u16, 0x8100], [0x8100, 0x8100]].into_iter().enumerate() {
+        let m = marker(i as u8);
+        let frame = marked_udp(v4(A4), 40000, v4(B4), 9, m);
+        let mut tagged = frame[..12].to_vec();
+        for tpid in tags {
+            tagged.extend(tpid.to_be_bytes());
+            tagged.extend([0, 0]);
+        }
+        tagged.extend_from_slice(&frame[12..]);
+        c.unmanage("a");
+        assert!(delivered(&c, "b", m, tagged.clone()), "control: the node strips both tags and routes the packet ({tags:x?})");
+        c.endpoint("a", A_EP, FLAG_EGRESS_ISOLATED);
+        assert!(!delivered(&c, "b", m, tagged.clone()), "an egress-isolated pod sends through VLAN tags ({tags:x?})");
+        c.endpoint("a", A_EP, 0);
+        assert!(!delivered(&c, "b", m, tagged), "a pod with no policy sends tagged frames ({tags:x?})");
+    }
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn real_forged_icmp_errors_carry_nothing_out() {
+    let mut c = Cluster::new();
+    c.endpoint("a", A_EP, FLAG_EGRESS_ISOLATED);
+    c.allow("a", B_ID, Direction::Egress, proto::UDP, 53);
+    // a's flow to b: tracked.
+    send_frames(&c.node.pod("a").ns, vec![marked_udp(v4(A4), 40000, v4(B4), 53, marker(9))]);
+    let m = marker(1);
+    let quoted = Frame::udp(v4(B4), 53, v4(A4), 40000);
+    let error = |dst: Ipv4Addr| {
+        let mut frame = Frame::new(v4(A4), v4(dst), L4::IcmpError { kind: 3, inner: Box::new(quoted.clone()) }).build();
+        frame.extend_from_slice(&m);
+        fix_lengths(&mut frame);
+        frame
+    };
+    assert!(delivered(&c, "b", m, error(B4)), "control: an error to the flow's peer is related");
+    assert!(!delivered(&c, "c", m, error(C4)), "an error quoting a's flow, sent to c");
+    c.unmanage("a");
+    assert!(delivered(&c, "c", m, error(C4)), "control: without enforcement it reaches c");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn real_neighbour_discovery_with_global_addresses_stays_home() {
+    let mut c = Cluster::new();
+    let m = marker(2);
+    let mut frame = Frame::new(v6(A6), v6(C6), L4::Icmp { kind: 135, code: 0, id: 0 });
+    frame.hop_limit = 255;
+    let mut frame = frame.build();
+    frame.extend_from_slice(&m);
+    frame.extend_from_slice(&[0; 1000]);
+    fix_lengths(&mut frame);
+    // c takes no part: only a's egress is under test.
+    c.unmanage("c");
+    c.unmanage("a");
+    assert!(delivered(&c, "c", m, frame.clone()), "control: the node forwards it to c");
+    for flags in [0, FLAG_EGRESS_ISOLATED] {
+        c.endpoint("a", A_EP, flags);
+        assert!(!delivered(&c, "c", m, frame.clone()), "a neighbour solicitation to a remote peer (flags {flags})");
+    }
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn real_spoofing_from_a_pod_without_policy() {
+    let mut c = Cluster::new();
+    // c accepts only b on UDP 9; a has no policy at all.
+    c.endpoint("c", C_EP, FLAG_INGRESS_ISOLATED);
+    c.allow("c", B_ID, Direction::Ingress, proto::UDP, 9);
+    let m = marker(3);
+    let spoofed = marked_udp(v4(B4), 40000, v4(C4), 9, m);
+    c.unmanage("a");
+    assert!(delivered(&c, "c", m, spoofed.clone()), "control: unenforced, a passes as b");
+    c.endpoint("a", A_EP, 0);
+    assert!(!delivered(&c, "c", m, spoofed), "a pod no policy selects sends as an allowed peer");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn real_segments_from_outside_open_no_state() {
+    let mut c = Cluster::new();
+    c.endpoint("a", A_EP, FLAG_EGRESS_ISOLATED);
+    // b, outside a's policy, sends a SYN-ACK and an ACK to a's port 40000.
+    let from_b: Vec<Vec<u8>> = [SYN | ACK, ACK].iter().map(|&flags| Frame::tcp(v4(B4), 80, v4(A4), 40000, flags).build()).collect();
+    send_frames(&c.node.pod("b").ns, from_b);
+    let m = marker(4);
+    let mut syn = Frame::tcp(v4(A4), 40000, v4(B4), 80, SYN).build();
+    syn.extend_from_slice(&m);
+    fix_lengths(&mut syn);
+    assert!(!delivered(&c, "b", m, syn.clone()), "a's SYN passes as a reply to b's forged segments");
+    c.allow("a", B_ID, Direction::Egress, proto::TCP, 80);
+    assert!(delivered(&c, "b", m, syn), "control: allowed, the same SYN arrives");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn real_connection_is_cut_when_its_policy_is_revoked() {
+    let mut c = Cluster::new();
+    c.endpoint("b", B_EP, FLAG_INGRESS_ISOLATED);
+    c.allow("b", A_ID, Direction::Ingress, proto::TCP, 80);
+    c.allow("b", A_ID, Direction::Ingress, proto::TCP, 81);
+    let _echo = persistent_echo(&c.node.pod("b").ns, &[80, 81]);
+    let streams: Vec<(u16, std::net::TcpStream)> = [80, 81].into_iter().map(|port| (port, connect(&c, port))).collect();
+    for (port, stream) in &streams {
+        assert!(echoes(stream), "control: port {port} echoes");
+    }
+    c.revoke("b", A_ID, Direction::Ingress, proto::TCP, 81);
+    assert!(echoes(&streams[0].1), "still allowed under the new revision: kept");
+    assert!(!echoes(&streams[1].1), "revoked: the open connection is cut");
+}
+
+fn connect(c: &Cluster, port: u16) -> std::net::TcpStream {
+    let to = c.target("b", false, port);
+    c.node.pod("a").ns.run(move || {
+        let stream = std::net::TcpStream::connect_timeout(&to, PROBE_TIMEOUT).expect("connect");
+        stream.set_read_timeout(Some(PROBE_TIMEOUT)).expect("timeout");
+        stream
+    })
+}
+
+fn echoes(mut stream: &std::net::TcpStream) -> bool {
+    use std::io::{Read as _, Write as _};
+    let mut buf = [0u8; 4];
+    stream.write_all(b"ping").is_ok() && stream.read_exact(&mut buf).is_ok() && &buf == b"ping"
+}
+
+/// TCP echo servers that keep each connection open (at most 30 s).
+fn persistent_echo(ns: &Netns, ports: &[u16]) -> Vec<std::thread::JoinHandle<()>> {
+    ports
+        .iter()
+        .map(|&port| {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let handle = ns.spawn(move || {
+                use std::io::{Read as _, Write as _};
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind");
+                listener.set_nonblocking(true).expect("nonblocking");
+                let _ = ready_tx.send(());
+                let mut stream = loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => break stream,
+                        Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                        Err(_) => return,
+                    }
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut buf = [0u8; 64];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+            ready_rx.recv_timeout(Duration::from_secs(5)).expect("echo ready");
+            handle
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn one_pod_cannot_take_another_pods_conntrack_room() {
+    let mut f = Fixture::new();
+    // Pod 7 opens flows as fast as it can; each endpoint may hold CT_BUDGET of them.
+    f.endpoint_id(ENDPOINT, FLAG_INGRESS_ISOLATED);
+    for port in 0..(CT_BUDGET as u16 * 3) {
+        assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 10000 + port, v4(PEER), 53).build()), TC_ACT_OK, "its flows still pass");
+    }
+    assert_eq!(f.conntrack_of(ENDPOINT), CT_BUDGET as usize, "pod 7 holds its budget and no more");
+    // Pod 8 (control: the table has room and tracks it) loses nothing to pod 7, and pod 7
+    // lost nothing to pod 8.
+    f.endpoint_id(8, FLAG_INGRESS_ISOLATED);
+    for port in 0..CT_BUDGET as u16 {
+        assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 20000 + port, v4(PEER), 53).build()), TC_ACT_OK);
+    }
+    assert_eq!(f.conntrack_of(8), CT_BUDGET as usize);
+    assert_eq!(f.conntrack_of(ENDPOINT), CT_BUDGET as usize);
+    // Pod 7 over budget: its replies are judged by policy (ingress isolated: dropped), its
+    // tracked flows still work.
+    f.endpoint_id(ENDPOINT, FLAG_INGRESS_ISOLATED);
+    assert_eq!(f.run(Hook::ToPod, &Frame::udp(v4(PEER), 53, v4(POD), 10000).build()), TC_ACT_OK, "a tracked flow's reply");
+    assert_eq!(f.run(Hook::ToPod, &Frame::udp(v4(PEER), 53, v4(POD), 10000 + CT_BUDGET as u16).build()), TC_ACT_SHOT, "an untracked one");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn the_agent_sweep_returns_expired_flows_to_the_budget() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED);
+    for port in 0..CT_BUDGET as u16 {
+        assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 30000 + port, v4(PEER), 53).build()), TC_ACT_OK);
+    }
+    assert_eq!(policy_agent::conntrack::held(&f.maps, ENDPOINT), CT_BUDGET as u64, "the budget is spent");
+    // Age every entry as if its lifetime had run out.
+    let keys: Vec<_> = f.maps.conntrack.keys().filter_map(Result::ok).collect();
+    for key in &keys {
+        let mut value = f.maps.conntrack.get(key, 0).expect("entry");
+        value.expires_ns = 1;
+        f.maps.conntrack.insert(key, value, 0).expect("age");
+    }
+    // The classifier removes an expired entry it meets (counted on its side)...
+    assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 30000, v4(PEER), 53).build()), TC_ACT_OK);
+    // ... and the agent's sweep the rest (credited on its side).
+    let swept = policy_agent::conntrack::sweep_expired(&mut f.maps).expect("sweep");
+    assert_eq!(swept, CT_BUDGET as u64 - 1);
+    assert_eq!(f.conntrack_len(), 1, "only the flow just re-opened is left");
+    assert_eq!(policy_agent::conntrack::held(&f.maps, ENDPOINT), 1);
+    for port in 1..CT_BUDGET as u16 {
+        assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 31000 + port, v4(PEER), 53).build()), TC_ACT_OK);
+    }
+    assert_eq!(f.conntrack_of(ENDPOINT), CT_BUDGET as usize, "the whole budget is usable again");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn node_addresses_from_outside_are_world() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED | FLAG_EGRESS_ISOLATED);
+    // The compiler lets the node reach every pod; here, any protocol from HOST.
+    f.allow(identity::HOST, Direction::Ingress, None, None);
+    // Two flows: the first is tracked once it passes.
+    let from_node = |sport| Frame::udp(v6(NODE6), sport, v6(POD6), 9999).build();
+    assert_eq!(f.run_from(Hook::ToPod, &from_node(53), 0), TC_ACT_OK, "control: sent by the node itself");
+    assert_eq!(f.run_from(Hook::ToPod, &from_node(54), 5), TC_ACT_SHOT, "the node's address, forged on another interface");
+    let mut nd = Frame::new(v6(NODE6), v6(POD6), L4::Icmp { kind: 136, code: 0, id: 0 });
+    nd.hop_limit = 255;
+    assert_eq!(f.run_from(Hook::ToPod, &nd.build(), 0), TC_ACT_OK, "control: the node's neighbour advertisement");
+    assert_eq!(f.run_from(Hook::ToPod, &nd.build(), 5), TC_ACT_SHOT, "a forged one");
+    f.allow(PEER_ID, Direction::Egress, Some(proto::UDP), Some(53));
+    let sent = Frame::udp(v6(POD6), 40000, v6(PEER6), 53);
+    assert_eq!(f.run(Hook::FromPod, &sent.build()), TC_ACT_OK);
+    let too_big = Frame::new(v6(NODE6), v6(POD6), L4::IcmpError { kind: 2, inner: Box::new(sent) }).build();
+    assert_eq!(f.run_from(Hook::ToPod, &too_big, 0), TC_ACT_OK, "control: the node reports the path MTU");
+    assert_eq!(f.run_from(Hook::ToPod, &too_big, 5), TC_ACT_SHOT, "a forged report");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn source_routes_and_fragmented_control_messages_are_dropped() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_EGRESS_ISOLATED);
+    f.allow(identity::ANY, Direction::Egress, None, None);
+    let mut routed = Frame::udp(v4(POD), 1, v4(PEER), 53);
+    routed.ipv4_options = vec![0x94, 4, 0, 0];
+    assert_eq!(f.run(Hook::FromPod, &routed.build()), TC_ACT_OK, "control: router alert");
+    for option in [0x83u8, 0x89] {
+        routed.ipv4_options = vec![1, option, 7, 4, 198, 18, 1, 30];
+        assert_eq!(f.run(Hook::FromPod, &routed.build()), TC_ACT_SHOT, "IPv4 source route {option:x}");
+    }
+    let mut segment = Frame::udp(v6(POD6), 1, v6(PEER6), 53);
+    segment.ipv6_ext = vec![43];
+    assert_eq!(f.run(Hook::FromPod, &segment.build()), TC_ACT_OK, "control: no segments left");
+    let mut frame = segment.build();
+    frame[14 + 40 + 3] = 1;
+    assert_eq!(f.run(Hook::FromPod, &frame), TC_ACT_SHOT, "a routing header with a segment left");
+    let mut solicit = Frame::new(v6(LINK_LOCAL), v6(LINK_LOCAL), L4::Icmp { kind: 135, code: 0, id: 0 });
+    solicit.hop_limit = 255;
+    assert_eq!(f.run(Hook::FromPod, &solicit.build()), TC_ACT_OK, "control: whole");
+    solicit.fragment = Some((5, true, 0));
+    assert_eq!(f.run(Hook::FromPod, &solicit.build()), TC_ACT_SHOT, "neighbour discovery in fragments");
+    let error = Frame::new(v4(POD), v4(PEER), L4::IcmpError { kind: 3, inner: Box::new(Frame::udp(v4(PEER), 53, v4(POD), 1)) });
+    let mut fragmented = error.clone();
+    fragmented.fragment = Some((6, true, 0));
+    assert_eq!(f.run(Hook::FromPod, &fragmented.build()), TC_ACT_SHOT, "an ICMP error in fragments");
+    assert_eq!(f.counted(ENDPOINT, Reason::DropFrame), 5);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn peers_cannot_take_the_room_of_the_pods_own_flows() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_EGRESS_ISOLATED);
+    f.allow(PEER_ID, Direction::Egress, Some(proto::UDP), Some(53));
+    // A peer opens flows to the pod as fast as it can (ingress is not isolated).
+    for port in 0..(CT_BUDGET as u16 * 2) {
+        assert_eq!(f.run(Hook::ToPod, &Frame::udp(v4(PEER), 20000 + port, v4(POD), 9).build()), TC_ACT_OK);
+    }
+    assert_eq!(f.conntrack_len(), CT_BUDGET as usize, "flows the peer opened: one budget");
+    // The pod's own flows still get state, and their replies pass.
+    for port in 0..CT_BUDGET as u16 {
+        assert_eq!(f.run(Hook::FromPod, &Frame::udp(v4(POD), 40000 + port, v4(PEER), 53).build()), TC_ACT_OK);
+    }
+    assert_eq!(f.conntrack_len(), 2 * CT_BUDGET as usize, "the pod's own: a budget of their own");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn a_half_open_connection_keeps_the_short_lifetime() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED);
+    f.allow(PEER_ID, Direction::Ingress, Some(proto::TCP), Some(443));
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 443, SYN).build()), TC_ACT_OK);
+    assert_eq!(f.run(Hook::FromPod, &Frame::tcp(v4(POD), 443, v4(PEER), 40000, SYN | ACK).build()), TC_ACT_OK);
+    let lifetime = || {
+        let key = f.maps.conntrack.keys().next().expect("entry").expect("key");
+        let expires = f.maps.conntrack.get(&key, 0).expect("value").expires_ns;
+        Duration::from_nanos(expires.saturating_sub(policy_agent::conntrack::coarse_now_ns()))
+    };
+    assert!(lifetime() <= Duration::from_secs(60), "the pod's SYN-ACK alone: still opening ({:?})", lifetime());
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 443, ACK).build()), TC_ACT_OK);
+    assert!(lifetime() > Duration::from_secs(3600), "the opener's ACK completes it ({:?})", lifetime());
 }

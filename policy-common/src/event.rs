@@ -58,8 +58,12 @@ pub struct Config {
     pub flags: u32,
     /// Events per second per CPU; beyond it events are counted but not sent.
     pub events_per_sec: u32,
+    /// Tracked flows one endpoint may hold (see [`crate::conntrack::CtUsage`]); 0 means
+    /// [`crate::conntrack::DEFAULT_BUDGET`].
+    pub ct_budget: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
 /// Per-CPU rate limiter state: a one-second window.
 #[repr(C)]

@@ -12,7 +12,10 @@ use policy_common::{
     policy::{self, PolicyKey, lookup},
 };
 
-use crate::maps::{ADDRESSES, POLICY, PORT_RANGES, PREFIXES};
+use crate::{
+    maps::{ADDRESSES, POLICY, PORT_RANGES, PREFIXES},
+    parse::Packet,
+};
 
 #[inline(always)]
 pub fn identity_of(addr_family: u8, addr: &[u8; 16]) -> u32 {
@@ -31,6 +34,15 @@ pub fn identity_of(addr_family: u8, addr: &[u8; 16]) -> u32 {
     }
 }
 
+/// The identity of the packet's peer. Towards a pod, the node's own addresses (HOST) are
+/// believed only from the node itself: a packet that came in on another interface with a
+/// node address as its source was forged (IPv6 has no martian-source check), and is WORLD.
+#[inline(always)]
+pub fn peer_identity(packet: &Packet, peer: &[u8; 16], direction: Direction) -> u32 {
+    let id = identity_of(packet.family, peer);
+    if id == identity::HOST && direction == Direction::Ingress && packet.forwarded { identity::WORLD } else { id }
+}
+
 /// The cookie of the entry that allows this flow, if any. `mask` is the endpoint's lookup
 /// mask for the direction.
 #[inline(always)]
@@ -43,7 +55,9 @@ pub fn allowed(endpoint: u32, mask: u8, peer: u32, direction: Direction, protoco
 
 #[inline(always)]
 fn allowed_for(endpoint: u32, mask: u8, identity: u32, direction: Direction, protocol: u8, port: u16) -> Option<u32> {
-    if mask & lookup::EXACT != 0
+    // Exact entries never name port 0 (a port without a number is the whole protocol).
+    if port != 0
+        && mask & lookup::EXACT != 0
         && let Some(cookie) = hash_entry(PolicyKey::new(endpoint, identity, direction, protocol, port))
     {
         return Some(cookie);

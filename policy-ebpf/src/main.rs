@@ -3,8 +3,12 @@
 //! decides; every policy decision was made by the agent when it wrote the maps.
 #![no_std]
 #![no_main]
+// Atomic adds on map values: core's AtomicU64 has no read-modify-write on BPF.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod conntrack;
+mod linkctl;
 mod lookup;
 mod maps;
 mod parse;
@@ -12,13 +16,14 @@ mod telemetry;
 
 use aya_log_ebpf::info;
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_SHOT, tcx_action_base::TCX_NEXT},
     helpers::bpf_skb_pull_data,
     macros::classifier,
     programs::TcContext,
 };
 use policy_common::{
-    Direction, family,
+    Direction, family, identity,
+    conntrack::{CtKey, CtValue},
     counters::Reason,
     endpoint::{EndpointInfo, EndpointKey, FLAG_AUDIT, FLAG_EGRESS_ISOLATED, FLAG_HAS_IPV4, FLAG_HAS_IPV6, FLAG_INGRESS_ISOLATED},
 };
@@ -45,22 +50,19 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     classify(&ctx, Direction::Ingress)
 }
 
+/// Passes hand the packet to the next program of the TCX chain (a CNI's own, say) rather
+/// than ending the chain; drops end it.
 #[inline(always)]
 fn classify(ctx: &TcContext, direction: Direction) -> i32 {
     // SAFETY: the context pointer is valid for the program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(endpoint) = ENDPOINTS.get_ptr(&EndpointKey { ifindex }) else {
         telemetry::count(0, direction, Reason::PassUnmanaged, ctx.len());
-        return TC_ACT_OK as i32;
+        return TCX_NEXT;
     };
     // SAFETY: a value pointer from a successful lookup; copied once.
     let endpoint = unsafe { *endpoint };
-    let reason = if endpoint.isolated_any() {
-        decide(ctx, &endpoint, ifindex, direction)
-    } else {
-        // Not isolated either way: nothing to judge and no replies to track.
-        Reason::PassNotIsolated
-    };
+    let reason = decide(ctx, &endpoint, ifindex, direction);
     telemetry::count(endpoint.id, direction, reason, ctx.len());
     if reason.is_drop() {
         if telemetry::debug_log_enabled() {
@@ -68,7 +70,7 @@ fn classify(ctx: &TcContext, direction: Direction) -> i32 {
         }
         TC_ACT_SHOT as i32
     } else {
-        TC_ACT_OK as i32
+        TCX_NEXT
     }
 }
 
@@ -80,34 +82,40 @@ fn isolated(endpoint: &EndpointInfo, direction: Direction) -> bool {
     })
 }
 
-/// The verdict for a pod isolated in at least one direction. Replies must be tracked even in
-/// a direction that is not isolated, so the other direction lets them back in.
+/// The verdict for a frame of a managed pod. The frame checks and the source check hold for
+/// every managed pod, isolated or not: other pods' verdicts depend on source addresses, and
+/// what a pod sends past the classifier the node routes.
 #[inline(always)]
 fn decide(ctx: &TcContext, endpoint: &EndpointInfo, ifindex: u32, direction: Direction) -> Reason {
+    // SAFETY: the context pointer is valid for the program run.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return Reason::DropFrame;
+    }
     let enforced = isolated(endpoint, direction);
-    let packet = match parse_linear(ctx) {
+    let mut packet = match parse_linear(ctx) {
         Ok(packet) => packet,
-        Err(ParseError::NotIp) => return Reason::PassNonIp,
-        Err(ParseError::Malformed) => {
-            return refuse(endpoint, ifindex, None, direction, Reason::DropMalformed, enforced);
-        }
+        Err(ParseError::Frame) => return Reason::DropFrame,
+        // A packet leaving the pod whose headers we cannot read has no verified source.
+        Err(ParseError::Malformed) if enforced || direction == Direction::Egress => return Reason::DropMalformed,
+        Err(ParseError::Malformed) => return Reason::PassNotIsolated,
     };
-    if packet.kind == Kind::LinkControl {
-        return Reason::PassNonIp;
+    // SAFETY: the context pointer is valid for the program run.
+    packet.forwarded = unsafe { (*ctx.skb.skb).ingress_ifindex } != 0;
+    match packet.kind {
+        Kind::Arp => return arp_verdict(endpoint, &packet, direction),
+        Kind::LinkControl => return linkctl::verdict(endpoint, &packet, direction),
+        Kind::Normal | Kind::IcmpError => {}
     }
     if direction == Direction::Egress && !own_source(endpoint, &packet) {
-        return refuse(endpoint, ifindex, Some(&packet), direction, Reason::DropSpoofed, true);
+        return refuse(endpoint, ifindex, &packet, direction, Reason::DropSpoofed);
+    }
+    if !endpoint.isolated_any() {
+        // Not isolated either way: nothing to judge and no replies to track.
+        return Reason::PassNotIsolated;
     }
     let time = conntrack::now();
     if packet.fragment == Fragment::Later {
-        if !enforced {
-            return Reason::PassNotIsolated;
-        }
-        let key = conntrack::fragment_key(endpoint.id, &packet, direction);
-        if conntrack::fragments_allowed(&key, time) {
-            return Reason::PassFragment;
-        }
-        return refuse(endpoint, ifindex, Some(&packet), direction, Reason::DropFragment, true);
+        return later_fragment(endpoint, ifindex, &packet, direction, enforced, time);
     }
     let reason = judge(endpoint, ifindex, &packet, direction, enforced, time);
     if enforced && packet.fragment == Fragment::First && !reason.is_drop() {
@@ -116,81 +124,130 @@ fn decide(ctx: &TcContext, endpoint: &EndpointInfo, ifindex: u32, direction: Dir
     reason
 }
 
-/// Conntrack first, then policy for a new flow.
+/// ARP from the pod must carry the pod's own address (or none, as a probe does).
 #[inline(always)]
-fn judge(
-    endpoint: &EndpointInfo,
-    ifindex: u32,
-    packet: &Packet,
-    direction: Direction,
-    enforced: bool,
-    time: u64,
-) -> Reason {
-    if packet.kind == Kind::IcmpError {
-        let key = conntrack::key(endpoint.id, packet.family, &packet.related, direction);
-        if conntrack::related(&key, time) {
-            return Reason::PassReply;
-        }
-    }
-    let key = conntrack::key(endpoint.id, packet.family, &packet.tuple, direction);
-    if packet.kind == Kind::Normal {
-        match conntrack::lookup(&key, packet, direction, time) {
-            Some(Tracked::Established) => return Reason::PassEstablished,
-            Some(Tracked::Reply) => return Reason::PassReply,
-            None => {}
-        }
-    }
+fn arp_verdict(endpoint: &EndpointInfo, packet: &Packet, direction: Direction) -> Reason {
+    let sender = &packet.tuple.src[..4];
+    let own = endpoint.has(FLAG_HAS_IPV4) && sender == endpoint.ipv4;
+    if direction == Direction::Egress && !own && sender != [0; 4] { Reason::DropFrame } else { Reason::PassNonIp }
+}
+
+/// A later fragment has no ports: it follows the verdict of its first fragment.
+#[inline(always)]
+fn later_fragment(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direction: Direction, enforced: bool, time: u64) -> Reason {
     if !enforced {
-        if packet.kind == Kind::Normal {
-            conntrack::create(&key, packet, direction, 0, time);
-        }
         return Reason::PassNotIsolated;
     }
+    if conntrack::fragments_allowed(&conntrack::fragment_key(endpoint.id, packet, direction), time) {
+        return Reason::PassFragment;
+    }
+    refuse(endpoint, ifindex, packet, direction, Reason::DropFragment)
+}
+
+/// Conntrack first, then policy for a new flow. Only opening packets create state, so a
+/// segment sent from outside cannot make a pod's own SYN look like a reply.
+#[inline(always)]
+fn judge(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direction: Direction, enforced: bool, time: u64) -> Reason {
+    if packet.kind == Kind::IcmpError {
+        if !enforced {
+            return Reason::PassNotIsolated;
+        }
+        if related_error(endpoint, packet, direction, time) {
+            return Reason::PassReply;
+        }
+        return policy_verdict(endpoint, ifindex, packet, direction, time).0;
+    }
+    let key = conntrack::key(endpoint.id, packet.family, &packet.tuple, direction);
+    if let Some(entry) = conntrack::find(&key, time)
+        && still_allowed(endpoint, &key, entry)
+    {
+        return match conntrack::track(entry, packet, direction, time) {
+            Tracked::Established => Reason::PassEstablished,
+            Tracked::Reply => Reason::PassReply,
+        };
+    }
+    let (reason, cookie) = if enforced {
+        policy_verdict(endpoint, ifindex, packet, direction, time)
+    } else {
+        (Reason::PassNotIsolated, 0)
+    };
+    if packet.opening && !reason.is_drop() {
+        conntrack::create(&key, packet, direction, cookie, endpoint.revision, time);
+    }
+    reason
+}
+
+/// The policy lookup for a packet no tracked flow covers: the verdict and the cookie of the
+/// rule that allowed it (0 for none).
+#[inline(always)]
+fn policy_verdict(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direction: Direction, time: u64) -> (Reason, u32) {
     let peer = match direction {
         Direction::Egress => &packet.tuple.dst,
         Direction::Ingress => &packet.tuple.src,
     };
-    let peer_identity = lookup::identity_of(packet.family, peer);
+    let peer_identity = lookup::peer_identity(packet, peer, direction);
     // The destination port is the one a policy names, on either side of the connection.
     let mask = endpoint.lookups[direction as usize & 1];
-    match lookup::allowed(endpoint.id, mask, peer_identity, direction, packet.tuple.protocol, packet.tuple.dport) {
-        Some(cookie) => {
-            if packet.kind == Kind::Normal {
-                conntrack::create(&key, packet, direction, cookie, time);
-            }
-            telemetry::report(endpoint.id, ifindex, packet, direction, Reason::PassPolicy, cookie, peer_identity, time);
-            Reason::PassPolicy
-        }
-        None => {
-            if endpoint.has(FLAG_AUDIT) && packet.kind == Kind::Normal {
-                // Audit lets the flow work as it would without the policy, replies included.
-                conntrack::create(&key, packet, direction, 0, time);
-            }
-            let reason = if endpoint.has(FLAG_AUDIT) { Reason::PassAudit } else { Reason::DropPolicy };
-            telemetry::report(endpoint.id, ifindex, packet, direction, reason, 0, peer_identity, time);
-            reason
-        }
-    }
+    let cookie = lookup::allowed(endpoint.id, mask, peer_identity, direction, packet.tuple.protocol, packet.tuple.dport);
+    let reason = match cookie {
+        Some(_) => Reason::PassPolicy,
+        // Audit lets the flow work as it would without the policy, replies included.
+        None if endpoint.has(FLAG_AUDIT) => Reason::PassAudit,
+        None => Reason::DropPolicy,
+    };
+    let cookie = cookie.unwrap_or(0);
+    telemetry::report(endpoint.id, ifindex, packet, direction, reason, cookie, peer_identity, time);
+    (reason, cookie)
 }
 
-/// A packet that fails a check: dropped where the direction is enforced (or always, for a
-/// spoofed source), passed in audit mode, and reported either way.
+/// Whether a tracked flow may go on. An entry judged under another revision of the endpoint
+/// (policy, isolation, audit or identities changed since) is judged again in its opening
+/// direction: still allowed, it is kept under the new revision; revoked, it is forgotten and
+/// the packet is judged as if the flow were new.
 #[inline(always)]
-fn refuse(
-    endpoint: &EndpointInfo,
-    ifindex: u32,
-    packet: Option<&Packet>,
-    direction: Direction,
-    reason: Reason,
-    enforced: bool,
-) -> Reason {
-    if !enforced {
-        return Reason::PassNotIsolated;
+fn still_allowed(endpoint: &EndpointInfo, key: &CtKey, entry: &mut CtValue) -> bool {
+    if entry.revision == endpoint.revision {
+        return true;
     }
-    let reason = if endpoint.has(FLAG_AUDIT) { Reason::PassAudit } else { reason };
-    if let Some(packet) = packet {
-        telemetry::report(endpoint.id, ifindex, packet, direction, reason, 0, 0, conntrack::now());
+    let origin = if entry.origin == Direction::Egress as u8 { Direction::Egress } else { Direction::Ingress };
+    if isolated(endpoint, origin) {
+        // The policy names the destination port of the opening packet.
+        let port = match origin {
+            Direction::Egress => key.peer_port(),
+            Direction::Ingress => key.pod_port(),
+        };
+        let peer_identity = lookup::identity_of(key.family, &key.peer_addr);
+        let mask = endpoint.lookups[origin as usize & 1];
+        match lookup::allowed(endpoint.id, mask, peer_identity, origin, key.protocol, port) {
+            Some(cookie) => entry.cookie = cookie,
+            None if endpoint.has(FLAG_AUDIT) => {}
+            None => {
+                conntrack::forget(key, entry.origin);
+                return false;
+            }
+        }
     }
+    entry.revision = endpoint.revision;
+    true
+}
+
+/// An ICMP error is related to a tracked flow only if it travels that flow's reply path: to
+/// the flow's source, from its destination (or, towards the pod, from the node, which
+/// reports unreachable routes and path MTUs). Anything else would be a channel to any host.
+#[inline(always)]
+fn related_error(endpoint: &EndpointInfo, packet: &Packet, direction: Direction, time: u64) -> bool {
+    let related = &packet.related;
+    let from_flow_peer = packet.tuple.src == related.src
+        || (direction == Direction::Ingress && lookup::peer_identity(packet, &packet.tuple.src, direction) == identity::HOST);
+    packet.tuple.dst == related.dst
+        && from_flow_peer
+        && conntrack::related(&conntrack::key(endpoint.id, packet.family, related, direction), time)
+}
+
+/// A packet that fails a check: dropped, and reported.
+#[inline(always)]
+fn refuse(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direction: Direction, reason: Reason) -> Reason {
+    telemetry::report(endpoint.id, ifindex, packet, direction, reason, 0, 0, conntrack::now());
     reason
 }
 

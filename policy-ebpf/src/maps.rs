@@ -2,11 +2,12 @@
 //! restarted agent adopts them. Names carry a layout version and stay under 16 characters.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use policy_common::{
-    conntrack::{self, CtKey, CtValue, FragKey, FragValue},
+    conntrack::{self, CtKey, CtReleased, CtUsage, CtValue, FragKey, FragValue},
     counters::{self, Counter},
     endpoint::{self, EndpointInfo, EndpointKey},
     event::{self, Config, RateState},
@@ -33,8 +34,15 @@ pub static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(policy::MAX
 #[map(name = "PORT_RANGES_V1")]
 pub static PORT_RANGES: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(policy::MAX_RANGE_ENTRIES, 0);
 
+/// A plain hash allocated on demand, with a budget per endpoint (see policy_common::conntrack).
 #[map(name = "CONNTRACK_V2")]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(conntrack::MAX_ENTRIES, 0);
+pub static CONNTRACK: HashMap<CtKey, CtValue> = HashMap::pinned(conntrack::MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "CT_USAGE_V1")]
+pub static CT_USAGE: Array<CtUsage> = Array::pinned(conntrack::USAGE_SLOTS, 0);
+
+#[map(name = "CT_RELEASED_V1")]
+pub static CT_RELEASED: Array<CtReleased> = Array::pinned(conntrack::USAGE_SLOTS, 0);
 
 #[map(name = "FRAGMENTS_V1")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(conntrack::FRAG_MAX_ENTRIES, 0);
@@ -45,7 +53,7 @@ pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(counters::MAX_EN
 #[map(name = "EVENTS_V1")]
 pub static EVENTS: RingBuf = RingBuf::pinned(event::RING_BYTES, 0);
 
-#[map(name = "CONFIG_V1")]
+#[map(name = "CONFIG_V2")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 #[map(name = "EVENT_RATE_V1")]

@@ -48,6 +48,16 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Differential fuzzing of the classifier against its reference model (root): a million
+    /// frames through BPF_PROG_TEST_RUN by default; the suite runs 20,000.
+    Fuzz {
+        /// Frames to generate.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// PRNG seed (the default is the suite's).
+        #[arg(long)]
+        seed: Option<String>,
+    },
     /// Run every test suite: unit tests, the proptest oracle, the privileged suites, the demo.
     Test {
         /// Only run tests whose name contains this (passed to the test binaries).
@@ -91,6 +101,7 @@ fn main() -> Result<()> {
         }
         Task::Test { filter } => test(filter.as_deref()),
         Task::Bench { quick } => bench(quick),
+        Task::Fuzz { frames, seed } => fuzz(frames, seed.as_deref()),
     }
 }
 
@@ -186,7 +197,20 @@ fn test(filter: Option<&str>) -> Result<()> {
 
 /// Integration test files of policy-agent whose tests are `#[ignore]`d in a plain `cargo test`
 /// because they need root.
-const PRIVILEGED_SUITES: &[&str] = &["datapath", "agent", "conformance", "kube"];
+const PRIVILEGED_SUITES: &[&str] = &["datapath", "fuzz", "agent", "conformance", "kube"];
+
+/// The fuzz suite with more frames; new divergences are saved to its regression corpus.
+fn fuzz(frames: u64, seed: Option<&str>) -> Result<()> {
+    setup::run()?;
+    require_root("the fuzzer")?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--release", "--package", "policy-agent", "--test", "fuzz", "--", "--ignored", "--test-threads=1", "--nocapture"])
+        .env("FUZZ_FRAMES", frames.to_string());
+    if let Some(seed) = seed {
+        cmd.env("FUZZ_SEED", seed);
+    }
+    run(&mut cmd)
+}
 
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

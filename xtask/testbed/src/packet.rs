@@ -32,11 +32,16 @@ pub struct Frame {
     pub fragment: Option<(u32, bool, u16)>,
     /// Cut the frame to this many bytes.
     pub truncate: Option<usize>,
+    /// IPv4 TTL / IPv6 hop limit.
+    pub hop_limit: u8,
+    /// VLAN tags (TPIDs such as 0x8100 or 0x88a8, each with VID 0) after the MAC addresses,
+    /// outermost first.
+    pub vlan_tags: Vec<u16>,
 }
 
 impl Frame {
     pub fn new(src: IpAddr, dst: IpAddr, l4: L4) -> Self {
-        Self { src, dst, l4, ipv4_options: Vec::new(), ipv6_ext: Vec::new(), fragment: None, truncate: None }
+        Self { src, dst, l4, ipv4_options: Vec::new(), ipv6_ext: Vec::new(), fragment: None, truncate: None, hop_limit: 64, vlan_tags: Vec::new() }
     }
 
     pub fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Self {
@@ -54,6 +59,10 @@ impl Frame {
     /// The Ethernet frame.
     pub fn build(&self) -> Vec<u8> {
         let mut frame = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
+        for tpid in &self.vlan_tags {
+            frame.extend(tpid.to_be_bytes());
+            frame.extend([0, 0]);
+        }
         frame.extend_from_slice(if self.src.is_ipv6() { &[0x86, 0xdd] } else { &[0x08, 0x00] });
         frame.extend(self.ip());
         if let Some(n) = self.truncate {
@@ -91,10 +100,12 @@ impl Frame {
                 p.extend((total as u16).to_be_bytes());
                 p.extend(id.to_be_bytes());
                 p.extend(flags.to_be_bytes());
-                p.extend([64, protocol, 0, 0]);
+                p.extend([self.hop_limit, protocol, 0, 0]);
                 p.extend(s.octets());
                 p.extend(d.octets());
                 p.extend(options);
+                let checksum = ipv4_checksum(&p);
+                p[10..12].copy_from_slice(&checksum.to_be_bytes());
                 p.extend(l4);
                 p
             }
@@ -111,6 +122,9 @@ impl Frame {
                         ext.extend([next, 0]);
                         ext.extend(((offset << 3) | u16::from(more)).to_be_bytes());
                         ext.extend(id.to_be_bytes());
+                    } else if t == 43 {
+                        // A routing header with no segments left (type 0: nothing to route).
+                        ext.extend([next, 0, 0, 0, 0, 0, 0, 0]);
                     } else {
                         // Eight bytes: next header, length 0, PadN option of four bytes.
                         ext.extend([next, 0, 1, 4, 0, 0, 0, 0]);
@@ -119,7 +133,7 @@ impl Frame {
                 let first = types.first().copied().unwrap_or(protocol);
                 let mut p = vec![0x60, 0, 0, 0];
                 p.extend(((ext.len() + l4.len()) as u16).to_be_bytes());
-                p.extend([first, 64]);
+                p.extend([first, self.hop_limit]);
                 p.extend(s.octets());
                 p.extend(d.octets());
                 p.extend(ext);
@@ -162,12 +176,27 @@ impl Frame {
     }
 }
 
-/// An ARP request frame.
+/// The IPv4 header checksum (RFC 791), so that crafted frames survive a real node's checks.
+fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An ARP request frame from 198.18.0.1.
 pub fn arp() -> Vec<u8> {
+    arp_from(std::net::Ipv4Addr::new(198, 18, 0, 1))
+}
+
+/// An ARP request frame with this sender protocol address.
+pub fn arp_from(sender: std::net::Ipv4Addr) -> Vec<u8> {
     let mut f = vec![0xff; 6];
     f.extend([0x02, 0, 0, 0, 0, 0x01, 0x08, 0x06]);
     f.extend([0, 1, 8, 0, 6, 4, 0, 1]);
-    f.extend([0x02, 0, 0, 0, 0, 0x01, 198, 18, 0, 1]);
+    f.extend([0x02, 0, 0, 0, 0, 0x01]);
+    f.extend(sender.octets());
     f.extend([0, 0, 0, 0, 0, 0, 198, 18, 0, 2]);
     f.resize(60, 0);
     f

@@ -211,7 +211,7 @@ pub fn run(cfg: &Settings, bpffs_root: &std::path::Path) -> Results {
     let mut dp = Datapath::load_with_sizes(PinLayout::new(bpffs_root), sizes).expect("load classifier");
     let mut maps = dp.take_maps().expect("maps");
     // The agent's defaults: a flow log of drops, 1,000 events per second per CPU.
-    maps.config.set(0, Config { flags: CONFIG_EVENTS_DENIED, events_per_sec: 1000 }, 0).expect("config");
+    maps.config.set(0, Config { flags: CONFIG_EVENTS_DENIED, events_per_sec: 1000, ct_budget: u32::MAX, _pad: 0 }, 0).expect("config");
     let floor = EmptyProgram::load().expect("load the empty program");
     let prog = dp.program(Hook::ToPod).expect("to_pod");
 
