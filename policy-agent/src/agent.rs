@@ -131,7 +131,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
             Source::Kube(KubeSource::start(args.kubeconfig.as_deref()).await?)
         }
     };
-    let mut agent = Agent {
+    let agent = Agent {
         node,
         datapath,
         syncer,
@@ -146,31 +146,39 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         identities,
     };
     let resync = Duration::from_millis(args.resync_ms.max(50));
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| AgentError::Syscall { what: "install the SIGTERM handler".into(), source })?;
-    let mut last_sweep = std::time::Instant::now();
-    loop {
-        if let Some((addr, _)) = servers.iter().find(|(_, server)| server.is_finished()) {
-            return Err(AgentError::ServerStopped { addr: addr.clone() });
-        }
-        agent.reconcile(&source);
-        if last_sweep.elapsed() >= CONNTRACK_SWEEP {
-            last_sweep = std::time::Instant::now();
-            match agent.syncer.sweep_conntrack() {
-                Ok(removed) => tracing::debug!(removed, "conntrack sweep"),
-                Err(error) => tracing::warn!(%error, "conntrack sweep"),
+    agent.serve(&mut source, &servers, resync).await
+}
+
+impl Agent {
+    /// The loop: reconcile on every change and resync, sweep expired flows, until a signal
+    /// (or a server that stopped) ends it.
+    async fn serve(mut self, source: &mut Source, servers: &[(String, tokio::task::JoinHandle<()>)], resync: Duration) -> Result<(), AgentError> {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|source| AgentError::Syscall { what: "install the SIGTERM handler".into(), source })?;
+        let mut last_sweep = std::time::Instant::now();
+        loop {
+            if let Some((addr, _)) = servers.iter().find(|(_, server)| server.is_finished()) {
+                return Err(AgentError::ServerStopped { addr: addr.clone() });
+            }
+            self.reconcile(source);
+            if last_sweep.elapsed() >= CONNTRACK_SWEEP {
+                last_sweep = std::time::Instant::now();
+                match self.syncer.sweep_conntrack() {
+                    Ok(removed) => tracing::debug!(removed, "conntrack sweep"),
+                    Err(error) => tracing::warn!(%error, "conntrack sweep"),
+                }
+            }
+            tokio::select! {
+                () = source.changed() => {}
+                () = tokio::time::sleep(resync) => {}
+                _ = tokio::signal::ctrl_c() => break,
+                _ = terminate.recv() => break,
             }
         }
-        tokio::select! {
-            () = source.changed() => {}
-            () = tokio::time::sleep(resync) => {}
-            _ = tokio::signal::ctrl_c() => break,
-            _ = terminate.recv() => break,
-        }
+        // Everything stays pinned: enforcement goes on until the next agent adopts it.
+        tracing::info!("stopping; maps and links stay pinned and enforcing");
+        Ok(())
     }
-    // Everything stays pinned: enforcement goes on until the next agent adopts it.
-    tracing::info!("stopping; maps and links stay pinned and enforcing");
-    Ok(())
 }
 
 /// Binds and serves `--metrics-addr` and `--status-addr`; returns each address with its task.

@@ -25,6 +25,7 @@ use std::{
 use policy_common::{
     Direction,
     endpoint::{EndpointInfo, EndpointKey, FLAG_HAS_IPV4, FLAG_HAS_IPV6, FLAG_INGRESS_ISOLATED},
+    event::Config,
     ipcache::{IpcacheKey, IpcacheValue},
     policy::{PREFIX_FULL, PolicyKey, PolicyValue, PortRangePrefixes, lookup},
     proto,
@@ -242,6 +243,9 @@ impl Topology {
             };
             maps.endpoints.insert(EndpointKey { ifindex: ifa }, info(A_EP, 0, A4, A6, [0; 2]), 0).expect("endpoint a");
             maps.endpoints.insert(EndpointKey { ifindex: ifb }, info(B_EP, FLAG_INGRESS_ISOLATED, B4, B6, lookups), 0).expect("endpoint b");
+            // No flow-log events (as before), and a conntrack budget as large as the table, so
+            // the new-flow rows measure the insert of every flow (until the table is full).
+            maps.config.set(0, Config { flags: 0, events_per_sec: 0, ct_budget: u32::MAX, _pad: 0 }, 0).expect("config");
             for block in PortRangePrefixes::new(ALLOWED_FIRST, ALLOWED_LAST) {
                 let key = PolicyKey::new(B_EP, A_ID, Direction::Ingress, proto::UDP, block.port);
                 maps.write(&MapOp::PolicyUpsert { prefix_len: block.lpm_prefix_len(), key, value: PolicyValue { cookie: 16 } }).expect("policy");
