@@ -39,7 +39,8 @@ use crate::packet::{ACK, Frame, SYN};
 /// BPF_PROG_TEST_RUN runs on the loopback device: the endpoint entry is keyed by ifindex 1.
 const LO: u32 = 1;
 const ENDPOINT_SPREAD: usize = 64;
-const TC_ACT_OK: u32 = 0;
+/// A pass hands the packet to the next program of the TCX chain (TCX_NEXT, -1).
+const TC_ACT_OK: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 
 #[derive(Clone, Debug)]
