@@ -36,7 +36,7 @@ use policy_common::{
 use testbed::Bpffs;
 
 use frames::Gen;
-use model::{Change, CtEntry, IFINDEX, Model, Outcome};
+use model::{Change, CtEntry, IFINDEX, Model, Outcome, bytes16};
 
 const TCX_NEXT: u32 = 0xFFFF_FFFF;
 const TC_ACT_SHOT: u32 = 2;
@@ -274,16 +274,6 @@ fn ipkey(a: IpAddr) -> IpcacheKey {
     }
 }
 
-fn bytes16(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(a) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&a.octets());
-            b
-        }
-        IpAddr::V6(a) => a.octets(),
-    }
-}
 
 fn render_case(header: &str, maps: &MapContents, model: &Model, frames: &[(Direction, Vec<u8>)]) -> String {
     let mut s = String::new();

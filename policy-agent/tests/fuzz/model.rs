@@ -380,7 +380,7 @@ fn quote(f: &[u8], v6: bool, q: usize, ip_end: usize) -> Option<Tuple> {
     Some(Tuple { src: dst, dst: src, sport: dport, dport: sport, proto })
 }
 
-fn bytes16(a: IpAddr) -> [u8; 16] {
+pub fn bytes16(a: IpAddr) -> [u8; 16] {
     match a {
         IpAddr::V4(a) => {
             let mut b = [0u8; 16];
