@@ -287,8 +287,10 @@ impl Datapath {
         std::fs::create_dir_all(self.pins.links_dir())
             .map_err(|source| AgentError::Read { path: self.pins.links_dir(), source })?;
         // Attach the new link before the old pin goes, so a live interface is never unjudged.
+        // First in the TCX chain: a program that ends the chain (a CNI's redirect) cannot skip
+        // our verdict; our passes hand on to it (TCX_NEXT).
         let id = program
-            .attach_with_options(ifname, hook.attach_type(), TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .attach_with_options(ifname, hook.attach_type(), TcAttachOptions::TcxOrder(LinkOrder::first()))
             .map_err(|e| ebpf_error(format!("attach {hook} to {ifname}"), e))?;
         let link = program.take_link(id).map_err(|e| ebpf_error("take link", e))?;
         let fd_link: FdLink = link.try_into().map_err(|e| ebpf_error("TCX link", e))?;
