@@ -27,7 +27,7 @@ use policy_common::{
 };
 use testbed::{
     Bpffs, Netns, Node,
-    packet::{ACK, FIN, Frame, L4, RST, SYN, arp, arp_from},
+    packet::{ACK, FIN, Frame, L4, RST, SYN, arp, arp_from, ipv4_checksum},
     probe::{SctpSink, Servers, sctp_send_init, tcp_ok, udp_ok},
 };
 
@@ -640,23 +640,17 @@ fn sctp_over_raw_sockets_follows_the_maps() {
 // --- What an attacker in a pod with CAP_NET_RAW tries (issue 12) -------------------------
 // Each test first shows its control: the same kind of frame passes where it is legitimate.
 
-/// Appends `extra` payload bytes and fixes the IP length fields (and the IPv4 checksum).
+/// Appends `extra` payload bytes and fixes the length fields (and the IPv4 checksum).
 fn grow(mut frame: Vec<u8>, extra: usize) -> Vec<u8> {
     frame.resize(frame.len() + extra, 0xab);
-    set_ip_len(&mut frame, None);
+    fix_lengths(&mut frame);
     frame
 }
 
-/// Sets the IP length field to `len` (IPv4 total length, IPv6 payload length), or to what
-/// the frame holds.
-fn set_ip_len(frame: &mut [u8], len: Option<usize>) {
-    if frame[12..14] == [0x86, 0xdd] {
-        let len = len.unwrap_or(frame.len() - 14 - 40) as u16;
-        frame[18..20].copy_from_slice(&len.to_be_bytes());
-    } else {
-        let len = len.unwrap_or(frame.len() - 14) as u16;
-        frame[16..18].copy_from_slice(&len.to_be_bytes());
-    }
+/// Sets the IP length field to `len` (IPv4 total length, IPv6 payload length): a lie.
+fn set_ip_len(frame: &mut [u8], len: usize) {
+    let field = if frame[12..14] == [0x86, 0xdd] { 18 } else { 16 };
+    frame[field..field + 2].copy_from_slice(&(len as u16).to_be_bytes());
 }
 
 #[test]
@@ -878,16 +872,16 @@ fn length_fields_must_match_the_frame() {
         let ip_header = if v6 { 0 } else { 20 };
         for len in [ip_header + 10, ip_header + 19, ip_header + 21 + 200] {
             let mut lie = good.build();
-            set_ip_len(&mut lie, Some(len));
+            set_ip_len(&mut lie, len);
             assert_eq!(f.run(Hook::ToPod, &lie), TC_ACT_SHOT, "length {len} v6={v6}");
             // Leaving a pod that no policy isolates, too: the source is not trusted then.
             let mut out = Frame::tcp(pod, 80, peer, 40000, SYN).build();
-            set_ip_len(&mut out, Some(len));
+            set_ip_len(&mut out, len);
             assert_eq!(f.run(Hook::FromPod, &out), TC_ACT_SHOT, "leaving, length {len} v6={v6}");
         }
     }
     let mut short_ihl = Frame::tcp(v4(PEER), 40000, v4(POD), 80, SYN).build();
-    set_ip_len(&mut short_ihl, Some(16));
+    set_ip_len(&mut short_ihl, 16);
     assert_eq!(f.run(Hook::ToPod, &short_ihl), TC_ACT_SHOT, "total length below the header");
     assert_eq!(f.counted(ENDPOINT, Reason::DropMalformed), 13);
 }
@@ -1005,11 +999,9 @@ fn fix_lengths(frame: &mut [u8]) {
         let len = (frame.len() - offset) as u16;
         frame[offset + 2..offset + 4].copy_from_slice(&len.to_be_bytes());
         frame[offset + 10..offset + 12].copy_from_slice(&[0, 0]);
-        let mut sum: u32 = frame[offset..offset + 20].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        frame[offset + 10..offset + 12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        let ihl = usize::from(frame[offset] & 0x0f) * 4;
+        let checksum = ipv4_checksum(&frame[offset..offset + ihl]);
+        frame[offset + 10..offset + 12].copy_from_slice(&checksum.to_be_bytes());
     }
     if frame[offset] >> 4 == 4 && frame[offset + 9] == proto::UDP {
         let len = (frame.len() - offset - 20) as u16;

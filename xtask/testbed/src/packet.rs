@@ -177,7 +177,7 @@ impl Frame {
 }
 
 /// The IPv4 header checksum (RFC 791), so that crafted frames survive a real node's checks.
-fn ipv4_checksum(header: &[u8]) -> u16 {
+pub fn ipv4_checksum(header: &[u8]) -> u16 {
     let mut sum: u32 = header.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]))).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
