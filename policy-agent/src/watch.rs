@@ -232,7 +232,7 @@ impl KubeSource {
     }
 }
 
-async fn client(kubeconfig: Option<&Path>) -> Result<Client, AgentError> {
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, AgentError> {
     let kube_err = |what: &str| {
         let what = what.to_owned();
         move |e: Box<dyn std::error::Error + Send + Sync>| AgentError::Kube { what, source: e }
