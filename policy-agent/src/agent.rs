@@ -20,18 +20,17 @@ use crate::{
     metrics::{self, AgentView, Directory, EndpointStatus, MapFill, SharedView},
     netif,
     sync::{EndpointRef, SyncReport, Syncer},
-    watch::{KubeSource, ManifestSource, Source},
+    watch::{ClusterArgs, KubeSource, ManifestSource, Source},
 };
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// Read Namespaces, Pods and NetworkPolicies from this directory (YAML/JSON) and watch it,
     /// instead of a Kubernetes API server.
-    #[arg(long, conflicts_with = "kubeconfig")]
+    #[arg(long, conflicts_with_all = ["kubeconfig", "context"])]
     pub manifests: Option<PathBuf>,
-    /// Kubeconfig of the API server (default: in-cluster config, else $KUBECONFIG).
-    #[arg(long)]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// This node's name: pods with this `spec.nodeName` are enforced here.
     #[arg(long, env = "NODE_NAME")]
     pub node: Option<String>,
@@ -128,7 +127,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         Some(dir) => Source::Manifests(ManifestSource::new(dir)?),
         None => {
             tracing::info!("waiting for the API server's first lists");
-            Source::Kube(KubeSource::start(args.kubeconfig.as_deref()).await?)
+            Source::Kube(KubeSource::start(&args.cluster).await?)
         }
     };
     let agent = Agent {

@@ -199,10 +199,9 @@ pub struct KubeSource {
 }
 
 impl KubeSource {
-    /// Connects with `kubeconfig`, or in-cluster / `KUBECONFIG` configuration when `None`,
-    /// and starts the watchers. Returns once every store has its first full list.
-    pub async fn start(kubeconfig: Option<&Path>) -> Result<Self, AgentError> {
-        let client = client(kubeconfig).await?;
+    /// Connects to `cluster` and starts the watchers. Returns once every store has its first full list.
+    pub async fn start(cluster: &ClusterArgs) -> Result<Self, AgentError> {
+        let client = client(cluster).await?;
         let notify = Arc::new(Notify::new());
         let changed_at = Arc::new(Mutex::new(SystemTime::now()));
         let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -232,21 +231,34 @@ impl KubeSource {
     }
 }
 
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, AgentError> {
-    let kube_err = |what: &str| {
-        let what = what.to_owned();
-        move |e: Box<dyn std::error::Error + Send + Sync>| AgentError::Kube { what, source: e }
-    };
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| kube_err(&format!("read {}", path.display()))(Box::new(e)))?;
-            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| kube_err(&format!("load {}", path.display()))(Box::new(e)))?
+/// Which API server to talk to, and as whom: the flags every command that reads a live
+/// cluster shares (`run`, `explain`, `coverage`, the kubectl plugin).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ClusterArgs {
+    /// Kubeconfig file (default: in-cluster configuration, else $KUBECONFIG or ~/.kube/config).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use instead of the current one.
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
+}
+
+/// A client for `cluster`: the kubeconfig file given, else in-cluster or $KUBECONFIG
+/// configuration; `--context` picks a context of whichever kubeconfig is read.
+pub async fn client(cluster: &ClusterArgs) -> Result<Client, AgentError> {
+    let kube_err = |what: String| move |e: Box<dyn std::error::Error + Send + Sync>| AgentError::Kube { what, source: e };
+    let options = kube::config::KubeConfigOptions { context: cluster.context.clone(), ..Default::default() };
+    let config = match (&cluster.kubeconfig, &cluster.context) {
+        (Some(path), _) => {
+            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| kube_err(format!("read {}", path.display()))(Box::new(e)))?;
+            kube::Config::from_custom_kubeconfig(file, &options).await.map_err(|e| kube_err(format!("load {}", path.display()))(Box::new(e)))?
         }
-        None => kube::Config::infer().await.map_err(|e| kube_err("find cluster configuration")(Box::new(e)))?,
+        (None, Some(context)) => {
+            kube::Config::from_kubeconfig(&options).await.map_err(|e| kube_err(format!("load kubeconfig context {context}"))(Box::new(e)))?
+        }
+        (None, None) => kube::Config::infer().await.map_err(|e| kube_err("find cluster configuration".into())(Box::new(e)))?,
     };
-    Client::try_from(config).map_err(|e| kube_err("create client")(Box::new(e)))
+    Client::try_from(config).map_err(|e| kube_err("create client".into())(Box::new(e)))
 }
 
 /// Retries a failed watch after 0.2 s, doubling up to 5 s (kube-runtime's default goes to
