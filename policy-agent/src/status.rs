@@ -1,12 +1,11 @@
 //! `policy-agent status`: the local endpoints as the running agent sees them (from its
 //! `/status`), or, when no agent answers, what is pinned in bpffs.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    path::PathBuf,
-    time::Duration,
-};
+use std::{io, net::SocketAddr, path::PathBuf, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper_util::rt::TokioIo;
 
 use crate::{
     AgentError,
@@ -49,20 +48,43 @@ pub fn main(args: &StatusArgs) -> Result<(), AgentError> {
     }
 }
 
-/// A plain HTTP/1.1 GET, enough for the agent's own server.
+/// How long connecting to the agent may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the whole request may take, connecting included.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest answer read (a `/status` of a full node is far smaller).
+const MAX_ANSWER: usize = 64 * 1024 * 1024;
+
+/// GETs `path` from the agent at `addr` (an IP address and port) over HTTP/1.1: the body of a
+/// 200 answer, an error otherwise. Blocking, on a runtime of its own on the calling thread (so
+/// the socket is opened in that thread's network namespace); not for async contexts.
 pub fn fetch(addr: &str, path: &str) -> Result<String, std::io::Error> {
-    let target = addr.parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    // One write: the whole request in one segment.
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(head.lines().next().unwrap_or("no answer").to_owned()));
+    let target: SocketAddr = addr.parse().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{addr}: {e}")))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        tokio::time::timeout(FETCH_TIMEOUT, get(target, addr, path))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer from {addr} within {FETCH_TIMEOUT:?}")))?
+    })
+}
+
+async fn get(target: SocketAddr, addr: &str, path: &str) -> io::Result<String> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("cannot connect to {addr} within {CONNECT_TIMEOUT:?}")))??;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(io::Error::other)?;
+    // Drives the connection; it ends with the runtime, after the answer.
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("GET {path}: {e}")))?;
+    let response = sender.send_request(request).await.map_err(io::Error::other)?;
+    if response.status() != hyper::StatusCode::OK {
+        return Err(io::Error::other(format!("GET {path} on {addr}: {}", response.status())));
     }
-    Ok(body.to_owned())
+    let body = Limited::new(response.into_body(), MAX_ANSWER).collect().await.map_err(io::Error::other)?.to_bytes();
+    String::from_utf8(Vec::from(body)).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("GET {path} on {addr}: {e}")))
 }
 
 fn print_status(status: &serde_json::Value) {
