@@ -271,13 +271,14 @@ impl CoverageReport {
     /// allowed, then one line per namespace.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
-        let sections: [(&str, Isolation, fn(&PodCoverage) -> &DirectionCoverage); 4] = [
-            ("not isolated for ingress (every source allowed)", Isolation::NotIsolated, |p| &p.ingress),
-            ("not isolated for egress (every destination allowed)", Isolation::NotIsolated, |p| &p.egress),
-            ("isolated for ingress, nothing allowed", Isolation::IsolatedNothingAllowed, |p| &p.ingress),
-            ("isolated for egress, nothing allowed", Isolation::IsolatedNothingAllowed, |p| &p.egress),
+        let sections = [
+            ("not isolated for ingress (every source allowed)", Isolation::NotIsolated, Direction::Ingress),
+            ("not isolated for egress (every destination allowed)", Isolation::NotIsolated, Direction::Egress),
+            ("isolated for ingress, nothing allowed", Isolation::IsolatedNothingAllowed, Direction::Ingress),
+            ("isolated for egress, nothing allowed", Isolation::IsolatedNothingAllowed, Direction::Egress),
         ];
-        for (title, wanted, side) in sections {
+        for (title, wanted, direction) in sections {
+            let side = |p: &PodCoverage| if direction == Direction::Ingress { p.ingress.clone() } else { p.egress.clone() };
             let pods: Vec<&PodCoverage> = self.pods.iter().filter(|p| side(p).state == wanted).collect();
             let _ = writeln!(out, "pods {title}: {}", pods.len());
             for pod in pods {

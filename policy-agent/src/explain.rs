@@ -680,7 +680,7 @@ pub fn service_backends(service: &Service, endpoints: Option<&Endpoints>, port: 
         backends.not_ready.extend(subset.not_ready_addresses.iter().flatten().filter_map(to_backend));
     }
     for list in [&mut backends.ready, &mut backends.not_ready] {
-        list.sort_by(|a, b| (a.ip, a.port).cmp(&(b.ip, b.port)));
+        list.sort_by_key(|b| (b.ip, b.port));
         list.dedup();
     }
     Ok(backends)

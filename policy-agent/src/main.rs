@@ -61,8 +61,9 @@ impl Which {
     }
 }
 
-/// `kubectl policy ...`: kubectl runs `kubectl-policy` from PATH (here a symlink to this
-/// binary) with the words after `policy`.
+/// NetworkPolicy tools of the eBPF policy enforcer, as a kubectl plugin.
+// kubectl runs `kubectl-policy` from PATH (here a symlink to this binary) with the words
+// after `policy`, its flags included.
 #[derive(Parser)]
 #[command(name = "kubectl-policy", bin_name = "kubectl policy", version)]
 struct PluginCli {
