@@ -31,6 +31,8 @@ pub struct RunArgs {
     pub manifests: Option<PathBuf>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub publish: crate::publish::PublishArgs,
     /// This node's name: pods with this `spec.nodeName` are enforced here.
     #[arg(long, env = "NODE_NAME")]
     pub node: Option<String>,
@@ -127,6 +129,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         Some(dir) => Source::Manifests(ManifestSource::new(dir)?),
         None => {
             tracing::info!("waiting for the API server's first lists");
+            crate::publish::spawn(&args.publish, &args.cluster, &view);
             Source::Kube(KubeSource::start(&args.cluster).await?)
         }
     };

@@ -6,12 +6,14 @@
 pub mod agent;
 pub mod compile;
 pub mod conntrack;
+pub mod coverage;
 pub mod datapath;
 pub mod error;
 pub mod explain;
 pub mod flowlog;
 pub mod metrics;
 pub mod netif;
+pub mod publish;
 pub mod resolve;
 pub mod state;
 pub mod status;

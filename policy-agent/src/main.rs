@@ -19,6 +19,8 @@ enum Command {
     Status(policy_agent::status::StatusArgs),
     /// Explain whether a connection is allowed, and which policy decides it.
     Explain(policy_agent::explain::ExplainArgs),
+    /// List the pods no policy isolates, per direction, and each namespace's default denies.
+    Coverage(policy_agent::coverage::CoverageArgs),
     /// Load the classifier, pin its maps and attach it to one interface (plumbing for
     /// `cargo xtask build-and-load` and tests; the agent attaches by itself).
     Attach(AttachArgs),
@@ -59,12 +61,51 @@ impl Which {
     }
 }
 
+/// NetworkPolicy tools of the eBPF policy enforcer, as a kubectl plugin.
+// kubectl runs `kubectl-policy` from PATH (here a symlink to this binary) with the words
+// after `policy`, its flags included.
+#[derive(Parser)]
+#[command(name = "kubectl-policy", bin_name = "kubectl policy", version)]
+struct PluginCli {
+    #[command(subcommand)]
+    command: PluginCommand,
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Explain whether a connection is allowed on the live cluster, and which policy decides it.
+    Explain(policy_agent::explain::ExplainArgs),
+    /// List the pods no policy isolates, per direction, and each namespace's default denies.
+    Coverage(policy_agent::coverage::CoverageArgs),
+    /// Show what a node's agent last published (ConfigMap policy-agent-status-NODE).
+    Status(policy_agent::publish::NodeStatusArgs),
+}
+
+/// The name this binary was run as answers for kubectl's plugin lookup.
+const PLUGIN_NAME: &str = "kubectl-policy";
+
+fn invoked_as_plugin() -> bool {
+    std::env::args_os().next().is_some_and(|arg0| std::path::Path::new(&arg0).file_name().is_some_and(|n| n == PLUGIN_NAME))
+}
+
+fn plugin_main() -> ExitCode {
+    match PluginCli::parse().command {
+        PluginCommand::Explain(args) => policy_agent::explain::main(&args),
+        PluginCommand::Coverage(args) => policy_agent::coverage::main(&args),
+        PluginCommand::Status(args) => policy_agent::publish::node_status_main(&args),
+    }
+}
+
 fn main() -> ExitCode {
+    if invoked_as_plugin() {
+        return plugin_main();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Status(args) => policy_agent::status::main(&args).map_err(Into::into),
         Command::Explain(args) => return policy_agent::explain::main(&args),
+        Command::Coverage(args) => return policy_agent::coverage::main(&args),
         Command::Attach(args) => attach(&args),
         Command::Detach(args) => detach(&args),
         Command::Cleanup { bpffs } => cleanup(&bpffs),

@@ -568,6 +568,21 @@ fn install_and_example_manifests_apply_and_the_cluster_role_is_minimal() {
     ] {
         assert!(!can(&[verb, resource, "--all-namespaces"]), "the agent must not {verb} {resource}");
     }
+    // Its status ConfigMap: create and patch (a server-side apply) in its own namespace only.
+    let can_here = |verb: &str, resource: &str, ns: &str| can(&[verb, resource, "-n", ns]);
+    assert!(can_here("create", "configmaps", AGENT_NAMESPACE) && can_here("patch", "configmaps/policy-agent-status-n1", AGENT_NAMESPACE));
+    for (verb, ns) in [("get", AGENT_NAMESPACE), ("list", AGENT_NAMESPACE), ("delete", AGENT_NAMESPACE), ("update", AGENT_NAMESPACE), ("create", "default"), ("patch", "kube-system")] {
+        assert!(!can_here(verb, "configmaps", ns), "the agent must not {verb} configmaps in {ns}");
+    }
+    // The plugin's roles (bound to nobody by the manifests) grant reads only.
+    let role: serde_json::Value = serde_json::from_str(&api.kubectl_ok(&["get", "clusterrole", "policy-viewer", "-o", "json"])).expect("viewer JSON");
+    for rule in role["rules"].as_array().expect("rules") {
+        assert_eq!(rule["verbs"], json!(["get", "list"]), "{rule}");
+    }
+    let reader: serde_json::Value =
+        serde_json::from_str(&api.kubectl_ok(&["get", "role", "policy-status-reader", "-n", AGENT_NAMESPACE, "-o", "json"])).expect("reader JSON");
+    assert_eq!(reader["rules"], json!([{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]));
+
     // And for real, not only as the authorizer says: reads work, writes and secrets do not.
     let as_agent = |args: &[&str]| {
         let mut full = vec![sa_arg.as_str()];
@@ -587,4 +602,243 @@ fn install_and_example_manifests_apply_and_the_cluster_role_is_minimal() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("Forbidden"), "kubectl {args:?} as the agent: {err}");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tools against the live cluster: explain, coverage, the kubectl plugin.
+
+/// Runs `policy-agent ARGS`; returns (exit code, stdout, stderr).
+fn agent_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(AGENT).args(args).output().expect("run policy-agent");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn agent_json(args: &[&str]) -> serde_json::Value {
+    let (code, stdout, stderr) = agent_cli(args);
+    assert_eq!(code, 0, "policy-agent {args:?}: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("policy-agent {args:?} printed no JSON ({e}):\n{stdout}"))
+}
+
+impl Kube {
+    fn create_json<K>(&self, ns: &str, object: serde_json::Value)
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    {
+        let object: K = serde_json::from_value(object).expect("object");
+        let api: Api<K> = Api::namespaced(self.client.clone(), ns);
+        self.rt.block_on(api.create(&PostParams::default(), &object)).unwrap_or_else(|e| panic!("create {} in {ns}: {e}", K::kind(&())));
+    }
+
+    /// Writes every Namespace, Pod and NetworkPolicy as the API server has them into `dir`
+    /// (one JSON file per kind): the files a `--manifests` user would have.
+    fn dump(&self, dir: &Path) {
+        let params = kube::api::ListParams::default();
+        self.rt.block_on(async {
+            let namespaces = self.namespaces().list(&params).await.expect("list namespaces").items;
+            let pods = Api::<Pod>::all(self.client.clone()).list(&params).await.expect("list pods").items;
+            let policies = Api::<NetworkPolicy>::all(self.client.clone()).list(&params).await.expect("list policies").items;
+            let write = |name: &str, items: Vec<String>| std::fs::write(dir.join(name), items.join("\n")).expect("write dump");
+            write("namespaces.json", namespaces.iter().map(|o| serde_json::to_string(o).expect("json")).collect());
+            write("pods.json", pods.iter().map(|o| serde_json::to_string(o).expect("json")).collect());
+            write("policies.json", policies.iter().map(|o| serde_json::to_string(o).expect("json")).collect());
+        });
+    }
+}
+
+/// A control plane with pods a, b, c of namespace e2e (not running anywhere: the tools only
+/// read the API) and a policy letting only a reach b on 80.
+fn tools_cluster(suffix: &str) -> (ApiServer, Kube) {
+    let api = ApiServer::start(suffix, (AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT));
+    let kube = Kube::new(&api.admin_kubeconfig);
+    kube.create_namespace(E2E, &[("team", "blue")]);
+    for spec in [pod("a", 1), pod("b", 2), pod("c", 3)] {
+        kube.create_pod(E2E, &spec, NODE_NAME);
+    }
+    kube.put_policy(E2E, ingress_policy("b-ingress", "b", from_app("a"), json!([{"port": 80}])));
+    (api, kube)
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn live_explain_and_coverage_answer_from_the_api_server_not_from_stale_files() {
+    let (api, kube) = tools_cluster("ktool");
+    let live = ["--kubeconfig", api.admin_kubeconfig.to_str().expect("utf-8")];
+    let stale_dir = api.scratch("stale");
+    kube.dump(&stale_dir);
+    let stale = ["--manifests", stale_dir.to_str().expect("utf-8")];
+    let explain = |source: &[&str], from: &str, to: &str, port: &str| {
+        let mut args = vec!["explain", "--json", "--from", from, "--to", to, "--port", port];
+        args.extend(source);
+        agent_json(&args)
+    };
+    // The files and the API server agree until the policy changes through the API.
+    assert_eq!(explain(&live, "e2e/c", "e2e/b", "80")["verdict"], "deny");
+    assert_eq!(explain(&stale, "e2e/c", "e2e/b", "80")["verdict"], "deny");
+    kube.put_policy(E2E, ingress_policy("b-ingress", "b", from_app("c"), json!([{"port": 80}])));
+    let now = explain(&live, "e2e/c", "e2e/b", "80");
+    assert_eq!(now["verdict"], "allow", "{now:#}");
+    assert_eq!(now["ingress"]["policy"]["name"], "b-ingress");
+    assert_eq!(explain(&stale, "e2e/c", "e2e/b", "80")["verdict"], "deny", "the stale files still say the old");
+    // -n names the namespace of bare pod names; text and exit code as with files.
+    let (code, text, _) = agent_cli(&[&["explain", "-n", E2E, "--from", "a", "--to", "b", "--port", "80"][..], &live].concat());
+    assert_eq!(code, 0);
+    assert!(text.starts_with("DENY\n") && text.contains("ingress at e2e/b (node kube-node-1): denied, isolated by e2e/b-ingress"), "{text}");
+    let (code, _, stderr) = agent_cli(&[&["explain", "--from", "e2e/nope", "--to", "e2e/b", "--port", "80"][..], &live].concat());
+    assert!(code == 2 && stderr.contains("unknown pod e2e/nope"), "{stderr}");
+
+    services_are_answered_per_backend(&kube, &live, &stale);
+
+    // Coverage: a default deny for egress made through the API shows live only.
+    kube.put_policy(E2E, json!({"metadata": {"name": "deny-egress"}, "spec": {"podSelector": {}, "policyTypes": ["Egress"]}}));
+    let coverage = |source: &[&str]| agent_json(&[&["coverage", "--json", "-n", E2E][..], source].concat());
+    let (now, before) = (coverage(&live), coverage(&stale));
+    let namespace = |report: &serde_json::Value| report["namespaces"].as_array().and_then(|n| n.first()).cloned().expect("one namespace");
+    assert_eq!(now["namespaces"].as_array().map(Vec::len), Some(1), "-n: only e2e: {now:#}");
+    let e2e = namespace(&now);
+    assert_eq!(e2e["egress"]["default_deny"], json!(["e2e/deny-egress"]), "{e2e:#}");
+    assert_eq!((e2e["egress"]["isolated_nothing_allowed"].as_u64(), e2e["ingress"]["not_isolated"].as_u64()), (Some(3), Some(2)), "{e2e:#}");
+    let old = namespace(&before);
+    assert_eq!((old["egress"]["default_deny"].as_array().map(Vec::len), old["egress"]["not_isolated"].as_u64()), (Some(0), Some(3)), "{old:#}");
+    let pod_b = now["pods"].as_array().and_then(|p| p.iter().find(|p| p["pod"] == "e2e/b")).cloned().expect("e2e/b listed");
+    assert_eq!((pod_b["ingress"]["state"].as_str(), pod_b["egress"]["state"].as_str()), (Some("isolated"), Some("isolated-nothing-allowed")));
+    let (code, text, _) = agent_cli(&[&["coverage", "-n", E2E][..], &live].concat());
+    assert_eq!(code, 0);
+    assert!(text.starts_with("pods not isolated for ingress (every source allowed): 2\n  e2e/a"), "{text}");
+    assert!(text.contains("isolated for egress, nothing allowed: 3") && text.contains("yes (deny-egress)"), "{text}");
+}
+
+/// `svc/e2e/web`: port 8080 maps by name to 80 on backends b (only c may reach it) and c.
+fn services_are_answered_per_backend(kube: &Kube, live: &[&str], stale: &[&str]) {
+    use k8s_openapi::api::core::v1::{Endpoints, Service};
+    kube.create_json::<Service>(E2E, json!({"metadata": {"name": "web"}, "spec": {"ports": [{"name": "http", "port": 8080, "targetPort": 80}]}}));
+    // The addresses `pod(name, last)` gives.
+    let address = |name: &str, last: u8| json!({"ip": Ipv4Addr::new(198, 18, 30, last).to_string(), "targetRef": {"kind": "Pod", "name": name, "namespace": E2E}});
+    kube.create_json::<Endpoints>(
+        E2E,
+        json!({"metadata": {"name": "web"}, "subsets": [{"addresses": [address("b", 2), address("c", 3)], "notReadyAddresses": [address("a", 1)], "ports": [{"name": "http", "port": 80}]}]}),
+    );
+    let answer = agent_json(&[&["explain", "--json", "--from", "e2e/a", "--to", "svc/e2e/web", "--port", "8080"][..], live].concat());
+    assert_eq!(answer["verdict"], "partial", "{answer:#}");
+    let backends = answer["backends"].as_array().expect("backends");
+    let summary: Vec<(String, u64, String)> = backends
+        .iter()
+        .map(|b| (b["to_backend"]["pod"].as_str().unwrap_or("-").to_owned(), b["port"].as_u64().unwrap_or(0), b["verdict"].as_str().unwrap_or("-").to_owned()))
+        .collect();
+    assert_eq!(summary, [("e2e/b".to_owned(), 80, "deny".to_owned()), ("e2e/c".to_owned(), 80, "allow".to_owned())]);
+    assert_eq!(answer["to_service"]["not_ready"][0]["pod"], "e2e/a");
+    let (code, text, _) = agent_cli(&[&["explain", "--from", "e2e/c", "--to", "svc/e2e/web", "--port", "8080"][..], live].concat());
+    assert_eq!(code, 0);
+    assert!(text.contains("--- backend 1 of 2: e2e/b 198.18.30.2:80\nALLOW\n") && text.ends_with("overall: ALLOW (all 2 backends allowed)\n"), "{text}");
+
+    // No Endpoints at all: an answer, not an error.
+    kube.create_json::<Service>(E2E, json!({"metadata": {"name": "empty"}, "spec": {"ports": [{"port": 80}]}}));
+    let none = agent_json(&[&["explain", "--json", "--from", "e2e/a", "--to", "svc/e2e/empty", "--port", "80"][..], live].concat());
+    assert_eq!((none["verdict"].as_str(), none["backends"].as_array().map(Vec::len)), (Some("no-backends"), Some(0)), "{none:#}");
+    for (args, message) in [
+        (&["explain", "--from", "e2e/a", "--to", "svc/e2e/web", "--port", "80"][..], "has no port 80/TCP"),
+        (&["explain", "--from", "e2e/a", "--to", "svc/e2e/nope", "--port", "80"][..], "unknown Service e2e/nope"),
+    ] {
+        let (code, _, stderr) = agent_cli(&[args, live].concat());
+        assert!(code == 2 && stderr.contains(message), "{args:?}: {stderr}");
+    }
+    let (code, _, stderr) = agent_cli(&[&["explain", "--from", "e2e/a", "--to", "svc/e2e/web", "--port", "8080"][..], stale].concat());
+    assert!(code == 2 && stderr.contains("live cluster only"), "{stderr}");
+}
+
+/// A kubeconfig that acts as `user` (admin's token, impersonating): what the plugin's users
+/// are granted by binding the install manifests' `policy-viewer` roles.
+fn impersonating_kubeconfig(api: &ApiServer, user: &str) -> PathBuf {
+    let admin = std::fs::read_to_string(&api.admin_kubeconfig).expect("read admin kubeconfig");
+    let text = admin.replace("  user:\n    token:", &format!("  user:\n    as: {user}\n    token:"));
+    assert_ne!(text, admin, "kubeconfig layout changed");
+    let path = api.scratch("viewer").join("kubeconfig");
+    std::fs::write(&path, text).expect("write viewer kubeconfig");
+    path
+}
+
+/// Runs the real kubectl with PATH = the plugin directory, kubectl's own, and the system's.
+fn kubectl_plugin(api: &ApiServer, plugins: &Path, args: &[&str], env: &[(&str, &Path)]) -> (i32, String, String) {
+    let kubectl = api.kubectl_path();
+    let path = format!("{}:{}:/usr/sbin:/usr/bin:/sbin:/bin", plugins.display(), kubectl.parent().expect("bin dir").display());
+    let mut cmd = Command::new(&kubectl);
+    cmd.args(args).env_clear().env("PATH", path).env("HOME", plugins);
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let out = cmd.output().expect("run kubectl");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn the_kubectl_plugin_explains_covers_and_shows_a_nodes_published_status() {
+    let mut n = KubeNode::new("kplg");
+    n.kube.put_policy(E2E, ingress_policy("b-ingress", "b", from_app("a"), json!([{"port": 80}])));
+    n.start_agent();
+    // The plugin's user has only what manifests/install/40-viewer-rbac.yaml grants.
+    n.api.kubectl_ok(&["create", "clusterrolebinding", "policy-viewer-test", "--clusterrole=policy-viewer", "--user=policy-viewer"]);
+    n.api.kubectl_ok(&["create", "rolebinding", "policy-status-reader-test", "-n", AGENT_NAMESPACE, "--role=policy-status-reader", "--user=policy-viewer"]);
+    let viewer = impersonating_kubeconfig(&n.api, "policy-viewer");
+    let viewer_arg = viewer.to_str().expect("utf-8");
+    let plugins = n.api.scratch("plugins");
+    std::os::unix::fs::symlink(AGENT, plugins.join("kubectl-policy")).expect("symlink kubectl-policy");
+
+    let (code, list, stderr) = kubectl_plugin(&n.api, &plugins, &["plugin", "list"], &[]);
+    assert!(code == 0 && list.contains("kubectl-policy"), "kubectl finds the plugin: {list}{stderr}");
+
+    // explain, with --kubeconfig and --context after the plugin's words (as kubectl passes them).
+    let (code, text, stderr) =
+        kubectl_plugin(&n.api, &plugins, &["policy", "explain", "--from", "c", "--to", "b", "--port", "80", "-n", E2E, "--kubeconfig", viewer_arg, "--context", "test"], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(text.starts_with("DENY\n") && text.contains("isolated by e2e/b-ingress"), "{text}{stderr}");
+    let (code, _, stderr) = kubectl_plugin(&n.api, &plugins, &["policy", "explain", "--from", "c", "--to", "b", "--port", "80", "--kubeconfig", viewer_arg], &[]);
+    assert!(code == 2 && stderr.contains("unknown pod default/c"), "no -n: the context's namespace (default): {stderr}");
+
+    // coverage, with $KUBECONFIG.
+    let (code, text, stderr) = kubectl_plugin(&n.api, &plugins, &["policy", "coverage", "-n", E2E, "--json"], &[("KUBECONFIG", viewer.as_path())]);
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&text).expect("coverage JSON");
+    let b = report["pods"].as_array().and_then(|p| p.iter().find(|p| p["pod"] == "e2e/b")).cloned().expect("e2e/b");
+    assert_eq!((b["ingress"]["state"].as_str(), b["node"].as_str()), (Some("isolated"), Some(NODE_NAME)), "{report:#}");
+
+    // status NODE: what the agent published (ready, its four endpoints), and how old it is.
+    let start = Instant::now();
+    let text = loop {
+        let (code, text, stderr) = kubectl_plugin(&n.api, &plugins, &["policy", "status", NODE_NAME, "--kubeconfig", viewer_arg], &[]);
+        if code == 0 && text.contains("ready true") && text.contains("other/d") {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(45),
+            "no ready status published: {text}{stderr}\nagent log:\n{}",
+            std::fs::read_to_string(&n.log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(text.starts_with(&format!("status of node {NODE_NAME}'s agent, published ")) && text.contains("s ago"), "{text}");
+    assert!(text.contains("e2e/b") && text.contains("isolated"), "{text}");
+    let (code, json_text, _) = kubectl_plugin(&n.api, &plugins, &["policy", "status", NODE_NAME, "--json", "--kubeconfig", viewer_arg], &[]);
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&json_text).expect("status JSON");
+    assert!(status["age_seconds"].as_u64().is_some_and(|a| a < 400), "{status:#}");
+    assert_eq!(status["status"]["node"], NODE_NAME);
+    let (code, _, stderr) = kubectl_plugin(&n.api, &plugins, &["policy", "status", "no-such-node", "--kubeconfig", viewer_arg], &[]);
+    assert!(code == 2 && stderr.contains("no ConfigMap policy-enforcer/policy-agent-status-no-such-node"), "{stderr}");
+
+    // A change reaches the ConfigMap (at most every 10 s), without the agent missing a beat.
+    n.kube.put_policy(E2E, json!({"metadata": {"name": "d-deny"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}));
+    n.kube.put_policy(OTHER, json!({"metadata": {"name": "d-deny"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}));
+    n.until("a", "d", 80, false, CHANGE);
+    let start = Instant::now();
+    loop {
+        let (_, json_text, _) = kubectl_plugin(&n.api, &plugins, &["policy", "status", NODE_NAME, "--json", "--kubeconfig", viewer_arg], &[]);
+        let status: serde_json::Value = serde_json::from_str(&json_text).unwrap_or_default();
+        let d = status["status"]["endpoints"].as_array().and_then(|e| e.iter().find(|e| e["pod"] == "other/d")).cloned();
+        if d.is_some_and(|d| d["ingress_isolated"] == true) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the change was not published: {status:#}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(n.agent().alive());
 }
