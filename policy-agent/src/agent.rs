@@ -74,8 +74,10 @@ pub struct RunArgs {
     /// may hold `conntrack-size / max-pods` tracked flows, so no pod can take another's room.
     #[arg(long, default_value_t = policy_common::conntrack::DEFAULT_MAX_PODS)]
     pub max_pods: u32,
-    /// Full resync period (interfaces that appeared, retries).
-    #[arg(long, default_value = "1000", value_name = "MS")]
+    /// Full resync period: a safety net (and the retry period of failed writes and attaches);
+    /// link, address and route changes (netlink) and manifest or API changes wake the agent
+    /// at once.
+    #[arg(long, default_value = "5000", value_name = "MS")]
     pub resync_ms: u64,
 }
 
@@ -149,34 +151,48 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
 }
 
 impl Agent {
-    /// The loop: reconcile on every change and resync, sweep expired flows, until a signal
+    /// The loop: reconcile on every change of the cluster or of the node's links, addresses
+    /// and routes, and on each resync; sweep expired flows, until a signal
     /// (or a server that stopped) ends it.
     async fn serve(mut self, source: &mut Source, servers: &[(String, tokio::task::JoinHandle<()>)], resync: Duration) -> Result<(), AgentError> {
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|source| AgentError::Syscall { what: "install the SIGTERM handler".into(), source })?;
-        let mut last_sweep = std::time::Instant::now();
-        loop {
+        let mut next_sweep = tokio::time::Instant::now() + CONNTRACK_SWEEP;
+        // Before the first pass reads the node: a change made after that read wakes us.
+        let host_events = netif::HostEvents::start();
+        'passes: loop {
             if let Some((addr, _)) = servers.iter().find(|(_, server)| server.is_finished()) {
                 return Err(AgentError::ServerStopped { addr: addr.clone() });
             }
             self.reconcile(source);
-            if last_sweep.elapsed() >= CONNTRACK_SWEEP {
-                last_sweep = std::time::Instant::now();
-                match self.syncer.sweep_conntrack() {
-                    Ok(removed) => tracing::debug!(removed, "conntrack sweep"),
-                    Err(error) => tracing::warn!(%error, "conntrack sweep"),
+            let resync_at = tokio::time::Instant::now() + resync;
+            // The sweep has its own clock: the resync may be long now that events drive passes.
+            loop {
+                tokio::select! {
+                    () = source.changed() => break,
+                    () = host_events.changed() => break,
+                    () = tokio::time::sleep_until(resync_at) => break,
+                    () = tokio::time::sleep_until(next_sweep) => {
+                        next_sweep = tokio::time::Instant::now() + CONNTRACK_SWEEP;
+                        self.sweep_conntrack();
+                    }
+                    _ = tokio::signal::ctrl_c() => break 'passes,
+                    _ = terminate.recv() => break 'passes,
                 }
-            }
-            tokio::select! {
-                () = source.changed() => {}
-                () = tokio::time::sleep(resync) => {}
-                _ = tokio::signal::ctrl_c() => break,
-                _ = terminate.recv() => break,
             }
         }
         // Everything stays pinned: enforcement goes on until the next agent adopts it.
         tracing::info!("stopping; maps and links stay pinned and enforcing");
         Ok(())
+    }
+}
+
+impl Agent {
+    fn sweep_conntrack(&mut self) {
+        match self.syncer.sweep_conntrack() {
+            Ok(removed) => tracing::debug!(removed, "conntrack sweep"),
+            Err(error) => tracing::warn!(%error, "conntrack sweep"),
+        }
     }
 }
 
