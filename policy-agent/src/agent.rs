@@ -140,7 +140,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         audit: args.audit,
         attached: BTreeMap::new(),
         last_change: None,
-        downed: BTreeSet::new(),
+        downed: BTreeMap::new(),
         compilation: None,
         routes: Vec::new(),
         settled: false,
@@ -222,7 +222,9 @@ struct Agent {
     /// The change time already enforced (for the latency histogram).
     last_change: Option<SystemTime>,
     /// Links this agent took down because their classifier could not be attached.
-    downed: BTreeSet<String>,
+    /// The kernel flushes a link's routes when it goes down, so the pod keeps this placement
+    /// (its ifindex) while the link exists: otherwise it would look gone.
+    downed: BTreeMap<String, (PodRef, u32)>,
     /// The last compilation and what it was made from.
     compilation: Option<Compilation>,
     /// The routes the last pass placed pods with.
@@ -376,7 +378,7 @@ impl Agent {
                     tracing::error!(pod = %pod, interface = %ifname, error = %e, "attach failed");
                     // Without a classifier an isolated pod would be open.
                     if is_isolated(compiled, pod) {
-                        self.set_link_down(pod, ifname, true);
+                        self.set_link_down(pod, ifname, *ifindex, true);
                     }
                     errors.entry(pod.clone()).or_insert_with(|| e.to_string());
                 }
@@ -393,22 +395,22 @@ impl Agent {
             let Some((ifname, ifindex)) = &placement.interface else { continue };
             if failed.contains(pod) {
                 if is_isolated(compiled, pod) {
-                    self.set_link_down(pod, ifname, true);
+                    self.set_link_down(pod, ifname, *ifindex, true);
                 }
             } else if self.attached.get(ifname) == Some(ifindex) {
-                self.set_link_down(pod, ifname, false);
+                self.set_link_down(pod, ifname, *ifindex, false);
             }
         }
     }
 
-    fn set_link_down(&mut self, pod: &PodRef, ifname: &str, down: bool) {
-        if down == self.downed.contains(ifname) {
+    fn set_link_down(&mut self, pod: &PodRef, ifname: &str, ifindex: u32, down: bool) {
+        if down == self.downed.contains_key(ifname) {
             return;
         }
         match netif::set_link_up(ifname, !down) {
             Ok(()) if down => {
                 tracing::warn!(pod = %pod, interface = %ifname, "link set down until the pod is written and attached");
-                self.downed.insert(ifname.to_owned());
+                self.downed.insert(ifname.to_owned(), (pod.clone(), ifindex));
             }
             Ok(()) => {
                 tracing::info!(pod = %pod, interface = %ifname, "link up again, pod written and attached");
@@ -445,7 +447,8 @@ impl Agent {
         let mut placements = BTreeMap::new();
         let mut taken: BTreeMap<u32, &PodRef> = BTreeMap::new();
         for (pod, endpoint) in &compiled.endpoints {
-            let placement = match pod_interface(endpoint, host, &self.attached, &taken) {
+            let found = pod_interface(endpoint, host, &self.attached, &taken).or_else(|e| self.downed_interface(pod, &taken).ok_or(e));
+            let placement = match found {
                 Ok((name, ifindex)) => {
                     taken.insert(ifindex, pod);
                     match self.syncer.slot(ifindex) {
@@ -461,6 +464,12 @@ impl Agent {
             placements.insert(pod.clone(), placement);
         }
         placements
+    }
+
+    /// The link this agent set down for `pod`, if it still exists with the same index.
+    fn downed_interface(&self, pod: &PodRef, taken: &BTreeMap<u32, &PodRef>) -> Option<(String, u32)> {
+        let (name, (_, index)) = self.downed.iter().find(|(_, (p, _))| p == pod)?;
+        (netif::ifindex(name) == Some(*index) && !taken.contains_key(index)).then(|| (name.clone(), *index))
     }
 
     fn attach(&mut self, ifname: &str) -> Result<Vec<u32>, AgentError> {
