@@ -76,8 +76,10 @@ pub struct RunArgs {
     /// may hold `conntrack-size / max-pods` tracked flows, so no pod can take another's room.
     #[arg(long, default_value_t = policy_common::conntrack::DEFAULT_MAX_PODS)]
     pub max_pods: u32,
-    /// Full resync period (interfaces that appeared, retries).
-    #[arg(long, default_value = "1000", value_name = "MS")]
+    /// Full resync period: a safety net (and the retry period of failed writes and attaches);
+    /// link, address and route changes (netlink) and manifest or API changes wake the agent
+    /// at once.
+    #[arg(long, default_value = "5000", value_name = "MS")]
     pub resync_ms: u64,
 }
 
@@ -141,7 +143,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         audit: args.audit,
         attached: BTreeMap::new(),
         last_change: None,
-        downed: BTreeSet::new(),
+        downed: BTreeMap::new(),
         compilation: None,
         routes: Vec::new(),
         settled: false,
@@ -152,34 +154,48 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
 }
 
 impl Agent {
-    /// The loop: reconcile on every change and resync, sweep expired flows, until a signal
+    /// The loop: reconcile on every change of the cluster or of the node's links, addresses
+    /// and routes, and on each resync; sweep expired flows, until a signal
     /// (or a server that stopped) ends it.
     async fn serve(mut self, source: &mut Source, servers: &[(String, tokio::task::JoinHandle<()>)], resync: Duration) -> Result<(), AgentError> {
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|source| AgentError::Syscall { what: "install the SIGTERM handler".into(), source })?;
-        let mut last_sweep = std::time::Instant::now();
-        loop {
+        let mut next_sweep = tokio::time::Instant::now() + CONNTRACK_SWEEP;
+        // Before the first pass reads the node: a change made after that read wakes us.
+        let host_events = netif::HostEvents::start();
+        'passes: loop {
             if let Some((addr, _)) = servers.iter().find(|(_, server)| server.is_finished()) {
                 return Err(AgentError::ServerStopped { addr: addr.clone() });
             }
             self.reconcile(source);
-            if last_sweep.elapsed() >= CONNTRACK_SWEEP {
-                last_sweep = std::time::Instant::now();
-                match self.syncer.sweep_conntrack() {
-                    Ok(removed) => tracing::debug!(removed, "conntrack sweep"),
-                    Err(error) => tracing::warn!(%error, "conntrack sweep"),
+            let resync_at = tokio::time::Instant::now() + resync;
+            // The sweep has its own clock: the resync may be long now that events drive passes.
+            loop {
+                tokio::select! {
+                    () = source.changed() => break,
+                    () = host_events.changed() => break,
+                    () = tokio::time::sleep_until(resync_at) => break,
+                    () = tokio::time::sleep_until(next_sweep) => {
+                        next_sweep = tokio::time::Instant::now() + CONNTRACK_SWEEP;
+                        self.sweep_conntrack();
+                    }
+                    _ = tokio::signal::ctrl_c() => break 'passes,
+                    _ = terminate.recv() => break 'passes,
                 }
-            }
-            tokio::select! {
-                () = source.changed() => {}
-                () = tokio::time::sleep(resync) => {}
-                _ = tokio::signal::ctrl_c() => break,
-                _ = terminate.recv() => break,
             }
         }
         // Everything stays pinned: enforcement goes on until the next agent adopts it.
         tracing::info!("stopping; maps and links stay pinned and enforcing");
         Ok(())
+    }
+}
+
+impl Agent {
+    fn sweep_conntrack(&mut self) {
+        match self.syncer.sweep_conntrack() {
+            Ok(removed) => tracing::debug!(removed, "conntrack sweep"),
+            Err(error) => tracing::warn!(%error, "conntrack sweep"),
+        }
     }
 }
 
@@ -209,7 +225,9 @@ struct Agent {
     /// The change time already enforced (for the latency histogram).
     last_change: Option<SystemTime>,
     /// Links this agent took down because their classifier could not be attached.
-    downed: BTreeSet<String>,
+    /// The kernel flushes a link's routes when it goes down, so the pod keeps this placement
+    /// (its ifindex) while the link exists: otherwise it would look gone.
+    downed: BTreeMap<String, (PodRef, u32)>,
     /// The last compilation and what it was made from.
     compilation: Option<Compilation>,
     /// The routes the last pass placed pods with.
@@ -363,7 +381,7 @@ impl Agent {
                     tracing::error!(pod = %pod, interface = %ifname, error = %e, "attach failed");
                     // Without a classifier an isolated pod would be open.
                     if is_isolated(compiled, pod) {
-                        self.set_link_down(pod, ifname, true);
+                        self.set_link_down(pod, ifname, *ifindex, true);
                     }
                     errors.entry(pod.clone()).or_insert_with(|| e.to_string());
                 }
@@ -380,22 +398,22 @@ impl Agent {
             let Some((ifname, ifindex)) = &placement.interface else { continue };
             if failed.contains(pod) {
                 if is_isolated(compiled, pod) {
-                    self.set_link_down(pod, ifname, true);
+                    self.set_link_down(pod, ifname, *ifindex, true);
                 }
             } else if self.attached.get(ifname) == Some(ifindex) {
-                self.set_link_down(pod, ifname, false);
+                self.set_link_down(pod, ifname, *ifindex, false);
             }
         }
     }
 
-    fn set_link_down(&mut self, pod: &PodRef, ifname: &str, down: bool) {
-        if down == self.downed.contains(ifname) {
+    fn set_link_down(&mut self, pod: &PodRef, ifname: &str, ifindex: u32, down: bool) {
+        if down == self.downed.contains_key(ifname) {
             return;
         }
         match netif::set_link_up(ifname, !down) {
             Ok(()) if down => {
                 tracing::warn!(pod = %pod, interface = %ifname, "link set down until the pod is written and attached");
-                self.downed.insert(ifname.to_owned());
+                self.downed.insert(ifname.to_owned(), (pod.clone(), ifindex));
             }
             Ok(()) => {
                 tracing::info!(pod = %pod, interface = %ifname, "link up again, pod written and attached");
@@ -432,7 +450,8 @@ impl Agent {
         let mut placements = BTreeMap::new();
         let mut taken: BTreeMap<u32, &PodRef> = BTreeMap::new();
         for (pod, endpoint) in &compiled.endpoints {
-            let placement = match pod_interface(endpoint, host, &self.attached, &taken) {
+            let found = pod_interface(endpoint, host, &self.attached, &taken).or_else(|e| self.downed_interface(pod, &taken).ok_or(e));
+            let placement = match found {
                 Ok((name, ifindex)) => {
                     taken.insert(ifindex, pod);
                     match self.syncer.slot(ifindex) {
@@ -448,6 +467,12 @@ impl Agent {
             placements.insert(pod.clone(), placement);
         }
         placements
+    }
+
+    /// The link this agent set down for `pod`, if it still exists with the same index.
+    fn downed_interface(&self, pod: &PodRef, taken: &BTreeMap<u32, &PodRef>) -> Option<(String, u32)> {
+        let (name, (_, index)) = self.downed.iter().find(|(_, (p, _))| p == pod)?;
+        (netif::ifindex(name) == Some(*index) && !taken.contains_key(index)).then(|| (name.clone(), *index))
     }
 
     fn attach(&mut self, ifname: &str) -> Result<Vec<u32>, AgentError> {

@@ -72,4 +72,12 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+
+    /// Reading or subscribing to the node's links, addresses and routes over netlink.
+    #[error("netlink {what}: {source}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -1,11 +1,26 @@
 //! The node's network namespace as the agent sees it: its own addresses, and which
 //! interface a pod's address is routed to (routed CNIs give each pod a /32 and /128 route
-//! to its host-side veth). Everything is read from the namespace the agent runs in.
+//! to its host-side veth). Everything is read from the namespace the agent runs in: links
+//! and routes over netlink, and [`HostEvents`] wakes the agent when any of them changes.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::Path,
+    sync::Arc,
+    time::Duration,
 };
+
+use rtnetlink::{
+    packet_core::{NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
+    packet_route::{
+        AddressFamily, RouteNetlinkMessage,
+        link::{LinkAttribute, LinkMessage},
+        route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage},
+    },
+    constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK},
+    sys::{AsyncSocket as _, AsyncSocketExt as _, Socket, SocketAddr, TokioSocket, protocols::NETLINK_ROUTE},
+};
+use tokio::sync::Notify;
 
 use crate::AgentError;
 
@@ -105,52 +120,262 @@ pub struct Route {
     pub interface: String,
 }
 
-/// Reads the IPv4 and IPv6 routes of this network namespace from /proc/self/net.
+/// Reads the IPv4 and IPv6 routes of the main table over netlink (a link dump names the
+/// output interfaces). Any error is an error: the caller then keeps everything as it is.
 pub fn routes() -> Result<Vec<Route>, AgentError> {
-    routes_from(Path::new("/proc/self/net/route"), Path::new("/proc/self/net/ipv6_route"))
+    let names = links()?;
+    let dumped = dump(RouteNetlinkMessage::GetRoute(RouteMessage::default()), "route")?;
+    Ok(dumped
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(route) => route_of(route, &names),
+            _ => None,
+        })
+        .collect())
 }
 
-/// Reads the routes from these files. Any read error is an error (the caller then keeps
-/// everything as it is), except a missing IPv6 file: a kernel without IPv6 has no such
-/// file, and no IPv6 routes.
-fn routes_from(v4: &Path, v6: &Path) -> Result<Vec<Route>, AgentError> {
-    let text = std::fs::read_to_string(v4).map_err(|source| AgentError::Read { path: v4.into(), source })?;
-    let mut routes = parse_ipv4_routes(&text);
-    match std::fs::read_to_string(v6) {
-        Ok(text) => routes.extend(parse_ipv6_routes(&text)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(AgentError::Read { path: v6.into(), source }),
+/// The interfaces of this namespace over netlink: index to name.
+pub fn links() -> Result<BTreeMap<u32, String>, AgentError> {
+    let dumped = dump(RouteNetlinkMessage::GetLink(LinkMessage::default()), "link")?;
+    Ok(dumped
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewLink(link) => link_of(link),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The index and name of a link message.
+fn link_of(link: &LinkMessage) -> Option<(u32, String)> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some((link.header.index, name.clone())),
+        _ => None,
+    })
+}
+
+/// A route of the main table as the agent uses it, with its output interface named. Routes
+/// over `lo` (IPv6 unreachable routes) and routes without an output interface (nexthop
+/// objects) or one that is gone by now are left out, as /proc/net listed them.
+fn route_of(route: &RouteMessage, names: &BTreeMap<u32, String>) -> Option<Route> {
+    let table = route.attributes.iter().find_map(|a| if let RouteAttribute::Table(t) = a { Some(*t) } else { None });
+    if table.unwrap_or(u32::from(route.header.table)) != u32::from(RouteHeader::RT_TABLE_MAIN) {
+        return None;
     }
-    Ok(routes)
+    let unspecified = match route.header.address_family {
+        AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    let mut destination = unspecified;
+    let mut oif = None;
+    for attribute in &route.attributes {
+        match attribute {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => destination = IpAddr::V4(*a),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => destination = IpAddr::V6(*a),
+            RouteAttribute::Oif(index) => oif = Some(*index),
+            // The first hop's device, as /proc/net/route shows a multipath route.
+            RouteAttribute::MultiPath(hops) => oif = oif.or(hops.first().map(|h| h.interface_index)),
+            _ => {}
+        }
+    }
+    let interface = names.get(&oif?)?;
+    (interface != "lo").then(|| Route { destination, prefix_len: route.header.destination_prefix_length, interface: interface.clone() })
 }
 
-fn parse_ipv4_routes(text: &str) -> Vec<Route> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (iface, dest, mask) = (fields.first()?, fields.get(1)?, fields.get(7)?);
-            // Little-endian hex of the network-order address, as the kernel prints it.
-            let dest = u32::from_str_radix(dest, 16).ok()?.to_le_bytes();
-            let mask = u32::from_str_radix(mask, 16).ok()?;
-            Some(Route { destination: IpAddr::V4(Ipv4Addr::from(dest)), prefix_len: mask.count_ones() as u8, interface: (*iface).to_owned() })
-        })
-        .collect()
+/// How often a dump the kernel marks interrupted (the table changed while it was read) is
+/// read again before the pass gives up.
+const DUMP_TRIES: usize = 3;
+
+/// A full dump of `request`'s kind over a fresh netlink socket.
+fn dump(request: RouteNetlinkMessage, what: &'static str) -> Result<Vec<RouteNetlinkMessage>, AgentError> {
+    for _ in 1..DUMP_TRIES {
+        let (messages, interrupted) = dump_once(request.clone(), what)?;
+        if !interrupted {
+            return Ok(messages);
+        }
+        tracing::debug!(what, "netlink dump interrupted by a change; reading again");
+    }
+    match dump_once(request, what)? {
+        (messages, false) => Ok(messages),
+        (_, true) => Err(netlink_err(what, std::io::Error::new(std::io::ErrorKind::Interrupted, "dump interrupted by changes, repeatedly"))),
+    }
 }
 
-fn parse_ipv6_routes(text: &str) -> Vec<Route> {
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (dest, len, iface) = (fields.first()?, fields.get(1)?, fields.get(9)?);
-            let dest = u128::from_str_radix(dest, 16).ok()?;
-            let len = u8::from_str_radix(len, 16).ok()?;
-            if *iface == "lo" {
-                return None;
+fn netlink_err(what: &'static str, source: std::io::Error) -> AgentError {
+    AgentError::Netlink { what: format!("{what} dump"), source }
+}
+
+/// How long one dump may wait for the kernel's next answer before the pass is skipped.
+const DUMP_TIMEOUT: libc::timeval = libc::timeval { tv_sec: 2, tv_usec: 0 };
+
+/// One dump: the messages, and whether the kernel flagged the dump inconsistent.
+fn dump_once(request: RouteNetlinkMessage, what: &'static str) -> Result<(Vec<RouteNetlinkMessage>, bool), AgentError> {
+    let err = |e| netlink_err(what, e);
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(err)?;
+    socket.bind_auto().map_err(err)?;
+    socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
+    set_receive_timeout(&socket).map_err(err)?;
+    let mut message = NetlinkMessage::from(request);
+    message.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    message.header.sequence_number = DUMP_SEQUENCE;
+    message.finalize();
+    let mut buf = vec![0; message.buffer_len()];
+    message.serialize(&mut buf);
+    socket.send(&buf, 0).map_err(err)?;
+    let mut dumped = Dumped::default();
+    while !dumped.done {
+        let (chunk, _) = socket.recv_from_full().map_err(err)?;
+        dumped.add(&chunk).map_err(err)?;
+    }
+    Ok((dumped.messages, dumped.interrupted))
+}
+
+fn set_receive_timeout(socket: &Socket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let size = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+    let timeout = DUMP_TIMEOUT;
+    // SAFETY: a valid socket and a timeval that outlives the call.
+    let rc = unsafe { libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// The sequence number of the agent's dump requests (one request per socket).
+const DUMP_SEQUENCE: u32 = 1;
+
+/// The answer to a dump as it arrives, one datagram at a time.
+#[derive(Default)]
+struct Dumped {
+    messages: Vec<RouteNetlinkMessage>,
+    interrupted: bool,
+    done: bool,
+}
+
+impl Dumped {
+    /// Decodes one datagram of netlink messages. A kernel error or a message that does not
+    /// decode is an error: a dump with holes would make pods look gone.
+    fn add(&mut self, mut chunk: &[u8]) -> Result<(), std::io::Error> {
+        let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        while !chunk.is_empty() && !self.done {
+            let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(chunk).map_err(|e| bad(e.to_string()))?;
+            let len = (message.header.length as usize).next_multiple_of(4);
+            if len == 0 {
+                return Err(bad("netlink message of length 0".into()));
             }
-            Some(Route { destination: IpAddr::V6(Ipv6Addr::from(dest)), prefix_len: len, interface: (*iface).to_owned() })
-        })
-        .collect()
+            chunk = chunk.get(len..).unwrap_or_default();
+            if message.header.sequence_number != DUMP_SEQUENCE {
+                continue;
+            }
+            self.interrupted |= message.header.flags & NLM_F_DUMP_INTR != 0;
+            match message.payload {
+                NetlinkPayload::InnerMessage(inner) => self.messages.push(inner),
+                NetlinkPayload::Done(_) => self.done = true,
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                NetlinkPayload::Overrun(_) => return Err(bad("netlink overrun".into())),
+                // Acks, no-ops and future kinds carry no routes or links.
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Wakes the agent when a link, address or route of this namespace changes: a netlink
+/// socket bound to the link, IPv4/IPv6 address and IPv4/IPv6 route groups. Events carry no
+/// state the agent uses; each one only says "read again", so a burst is one wake-up and a
+/// lost event (an overflowed socket) costs nothing but a pass.
+pub struct HostEvents {
+    wake: Arc<Notify>,
+}
+
+/// The rtnetlink groups whose changes can move a pod's placement or the node's addresses.
+const HOST_GROUPS: u32 = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
+
+/// Receive buffer asked for: a CNI creating many pods at once sends bursts of messages.
+const EVENTS_BUFFER: usize = 4 << 20;
+
+/// How long a failed subscription waits before it is opened again (the periodic resync
+/// covers the time between).
+const RESUBSCRIBE: Duration = Duration::from_secs(1);
+
+impl HostEvents {
+    /// Subscribes now, so that no change made after this call is missed by the next pass,
+    /// and listens in a task. If subscribing fails, the task keeps trying.
+    pub fn start() -> Self {
+        let wake = Arc::new(Notify::new());
+        let first = subscribe();
+        if let Err(e) = &first {
+            tracing::error!(error = %e, "cannot subscribe to link and route changes; relying on the periodic resync until it works");
+        }
+        tokio::spawn(listen(first.ok(), wake.clone()));
+        Self { wake }
+    }
+
+    /// Waits until something changed since the last wake-up (at once if it already has).
+    pub async fn changed(&self) {
+        self.wake.notified().await;
+    }
+}
+
+fn subscribe() -> Result<TokioSocket, AgentError> {
+    let err = |source| AgentError::Netlink { what: "subscribe to link, address and route changes".into(), source };
+    let mut socket = TokioSocket::new(NETLINK_ROUTE).map_err(err)?;
+    socket.socket_mut().bind(&SocketAddr::new(0, HOST_GROUPS)).map_err(err)?;
+    if let Err(e) = socket.socket_ref().set_rx_buf_sz(EVENTS_BUFFER) {
+        tracing::debug!(error = %e, "cannot raise the netlink receive buffer");
+    }
+    Ok(socket)
+}
+
+/// Reads events until the socket fails, then subscribes again; every event, overflow or
+/// failure wakes the agent, which then reads everything afresh.
+async fn listen(mut socket: Option<TokioSocket>, wake: Arc<Notify>) {
+    loop {
+        if let Some(open) = &socket {
+            let error = receive(open, &wake).await;
+            tracing::warn!(error = %error, "link and route subscription failed; full resync, subscribing again");
+            wake.notify_one();
+        }
+        tokio::time::sleep(RESUBSCRIBE).await;
+        socket = match subscribe() {
+            Ok(open) => {
+                tracing::info!("subscribed to link and route changes again");
+                // Changes made while there was no subscription.
+                wake.notify_one();
+                Some(open)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "still cannot subscribe to link and route changes");
+                None
+            }
+        };
+    }
+}
+
+/// Wakes the agent once per burst: after the first datagram, everything already queued is
+/// read before the wake-up. Returns the error that ended the socket.
+async fn receive(socket: &TokioSocket, wake: &Notify) -> std::io::Error {
+    loop {
+        match socket.recv_from_full().await {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => overflowed(),
+            Err(e) => return e,
+        }
+        loop {
+            match socket.socket_ref().recv_from_full() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => overflowed(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return e,
+            }
+        }
+        wake.notify_one();
+    }
+}
+
+/// Events were lost: the wake-up that follows reads everything, which is all a full resync is.
+fn overflowed() {
+    tracing::warn!("link and route events overflowed the socket (ENOBUFS); full resync");
 }
 
 /// The interface of the host route (/32, /128) to exactly `addr`, as routed CNIs install
@@ -263,38 +488,118 @@ pub fn is_veth(name: &str) -> Result<bool, AgentError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_proc_routes_and_takes_only_host_routes() {
-        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-                  eth0\t00000000\t010012C6\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
-                  vetha\t0A0012C6\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
-                  eth0\t000012C6\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
-                  vethb\t0C0012C6\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
-                  vethc\t0C0012C6\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
-        let v6 = "20010002000000100000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001    vetha\n\
-                  20010002000000100000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001     eth0\n\
-                  00000000000000000000000000000000 00 00000000000000000000000000000000 00 20010002000000000000000000000001 00000400 00000001 00000000 00000003     eth0\n";
-        let mut routes = parse_ipv4_routes(v4);
-        routes.extend(parse_ipv6_routes(v6));
-        assert_eq!(host_route_interface(&routes, "198.18.0.10".parse().unwrap()), Some("vetha"));
-        assert_eq!(host_route_interface(&routes, "198.18.0.11".parse().unwrap()), None, "a covering /16 is never used");
-        assert_eq!(host_route_interface(&routes, "198.19.0.11".parse().unwrap()), None, "nor the default route");
-        assert_eq!(host_route_interface(&routes, "198.18.0.12".parse().unwrap()), None, "two devices: ambiguous");
-        assert_eq!(host_route_interface(&routes, "2001:2:0:10::1".parse().unwrap()), Some("vetha"));
-        assert_eq!(host_route_interface(&routes, "2001:2:0:10::2".parse().unwrap()), None, "a covering /64 is never used");
+    fn names() -> BTreeMap<u32, String> {
+        [(1, "lo"), (2, "eth0"), (3, "vetha"), (4, "vethb"), (5, "vethc")].into_iter().map(|(i, n)| (i, n.to_owned())).collect()
+    }
+
+    /// A main-table route message as the kernel sends it.
+    fn message(destination: Option<IpAddr>, prefix_len: u8, oif: u32) -> RouteMessage {
+        let mut m = RouteMessage::default();
+        m.header.address_family = if destination.is_some_and(|d| d.is_ipv6()) { AddressFamily::Inet6 } else { AddressFamily::Inet };
+        m.header.destination_prefix_length = prefix_len;
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.attributes.push(RouteAttribute::Table(u32::from(RouteHeader::RT_TABLE_MAIN)));
+        if let Some(d) = destination {
+            m.attributes.push(RouteAttribute::Destination(d.into()));
+        }
+        m.attributes.push(RouteAttribute::Oif(oif));
+        m
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
     }
 
     #[test]
-    fn a_route_read_error_is_an_error() {
-        let dir = std::env::temp_dir().join(format!("netif-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let v4 = dir.join("route");
-        std::fs::write(&v4, "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n").unwrap();
-        assert!(routes_from(&dir.join("missing"), &dir.join("missing6")).is_err(), "no IPv4 routes file");
-        assert_eq!(routes_from(&v4, &dir.join("missing6")).unwrap(), Vec::new(), "no IPv6 in this kernel");
-        // A directory cannot be read as a file: an error, never "no routes".
-        assert!(routes_from(&v4, &dir).is_err(), "an unreadable IPv6 routes file");
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn decodes_netlink_routes_and_takes_only_host_routes() {
+        let messages = [
+            message(None, 0, 2),
+            message(Some(ip("198.18.0.10")), 32, 3),
+            message(Some(ip("198.18.0.0")), 16, 2),
+            message(Some(ip("198.18.0.12")), 32, 4),
+            message(Some(ip("198.18.0.12")), 32, 5),
+            message(Some(ip("2001:2:0:10::1")), 128, 3),
+            message(Some(ip("2001:2:0:10::")), 64, 2),
+            message(None, 0, 2),
+        ];
+        let routes: Vec<Route> = messages.iter().filter_map(|m| route_of(m, &names())).collect();
+        assert_eq!(routes[0], Route { destination: ip("0.0.0.0"), prefix_len: 0, interface: "eth0".into() }, "no destination: the default route");
+        assert_eq!(host_route_interface(&routes, ip("198.18.0.10")), Some("vetha"));
+        assert_eq!(host_route_interface(&routes, ip("198.18.0.11")), None, "a covering /16 is never used");
+        assert_eq!(host_route_interface(&routes, ip("198.19.0.11")), None, "nor the default route");
+        assert_eq!(host_route_interface(&routes, ip("198.18.0.12")), None, "two devices: ambiguous");
+        assert_eq!(host_route_interface(&routes, ip("2001:2:0:10::1")), Some("vetha"));
+        assert_eq!(host_route_interface(&routes, ip("2001:2:0:10::2")), None, "a covering /64 is never used");
+    }
+
+    #[test]
+    fn other_tables_loopback_and_vanished_links_are_left_out() {
+        let mut local = message(Some(ip("198.18.0.10")), 32, 3);
+        local.header.table = 255;
+        local.attributes.retain(|a| !matches!(a, RouteAttribute::Table(_)));
+        assert_eq!(route_of(&local, &names()), None, "the local table");
+        let mut big_table = message(Some(ip("198.18.0.10")), 32, 3);
+        big_table.attributes.retain(|a| !matches!(a, RouteAttribute::Table(_)));
+        big_table.attributes.push(RouteAttribute::Table(1000));
+        assert_eq!(route_of(&big_table, &names()), None, "a table above 255 (only in the attribute)");
+        assert_eq!(route_of(&message(Some(ip("2001:2::1")), 128, 1), &names()), None, "over lo");
+        assert_eq!(route_of(&message(Some(ip("198.18.0.10")), 32, 99), &names()), None, "a link gone since the link dump");
+        let mut no_oif = message(Some(ip("198.18.0.10")), 32, 3);
+        no_oif.attributes.retain(|a| !matches!(a, RouteAttribute::Oif(_)));
+        assert_eq!(route_of(&no_oif, &names()), None, "no output interface");
+    }
+
+    fn datagram(messages: Vec<(RouteNetlinkMessage, u16)>, done: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut payloads: Vec<(NetlinkPayload<RouteNetlinkMessage>, u16)> = messages.into_iter().map(|(m, f)| (NetlinkPayload::InnerMessage(m), f)).collect();
+        if done {
+            payloads.push((NetlinkPayload::Done(rtnetlink::packet_core::DoneMessage::default()), 0));
+        }
+        for (payload, flags) in payloads {
+            let mut m = NetlinkMessage::new(rtnetlink::packet_core::NetlinkHeader::default(), payload);
+            m.header.sequence_number = DUMP_SEQUENCE;
+            m.header.flags = flags | rtnetlink::packet_core::NLM_F_MULTIPART;
+            m.finalize();
+            let mut buf = vec![0; m.buffer_len()];
+            m.serialize(&mut buf);
+            out.extend(buf);
+        }
+        out
+    }
+
+    #[test]
+    fn a_dump_is_read_to_its_end_and_flags_interruptions() {
+        let route = |last: u8| RouteNetlinkMessage::NewRoute(message(Some(IpAddr::V4(Ipv4Addr::new(198, 18, 0, last))), 32, 3));
+        let mut dumped = Dumped::default();
+        dumped.add(&datagram(vec![(route(1), 0), (route(2), 0)], false)).unwrap();
+        assert!(!dumped.done, "more datagrams follow");
+        dumped.add(&datagram(vec![(route(3), NLM_F_DUMP_INTR)], true)).unwrap();
+        assert!(dumped.done && dumped.interrupted);
+        assert_eq!(dumped.messages.len(), 3);
+        let mut garbage = datagram(vec![(route(1), 0)], false);
+        garbage.truncate(garbage.len() - 8);
+        assert!(Dumped::default().add(&garbage).is_err(), "a message that does not decode is an error, not a shorter dump");
+    }
+
+    #[test]
+    fn a_kernel_error_ends_the_dump_with_an_error() {
+        let mut error = rtnetlink::packet_core::ErrorMessage::default();
+        error.code = std::num::NonZeroI32::new(-libc::EPERM);
+        let mut m = NetlinkMessage::<RouteNetlinkMessage>::new(rtnetlink::packet_core::NetlinkHeader::default(), NetlinkPayload::Error(error));
+        m.header.sequence_number = DUMP_SEQUENCE;
+        m.finalize();
+        let mut buf = vec![0; m.buffer_len()];
+        m.serialize(&mut buf);
+        let e = Dumped::default().add(&buf).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    }
+
+    #[test]
+    fn reads_this_namespaces_links_and_routes() {
+        // Unprivileged and in any namespace: lo exists, and the dumps decode.
+        let links = links().unwrap();
+        assert!(links.values().any(|n| n == "lo"), "{links:?}");
+        routes().unwrap();
     }
 
     #[test]

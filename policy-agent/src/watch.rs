@@ -47,7 +47,7 @@ impl Source {
                 if m.rescan() {
                     return;
                 }
-                tokio::time::sleep(MANIFEST_POLL).await;
+                m.next_event().await;
             },
             Source::Kube(k) => k.notify.notified().await,
         }
@@ -70,7 +70,8 @@ impl Source {
     }
 }
 
-/// How often the manifest directory is checked: changes apply well within a second.
+/// How often the manifest directory is checked while it cannot be watched (it is gone, or
+/// inotify is out of watches): changes still apply well within a second.
 const MANIFEST_POLL: Duration = Duration::from_millis(100);
 
 /// The objects of one manifest file as last read successfully.
@@ -87,7 +88,7 @@ struct FileStamp {
     inode: u64,
 }
 
-/// A directory of YAML/JSON manifests (the format of `explain`), polled for changes. A file
+/// A directory of YAML/JSON manifests (the format of `explain`), watched with inotify. A file
 /// that stops parsing keeps contributing its last good objects, so a typo never drops
 /// enforcement; a file that is removed takes its objects with it.
 pub struct ManifestSource {
@@ -96,6 +97,19 @@ pub struct ManifestSource {
     changed_at: SystemTime,
     dir_error: Option<String>,
     generation: u64,
+    /// The inotify watch on the directory, while there is one.
+    watch: Option<DirWatch>,
+    /// Why the directory cannot be watched (logged once per reason).
+    watch_error: Option<String>,
+    /// Woken by the watch on every event in the directory.
+    wake: Arc<Notify>,
+}
+
+/// An inotify watch and the directory it watches (device and inode): a directory replaced
+/// under the same path needs a new watch.
+struct DirWatch {
+    _watcher: notify::RecommendedWatcher,
+    id: (u64, u64),
 }
 
 impl ManifestSource {
@@ -103,9 +117,56 @@ impl ManifestSource {
         if !dir.is_dir() {
             return Err(AgentError::Usage { flag: "--manifests", what: format!("{} is not a directory", dir.display()) });
         }
-        let mut source = Self { dir: dir.to_owned(), files: BTreeMap::new(), changed_at: SystemTime::now(), dir_error: None, generation: 0 };
+        let mut source = Self {
+            dir: dir.to_owned(),
+            files: BTreeMap::new(),
+            changed_at: SystemTime::now(),
+            dir_error: None,
+            generation: 0,
+            watch: None,
+            watch_error: None,
+            wake: Arc::new(Notify::new()),
+        };
         source.rescan();
         Ok(source)
+    }
+
+    /// Waits for an event in the directory; polls while it cannot be watched. The caller
+    /// rescans after, so an event that changed nothing (our own reads, a temporary file)
+    /// costs a listing and no more.
+    async fn next_event(&self) {
+        if self.watch.is_some() && self.dir_error.is_none() {
+            self.wake.notified().await;
+        } else {
+            tokio::time::sleep(MANIFEST_POLL).await;
+        }
+    }
+
+    /// Watches the directory now at `dir` unless it is watched already. Called before each
+    /// listing, so nothing that happens after the listing goes unnoticed.
+    fn ensure_watched(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        let Ok(meta) = std::fs::metadata(&self.dir) else { return };
+        let id = (meta.dev(), meta.ino());
+        if self.watch.as_ref().is_some_and(|w| w.id == id) {
+            return;
+        }
+        let replaced = self.watch.take().is_some();
+        match watch_dir(&self.dir, self.wake.clone()) {
+            Ok(watcher) => {
+                if replaced || self.watch_error.take().is_some() {
+                    tracing::info!(dir = %self.dir.display(), "watching the manifest directory again");
+                }
+                self.watch = Some(DirWatch { _watcher: watcher, id });
+            }
+            Err(e) => {
+                let error = Some(e.to_string());
+                if self.watch_error != error {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch the manifest directory; polling it every 100 ms");
+                    self.watch_error = error;
+                }
+            }
+        }
     }
 
     fn list(&self) -> Result<BTreeMap<PathBuf, FileStamp>, std::io::Error> {
@@ -136,6 +197,7 @@ impl ManifestSource {
     }
 
     fn rescan_files(&mut self) -> bool {
+        self.ensure_watched();
         let found = match self.list() {
             Ok(found) => {
                 if self.dir_error.take().is_some() {
@@ -185,6 +247,28 @@ impl ManifestSource {
         errors.extend(self.dir_error.clone());
         Snapshot { state: ClusterState::from_objects(objects), changed_at: self.changed_at, errors }
     }
+}
+
+/// An inotify watch on `dir` (not recursive) that wakes `wake` on every event but reads
+/// (our own opening of the directory and its files would wake us for nothing). Editors
+/// that write a new file and rename it over the old one produce create and rename events;
+/// removal, in-place writes and the directory's own deletion or move are events too.
+fn watch_dir(dir: &Path, wake: Arc<Notify>) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::{
+        EventKind, Watcher as _,
+        event::{AccessKind, AccessMode},
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+        Ok(event) if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write)) => {}
+        Ok(_) => wake.notify_one(),
+        // A queue overflow, say: rescanning is always right.
+        Err(e) => {
+            tracing::warn!(error = %e, "manifest directory watch error; rescanning");
+            wake.notify_one();
+        }
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
 }
 
 /// Reflector stores of the three kinds. The stores keep their last state while the API
@@ -325,4 +409,103 @@ where
         }
     });
     store
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn namespace(name: &str) -> String {
+        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n")
+    }
+
+    fn names(m: &ManifestSource) -> Vec<String> {
+        m.snapshot().state.namespaces.into_keys().collect()
+    }
+
+    /// Writes as editors do: a temporary file renamed over the old one.
+    fn replace(dir: &Path, name: &str, text: &str) {
+        let tmp = dir.join(format!(".{name}.swp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+
+    /// Waits for the watch to report a change, as `Source::changed` does; panics after 5 s
+    /// (a poll would find it too, but only the watch wakes `next_event` when watched).
+    async fn changed(m: &mut ManifestSource) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if m.rescan() {
+                    return;
+                }
+                m.next_event().await;
+            }
+        })
+        .await
+        .expect("no change seen within 5 s");
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("watch-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn created_renamed_and_removed_files_wake_the_source() {
+        let dir = scratch("events");
+        let mut m = ManifestSource::new(&dir).unwrap();
+        assert!(m.watch.is_some(), "watched: {:?}", m.watch_error);
+        replace(&dir, "a.yaml", &namespace("a"));
+        changed(&mut m).await;
+        assert_eq!(names(&m), ["a"]);
+        replace(&dir, "a.yaml", &namespace("b"));
+        changed(&mut m).await;
+        assert_eq!(names(&m), ["b"], "renamed over the old file");
+        std::fs::write(dir.join("c.yaml"), namespace("c")).unwrap();
+        changed(&mut m).await;
+        assert_eq!(names(&m), ["b", "c"], "written in place");
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        changed(&mut m).await;
+        assert_eq!(names(&m), ["c"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_directory_that_disappears_keeps_everything_and_is_watched_when_back() {
+        let dir = scratch("gone");
+        let away = dir.with_extension("away");
+        let _ = std::fs::remove_dir_all(&away);
+        std::fs::write(dir.join("a.yaml"), namespace("a")).unwrap();
+        let mut m = ManifestSource::new(&dir).unwrap();
+        std::fs::rename(&dir, &away).unwrap();
+        changed(&mut m).await;
+        assert_eq!(names(&m), ["a"], "an unreadable directory is not an empty one");
+        assert!(m.snapshot().errors.iter().any(|e| e.contains("watch-test-gone")), "{:?}", m.snapshot().errors);
+        // Back, with other contents: polled meanwhile, then watched again.
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("b.yaml"), namespace("b")).unwrap();
+        changed(&mut m).await;
+        assert_eq!(names(&m), ["b"]);
+        replace(&dir, "b.yaml", &namespace("c"));
+        changed(&mut m).await;
+        assert_eq!(names(&m), ["c"], "the new directory is watched");
+        assert!(m.watch.is_some() && m.dir_error.is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&away).unwrap();
+    }
+
+    #[tokio::test]
+    async fn reading_the_directory_does_not_wake_the_source() {
+        let dir = scratch("quiet");
+        std::fs::write(dir.join("a.yaml"), namespace("a")).unwrap();
+        let mut m = ManifestSource::new(&dir).unwrap();
+        // Our own listing and reads (open events) must not make a busy loop.
+        let _ = std::fs::read_to_string(dir.join("a.yaml")).unwrap();
+        assert!(!m.rescan());
+        let woken = tokio::time::timeout(Duration::from_millis(300), m.next_event()).await;
+        assert!(woken.is_err(), "woken by reads alone");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -39,6 +39,8 @@ struct AgentNode {
     log: PathBuf,
     agent: Option<AgentRun>,
     extra_args: Vec<&'static str>,
+    /// The agent's `--resync-ms`.
+    resync_ms: &'static str,
     /// The agent's `--metrics-addr` (the tests read /status and /metrics there).
     metrics_addr: &'static str,
     _servers: Vec<Servers>,
@@ -54,7 +56,7 @@ impl AgentNode {
         let dir = bpffs.scratch("manifests");
         let log = bpffs.scratch("log").join("agent.log");
         let servers = pods.iter().map(|p| Servers::start(&node.pod(p.name).ns, &[80, 81], Duration::from_secs(120))).collect();
-        let this = Self { node, bpffs, dir, log, agent: None, extra_args: Vec::new(), metrics_addr: METRICS, _servers: servers };
+        let this = Self { node, bpffs, dir, log, agent: None, extra_args: Vec::new(), resync_ms: "200", metrics_addr: METRICS, _servers: servers };
         this.write("00-namespace.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: e2e\n  labels:\n    team: blue\n");
         for p in pods {
             this.write(&format!("10-pod-{}.yaml", p.name), &pod_yaml(p));
@@ -75,7 +77,7 @@ impl AgentNode {
 
     fn start(&mut self) {
         let mut args: Vec<&std::ffi::OsStr> = vec!["--manifests".as_ref(), self.dir.as_os_str(), "--node".as_ref(), NODE_NAME.as_ref()];
-        args.extend(["--bpffs".as_ref(), self.bpffs.path.as_os_str(), "--flow-log".as_ref(), "off".as_ref(), "--resync-ms".as_ref(), "200".as_ref()]);
+        args.extend(["--bpffs".as_ref(), self.bpffs.path.as_os_str(), "--flow-log".as_ref(), "off".as_ref(), "--resync-ms".as_ref(), self.resync_ms.as_ref()]);
         args.extend(self.extra_args.iter().map(|a| std::ffi::OsStr::new(*a)));
         self.agent = Some(AgentRun::start(AGENT.as_ref(), &self.node.ns, &args, self.metrics_addr, &self.log));
     }
@@ -473,4 +475,70 @@ fn the_node_address_serves_only_health_and_counters() {
     let out = n.node.ns.exec(&[AGENT, "status", "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
     assert_eq!(status["endpoints"].as_array().map(Vec::len), Some(3), "{status}");
+}
+
+/// Waits until `done` holds; how long that took, or a panic naming `what` with the log.
+fn within(n: &AgentNode, bound: Duration, what: &str, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < bound, "{what}: not within {bound:?}; log:\n{}", std::fs::read_to_string(&n.log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+/// With a resync of ten minutes, only events can explain a prompt reaction.
+const NO_RESYNC: &str = "600000";
+/// Generous: events take milliseconds; the bound only rules out polling.
+const PROMPT: Duration = Duration::from_secs(3);
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn link_and_route_events_attach_and_clean_up_at_once() {
+    let mut n = AgentNode::new("evt", &three_pods());
+    n.resync_ms = NO_RESYNC;
+    let late = pod("d", "app=d", 4);
+    n.write("10-pod-d.yaml", &pod_yaml(&late));
+    n.write("20-policy.yaml", &ingress_policy("d-from-a", "d", "a", "80"));
+    n.start();
+    assert!(n.endpoint("d")["error"].as_str().unwrap_or_default().contains("no route"), "{}", n.endpoint("d"));
+
+    // The CNI adds the veth and the routes: the route event wakes the agent.
+    n.node.add_pod("d", late.v4, late.v6);
+    let attached = within(&n, PROMPT, "attached after its route appeared", || n.endpoint("d")["attached"] == true);
+    let _servers = Servers::start(&n.node.pod("d").ns, &[80], Duration::from_secs(60));
+    assert!(!n.reaches("c", "d", 80), "enforced: c is not allowed");
+    assert!(n.reaches("a", "d", 80));
+
+    // The CNI deletes the veth: the link event wakes the agent, which detaches.
+    let pins = policy_agent::datapath::PinLayout::new(&n.bpffs.path);
+    let d_if = n.node.pod("d").host_if.clone();
+    assert!(pins.link(&d_if, policy_agent::datapath::Hook::ToPod).exists());
+    n.node.ns.exec(&["ip", "link", "del", &d_if]);
+    let cleaned = within(&n, PROMPT, "cleaned up after its link was deleted", || {
+        let d = n.endpoint("d");
+        d["interface"].is_null() && d["attached"] == false && policy_agent::datapath::Hook::BOTH.iter().all(|h| !pins.link(&d_if, *h).exists())
+    });
+    println!("attached {} ms after the pod's routes appeared, cleaned up {} ms after its link went", attached.as_millis(), cleaned.as_millis());
+    assert_eq!(n.endpoint("a")["attached"], true, "other pods keep their links");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn manifest_changes_apply_without_polling() {
+    let mut n = AgentNode::new("ino", &three_pods());
+    n.resync_ms = NO_RESYNC;
+    n.start();
+    assert!(n.reaches("a", "b", 80));
+    let start = Instant::now();
+    n.write("20-policy.yaml", DENY_B);
+    n.until("a", "b", 80, false);
+    let denied = start.elapsed();
+    assert!(denied < PROMPT, "a new policy file applied after {denied:?}");
+    let start = Instant::now();
+    n.remove("20-policy.yaml");
+    n.until("a", "b", 80, true);
+    let allowed = start.elapsed();
+    assert!(allowed < PROMPT, "a removed policy file applied after {allowed:?}");
+    println!("policy added: enforced after {} ms; removed: after {} ms (probe timeouts included)", denied.as_millis(), allowed.as_millis());
 }

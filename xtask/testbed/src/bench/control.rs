@@ -119,15 +119,15 @@ pub fn compile_suite(exe: &Path, configs: &[(usize, usize)], runs: usize) -> Vec
 // --- Manifests ------------------------------------------------------------------------------
 
 const NODE_NAME: &str = "bench-node";
-const METRICS: &str = "127.0.0.1:9090";
+pub(super) const METRICS: &str = "127.0.0.1:9090";
 
-fn write_atomic(dir: &Path, name: &str, text: &str) {
+pub(super) fn write_atomic(dir: &Path, name: &str, text: &str) {
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::write(&tmp, text).expect("write manifest");
     std::fs::rename(&tmp, dir.join(name)).expect("rename manifest");
 }
 
-fn pod_yaml(namespace: &str, name: &str, labels: &[(&str, &str)], v4: Ipv4Addr, v6: Ipv6Addr) -> String {
+pub(super) fn pod_yaml(namespace: &str, name: &str, labels: &[(&str, &str)], v4: Ipv4Addr, v6: Ipv6Addr) -> String {
     let labels: String = labels.iter().map(|(k, v)| format!("    {k}: {v}\n")).collect();
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n{labels}spec:\n  nodeName: {NODE_NAME}\n  containers:\n  - name: c\n    image: x\n    ports:\n    - name: http\n      containerPort: 80\nstatus:\n  phase: Running\n  hostIP: {NODE_V4}\n  podIP: {v4}\n  podIPs:\n  - ip: {v4}\n  - ip: {v6}\n"
@@ -163,7 +163,7 @@ fn write_background(dir: &Path, pods: usize, policies: usize) {
     write_atomic(dir, "05-background.json", &text);
 }
 
-fn agent_args<'a>(dir: &'a Path, bpffs: &'a Path) -> Vec<&'a std::ffi::OsStr> {
+pub(super) fn agent_args<'a>(dir: &'a Path, bpffs: &'a Path) -> Vec<&'a std::ffi::OsStr> {
     vec![
         "--manifests".as_ref(),
         dir.as_os_str(),
@@ -191,7 +191,7 @@ fn agent_pid(dir: &Path) -> Option<String> {
     })
 }
 
-fn cleanup_agent(agent: &Path, bpffs: &Path) {
+pub(super) fn cleanup_agent(agent: &Path, bpffs: &Path) {
     let _ = Command::new(agent).args(["cleanup", "--bpffs"]).arg(bpffs).stdout(std::process::Stdio::null()).status();
 }
 

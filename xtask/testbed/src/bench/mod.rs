@@ -1,7 +1,8 @@
 //! The pieces of `cargo xtask bench` (`src/bin/bench.rs`): BPF_PROG_TEST_RUN timing of the
 //! classifier, UDP floods and TCP throughput over veths next to iptables, ipset and nftables,
-//! control-plane timings, and the report (Markdown, JSON, SVG). Needs root.
+//! control-plane timings (among them route-to-attach latency), and the report (Markdown, JSON, SVG). Needs root.
 
+pub mod attach;
 pub mod control;
 pub mod datapath;
 pub mod flood;

@@ -6,7 +6,7 @@ use std::{fmt::Write as _, path::{Path, PathBuf}};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Machine, control,
+    Machine, attach, control,
     datapath::{self, PATHS},
     flood::{self, Kind, Variant},
 };
@@ -21,6 +21,7 @@ pub struct Results {
     pub compile: Vec<control::CompileResult>,
     pub latency: Option<control::LatencyResults>,
     pub rss: Option<control::RssResult>,
+    pub attach: Option<attach::AttachResults>,
     /// Parts that failed (panicked); the others are still reported.
     pub failures: Vec<String>,
 }
@@ -122,6 +123,9 @@ pub fn summary(results: &Results) -> Results {
     if let Some(lat) = &mut s.latency {
         lat.rows.iter_mut().for_each(|row| row.samples_ms.clear());
     }
+    if let Some(at) = &mut s.attach {
+        at.rows.iter_mut().for_each(|row| row.samples_ms.clear());
+    }
     s
 }
 
@@ -206,6 +210,11 @@ fn headline(r: &Results) -> String {
             cp.push(format!("| Manifest change to enforcement: {} | p50 {:.0} ms, p99 {:.0} ms |", row.change, row.p50_ms, row.p99_ms));
         }
     }
+    if let Some(at) = &r.attach {
+        for row in &at.rows {
+            cp.push(format!("| {} to {} | p50 {:.1} ms, p99 {:.1} ms |", row.event, row.until, row.p50_ms, row.p99_ms));
+        }
+    }
     if let Some(rss) = &r.rss {
         cp.push(format!("| Agent RSS at rest, {} pods (all but {} on other nodes), {} policies | {} |", thousands(rss.pods + rss.local_pods), rss.local_pods, thousands(rss.policies), mib(rss.rss_kib)));
     }
@@ -232,7 +241,7 @@ fn markdown(r: &Results) -> String {
             tcp_section(&mut s, fl);
         }
     }
-    if !r.compile.is_empty() || r.latency.is_some() || r.rss.is_some() {
+    if !r.compile.is_empty() || r.latency.is_some() || r.rss.is_some() || r.attach.is_some() {
         let _ = writeln!(s, "## 4. Control plane\n");
     }
     if !r.compile.is_empty() {
@@ -240,6 +249,9 @@ fn markdown(r: &Results) -> String {
     }
     if let Some(l) = &r.latency {
         latency_section(&mut s, l);
+    }
+    if let Some(at) = &r.attach {
+        attach_section(&mut s, at);
     }
     if let Some(rss) = &r.rss {
         rss_section(&mut s, rss);
@@ -385,7 +397,7 @@ fn compile_section(s: &mut String, compile: &[control::CompileResult]) {
 /// 4. Time from a manifest change to enforcement.
 fn latency_section(s: &mut String, l: &control::LatencyResults) {
     let _ = writeln!(s, "### Time from a manifest change to enforcement\n");
-    let _ = writeln!(s, "`policy-agent run --manifests DIR` in a node namespace with four pods, on top of a synthetic background of {} pods and {} policies on other nodes (one JSON file). Each change is a file written atomically (or removed); the clock starts just before, and pod `a` probes the affected pod with TCP connects ({} ms timeout) until the verdict flips. A drop is dated at the start of the first probe that goes unanswered, an allow at the first completed connection (so allow times include up to one probe timeout of waiting). The agent polls the directory every 100 ms. {} iterations of each change.\n", thousands(l.background_pods), thousands(l.background_policies), l.probe_timeout_ms, l.rows.first().map_or(0, |x| x.samples_ms.len() + x.failures));
+    let _ = writeln!(s, "`policy-agent run --manifests DIR` in a node namespace with four pods, on top of a synthetic background of {} pods and {} policies on other nodes (one JSON file). Each change is a file written atomically (or removed); the clock starts just before, and pod `a` probes the affected pod with TCP connects ({} ms timeout) until the verdict flips. A drop is dated at the start of the first probe that goes unanswered, an allow at the first completed connection (so allow times include up to one probe timeout of waiting). The agent watches the directory with inotify. {} iterations of each change.\n", thousands(l.background_pods), thousands(l.background_policies), l.probe_timeout_ms, l.rows.first().map_or(0, |x| x.samples_ms.len() + x.failures));
     let _ = writeln!(s, "| Change | Verdict becomes | p50 | p99 | max | samples | never flipped (10 s) |\n|---|---|---|---|---|---|---|");
     for row in &l.rows {
         let max = row.samples_ms.iter().copied().fold(f64::NAN, f64::max);
@@ -393,6 +405,17 @@ fn latency_section(s: &mut String, l: &control::LatencyResults) {
     }
     let _ = writeln!(s, "\nThe agent's own `policy_enforcement_latency_seconds` (file change seen to maps written) averaged {:.0} ms over the run. Agent RSS after the run: {}.\n", l.agent_reported_mean_ms, mib(l.agent_rss_kib));
     let _ = writeln!(s, "![latency](latency.svg)\n");
+}
+
+/// 4. Time from a route or link change to the classifier being attached or detached.
+fn attach_section(s: &mut String, at: &attach::AttachResults) {
+    let _ = writeln!(s, "### Time from a pod's route to its classifier\n");
+    let _ = writeln!(s, "`policy-agent run --manifests DIR --resync-ms {}` in a node namespace, with {} pods in the manifests and none of their interfaces yet: only the agent's netlink subscription can explain a reaction within the run. For each pod in turn: a veth is created and set up, {} ms pass (the agent handles those link events; the pod stays pending, no route), then its /32 route is added with `ip route add` and the clock starts when that command returns; the pod counts as attached when both of its links (TCX ingress and egress) are pinned in the bpffs, checked with a `stat` every {} µs. Then each veth is deleted with `ip link del`, timed until both of its pins are gone.\n", at.resync_ms, at.pods, at.settle_ms, at.poll_us);
+    let _ = writeln!(s, "| Event | Until | p50 | p99 | max | samples | never (5 s) |\n|---|---|---|---|---|---|---|");
+    for row in &at.rows {
+        let _ = writeln!(s, "| {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} |", row.event, row.until, row.p50_ms, row.p99_ms, row.max_ms, row.samples_ms.len(), row.failures);
+    }
+    let _ = writeln!(s);
 }
 
 /// 4. Agent memory at rest.

@@ -4,13 +4,13 @@
 //! agent memory). Writes REPORT.md, summary.json (medians) and SVG plots to `--out`, and
 //! every raw sample to `--raw`/results.json. Root only.
 //!
-//! Usage: bench --agent PATH [--quick] [--out DIR] [--raw DIR] [--only datapath,flood,control]
+//! Usage: bench --agent PATH [--quick] [--out DIR] [--raw DIR] [--only datapath,flood,control,attach]
 //!        bench report RESULTS_JSON DIR             (rewrite the report in DIR from raw results)
 //!        bench compile-child PODS POLICIES RUNS   (internal: one compile in a child)
 
 use std::{path::PathBuf, process::ExitCode, time::{Duration, Instant}};
 
-use testbed::bench::{self, control, datapath, flood, log, report};
+use testbed::bench::{self, attach, control, datapath, flood, log, report};
 
 struct Args {
     agent: PathBuf,
@@ -114,6 +114,9 @@ fn main() -> ExitCode {
             control::latency(&args.agent, if q { 5 } else { 30 }, if q { (1_000, 100) } else { (10_000, 1_000) })
         });
         results.rss = guarded(&mut results.failures, "agent memory", || control::rss(&args.agent, 10_000, 1_000, Duration::from_secs(if q { 2 } else { 10 })));
+    }
+    if wants("attach") {
+        results.attach = guarded(&mut results.failures, "attach", || attach::run(&args.agent, if q { 20 } else { 50 }));
     }
     results.run_secs = started.elapsed().as_secs_f64();
     match report::write(&results, &args.out, &args.raw) {
