@@ -248,6 +248,8 @@ struct Compilation {
     changed_at: SystemTime,
     problems: Vec<String>,
     pods_by_ip: BTreeMap<IpAddr, String>,
+    /// This node's pods per namespace and isolation, for the loopback metrics.
+    coverage: Vec<metrics::NamespaceCoverage>,
 }
 
 /// Where a local pod is, or why it cannot be enforced yet.
@@ -436,7 +438,8 @@ impl Agent {
             .filter(|(_, p)| crate::resolve::is_live_pod(p))
             .flat_map(|(r, p)| crate::resolve::pod_ips(p, &mut Vec::new()).into_iter().map(move |ip| (ip, r.to_string())))
             .collect();
-        Compilation { generation, node_ips, compiled, changed_at: snapshot.changed_at, problems, pods_by_ip }
+        let coverage = crate::coverage::report_compiled(&snapshot.state, [(self.node.as_str(), &compiled)]).per_namespace();
+        Compilation { generation, node_ips, compiled, changed_at: snapshot.changed_at, problems, pods_by_ip, coverage }
     }
 
     /// Whether every interface this agent attached still has the index it had (a veth
@@ -506,6 +509,7 @@ impl Agent {
             view.maps.insert(datapath::map_name::CONNTRACK, conntrack);
         }
         view.identities = compiled.identities.len();
+        view.coverage.clone_from(&compilation.coverage);
         view.problems.clone_from(&compilation.problems);
         view.problems.extend(outcome.errors.iter().map(|(pod, e)| format!("Pod {pod}: {e}")));
         view.problems.extend(outcome.ipcache_failures.iter().cloned());

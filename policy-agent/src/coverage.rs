@@ -14,6 +14,7 @@ use policy_common::policy::COOKIE_NODE;
 use serde::Serialize;
 
 use crate::compile::{self, Compiled, EndpointPolicy, NodeContext};
+use crate::metrics;
 use crate::explain::{InputArgs, runtime};
 use crate::resolve::{Selector, is_live_pod, node_name, pod_ips};
 use crate::state::{ClusterState, PodRef, Problem};
@@ -88,20 +89,22 @@ pub struct CoverageReport {
     pub problems: Vec<Problem>,
 }
 
-/// Per namespace: ingress and egress `[not isolated, isolated, isolated with nothing allowed]`,
-/// then whether a default deny exists for ingress and for egress.
-pub type NamespaceCounts = (String, [u64; 3], [u64; 3], bool, bool);
-
 impl CoverageReport {
-    /// The report as per-namespace numbers (for the agent's metrics).
-    pub fn per_namespace(&self) -> Vec<NamespaceCounts> {
-        let counts = |d: &NamespaceDirection| [d.not_isolated, d.isolated, d.isolated_nothing_allowed];
-        self.namespaces
-            .iter()
-            .map(|n| {
-                (n.namespace.clone(), counts(&n.ingress), counts(&n.egress), !n.ingress.default_deny.is_empty(), !n.egress.default_deny.is_empty())
-            })
-            .collect()
+    /// The report as the agent's per-namespace metrics.
+    pub fn per_namespace(&self) -> Vec<metrics::NamespaceCoverage> {
+        let counts = |d: &NamespaceDirection| metrics::CoverageCounts {
+            unprotected: d.not_isolated,
+            isolated: d.isolated,
+            isolated_nothing_allowed: d.isolated_nothing_allowed,
+        };
+        let namespace = |n: &NamespaceCoverage| metrics::NamespaceCoverage {
+            namespace: n.namespace.clone(),
+            ingress: counts(&n.ingress),
+            egress: counts(&n.egress),
+            default_deny_ingress: !n.ingress.default_deny.is_empty(),
+            default_deny_egress: !n.egress.default_deny.is_empty(),
+        };
+        self.namespaces.iter().map(namespace).collect()
     }
 
     /// Only what concerns `namespace` (pods, pending pods, the namespace).
@@ -388,10 +391,7 @@ mod tests {
     #[test]
     fn namespaces_count_pods_and_find_default_denies() {
         let report = report(&cluster(), None);
-        assert_eq!(
-            report.per_namespace(),
-            [("x".to_owned(), [1, 1, 1], [3, 0, 0], false, false), ("y".to_owned(), [0, 0, 1], [0, 0, 1], true, true)]
-        );
+        assert_eq!(report.per_namespace(), [counts("x", [1, 1, 1], [3, 0, 0], false, false), counts("y", [0, 0, 1], [0, 0, 1], true, true)]);
         assert_eq!(report.namespaces[1].ingress.default_deny, ["y/deny-all"]);
     }
 
@@ -400,7 +400,19 @@ mod tests {
         let report = report(&cluster(), Some("n2"));
         assert_eq!(report.pods.iter().map(|p| p.pod.as_str()).collect::<Vec<_>>(), ["x/c", "y/d"]);
         assert!(report.pending.is_empty());
-        assert_eq!(report.per_namespace()[0], ("x".to_owned(), [0, 0, 1], [1, 0, 0], false, false));
+        assert_eq!(report.per_namespace()[0], counts("x", [0, 0, 1], [1, 0, 0], false, false));
+    }
+
+    /// Expected metrics: `[unprotected, isolated, isolated with nothing allowed]` per direction.
+    fn counts(namespace: &str, ingress: [u64; 3], egress: [u64; 3], deny_ingress: bool, deny_egress: bool) -> metrics::NamespaceCoverage {
+        let direction = |[unprotected, isolated, isolated_nothing_allowed]: [u64; 3]| metrics::CoverageCounts { unprotected, isolated, isolated_nothing_allowed };
+        metrics::NamespaceCoverage {
+            namespace: namespace.to_owned(),
+            ingress: direction(ingress),
+            egress: direction(egress),
+            default_deny_ingress: deny_ingress,
+            default_deny_egress: deny_egress,
+        }
     }
 
     #[test]

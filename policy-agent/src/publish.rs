@@ -297,50 +297,10 @@ fn describe_published(node: &str, published: &Published, age: Option<Duration>) 
         (Some(at), None) => format!("published at {at} (in the future: check the clocks)"),
         (None, _) => "publication time unknown".to_owned(),
     };
-    format!("status of node {node}'s agent, {when}\n{}", status_text(&published.status))
+    format!("status of node {node}'s agent, {when}\n{}", crate::status::status_text(&published.status))
 }
 
 /// The /status JSON in words: a summary, one line per endpoint, the map fill, problems.
-// TODO(coordinator): use `crate::status::print_status` once it is public and returns or
-// writes text, instead of this shorter copy of its layout.
-pub fn status_text(status: &Value) -> String {
-    use std::fmt::Write as _;
-    let text = |v: &Value| match v {
-        Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let mut out = String::new();
-    let _ = writeln!(out, "node {}  ready {}  identities {}  syncs {}", text(&status["node"]), text(&status["ready"]), text(&status["identities"]), text(&status["syncs"]));
-    let _ = writeln!(out, "{:<40} {:<16} {:<8} {:<8} {:>7} {:<8}", "POD", "INTERFACE", "INGRESS", "EGRESS", "ENTRIES", "ATTACHED");
-    for e in status["endpoints"].as_array().into_iter().flatten() {
-        let isolation = |key: &str| if e[key].as_bool() == Some(true) { "isolated" } else { "open" };
-        let attached = if e["attached"].as_bool() == Some(true) { "yes" } else { "no" };
-        let _ = writeln!(
-            out,
-            "{:<40} {:<16} {:<8} {:<8} {:>7} {attached:<8}",
-            text(&e["pod"]),
-            text(&e["interface"]),
-            isolation("ingress_isolated"),
-            isolation("egress_isolated"),
-            text(&e["policy_entries"])
-        );
-        if let Some(error) = e["error"].as_str() {
-            let _ = writeln!(out, "  ! {error}");
-        }
-    }
-    if let Some(total) = status["endpoints_total"].as_u64() {
-        let _ = writeln!(out, "(first {} of {total} endpoints)", status["endpoints"].as_array().map_or(0, Vec::len));
-    }
-    for (name, fill) in status["maps"].as_object().into_iter().flatten() {
-        let _ = writeln!(out, "map {name:<14} {} / {}", text(&fill["entries"]), text(&fill["capacity"]));
-    }
-    for problem in status["problems"].as_array().into_iter().flatten() {
-        let _ = writeln!(out, "problem: {}", text(problem));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,7 +38,7 @@ pub fn main(args: &StatusArgs) -> Result<(), AgentError> {
             }
             let status: serde_json::Value = serde_json::from_str(&body)
                 .map_err(|e| AgentError::StatusAnswer { addr: args.status_addr.clone(), what: e.to_string() })?;
-            print_status(&status);
+            print!("{}", status_text(&status));
             Ok(())
         }
         Err(e) => {
@@ -87,19 +87,23 @@ async fn get(target: SocketAddr, addr: &str, path: &str) -> io::Result<String> {
     String::from_utf8(Vec::from(body)).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("GET {path} on {addr}: {e}")))
 }
 
-fn print_status(status: &serde_json::Value) {
+/// The agent's status JSON as a table: what `status` and `kubectl policy status` print.
+pub fn status_text(status: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let text = |v: &serde_json::Value| match v {
         serde_json::Value::Null => "-".to_owned(),
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    println!("node {}  ready {}  identities {}  syncs {}", text(&status["node"]), text(&status["ready"]), text(&status["identities"]), text(&status["syncs"]));
-    println!("{:<32} {:<16} {:>8} {:>9} {:<8} {:<8} {:>8} {:<9} {:<10}", "POD", "INTERFACE", "ENDPOINT", "IDENTITY", "INGRESS", "EGRESS", "ENTRIES", "ATTACHED", "PROGRAMS");
+    let _ = writeln!(out, "node {}  ready {}  identities {}  syncs {}", text(&status["node"]), text(&status["ready"]), text(&status["identities"]), text(&status["syncs"]));
+    let _ = writeln!(out, "{:<32} {:<16} {:>8} {:>9} {:<8} {:<8} {:>8} {:<9} {:<10}", "POD", "INTERFACE", "ENDPOINT", "IDENTITY", "INGRESS", "EGRESS", "ENTRIES", "ATTACHED", "PROGRAMS");
     for e in status["endpoints"].as_array().into_iter().flatten() {
         let isolation = |key: &str| if e[key].as_bool() == Some(true) { "isolated" } else { "open" };
         let identities: Vec<String> = e["identities"].as_array().into_iter().flatten().map(|i| i.to_string()).collect();
         let programs: Vec<String> = e["programs"].as_array().into_iter().flatten().map(|i| i.to_string()).collect();
-        println!(
+        let _ = writeln!(
+            out,
             "{:<32} {:<16} {:>8} {:>9} {:<8} {:<8} {:>8} {:<9} {:<10}",
             text(&e["pod"]),
             text(&e["interface"]),
@@ -112,20 +116,24 @@ fn print_status(status: &serde_json::Value) {
             if programs.is_empty() { "-".to_owned() } else { programs.join(",") },
         );
         if let Some(error) = e["error"].as_str() {
-            println!("  ! {error}");
+            let _ = writeln!(out, "  ! {error}");
         }
     }
-    println!("maps:");
+    let _ = writeln!(out, "maps:");
     if let Some(maps) = status["maps"].as_object() {
         for (name, fill) in maps {
             let entries = fill["entries"].as_u64().unwrap_or(0);
             let capacity = fill["capacity"].as_u64().unwrap_or(1).max(1);
-            println!("  {name:<14} {entries:>7} / {capacity:<7} ({:.1}%)", entries as f64 * 100.0 / capacity as f64);
+            let _ = writeln!(out, "  {name:<14} {entries:>7} / {capacity:<7} ({:.1}%)", entries as f64 * 100.0 / capacity as f64);
         }
     }
     for problem in status["problems"].as_array().into_iter().flatten() {
-        println!("problem: {}", text(problem));
+        let _ = writeln!(out, "problem: {}", text(problem));
     }
+    if let Some(total) = status["endpoints_total"].as_u64() {
+        let _ = writeln!(out, "(first {} of {total} endpoints)", status["endpoints"].as_array().map_or(0, Vec::len));
+    }
+    out
 }
 
 fn print_pinned(pins: &PinLayout) -> Result<(), AgentError> {

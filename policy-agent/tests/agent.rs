@@ -159,6 +159,14 @@ fn policies_added_changed_and_removed_take_effect() {
 
     n.write("20-policy.yaml", DENY_B);
     timings.push(("add deny-all for b", n.until("a", "b", 80, false)));
+    let metrics = n.get("/metrics").expect("metrics");
+    for line in [
+        "policy_coverage_pods{namespace=\"e2e\",direction=\"ingress\",state=\"unprotected\"} 2",
+        "policy_coverage_pods{namespace=\"e2e\",direction=\"ingress\",state=\"isolated_nothing_allowed\"} 1",
+        "policy_coverage_pods{namespace=\"e2e\",direction=\"egress\",state=\"unprotected\"} 3",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} missing from\n{metrics}");
+    }
 
     n.write("20-policy.yaml", &ingress_policy("deny-b", "b", "a", "80"));
     timings.push(("change: allow a on 80", n.until("a", "b", 80, true)));
