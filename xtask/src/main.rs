@@ -47,6 +47,10 @@ enum Task {
         /// Fewer, shorter runs (under two minutes).
         #[arg(long)]
         quick: bool,
+        /// Only these parts (comma-separated: datapath, flood, control, attach); the partial
+        /// report goes to target/bench/only/, never over bench/REPORT.md.
+        #[arg(long, value_name = "PARTS")]
+        only: Option<String>,
     },
     /// Differential fuzzing of the classifier against its reference model (root): a million
     /// frames through BPF_PROG_TEST_RUN by default; the suite runs 20,000.
@@ -100,7 +104,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Test { filter } => test(filter.as_deref()),
-        Task::Bench { quick } => bench(quick),
+        Task::Bench { quick, only } => bench(quick, only.as_deref()),
         Task::Fuzz { frames, seed } => fuzz(frames, seed.as_deref()),
     }
 }
@@ -114,15 +118,21 @@ const BENCH_PACKAGES: &[(&str, &str)] =
 
 /// Builds the agent and the test bed's bench in release, runs it and lets it write bench/
 /// (the report) and target/bench/ (the raw samples).
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     setup::run()?;
     require_root("the benchmarks")?;
     setup::ensure_debian_packages(BENCH_PACKAGES)?;
     run(cargo().args(["build", "--release", "--package", "policy-agent", "--bins", "--package", TESTBED, "--bin", "bench"]))?;
     let root = workspace_root();
     let mut cmd = Command::new(root.join("target/release/bench"));
-    cmd.arg("--agent").arg(root.join("target/release/policy-agent")).arg("--out").arg(root.join("bench"));
-    cmd.arg("--raw").arg(root.join("target/bench"));
+    let (out, raw) = match only {
+        Some(parts) => {
+            cmd.arg("--only").arg(parts);
+            (root.join("target/bench/only"), root.join("target/bench/only"))
+        }
+        None => (root.join("bench"), root.join("target/bench")),
+    };
+    cmd.arg("--agent").arg(root.join("target/release/policy-agent")).arg("--out").arg(out).arg("--raw").arg(raw);
     if quick {
         cmd.arg("--quick");
     }
