@@ -224,10 +224,11 @@ struct Agent {
     attached: BTreeMap<String, u32>,
     /// The change time already enforced (for the latency histogram).
     last_change: Option<SystemTime>,
-    /// Links this agent took down because their classifier could not be attached.
-    /// The kernel flushes a link's routes when it goes down, so the pod keeps this placement
-    /// (its ifindex) while the link exists: otherwise it would look gone.
-    downed: BTreeMap<String, (PodRef, u32)>,
+    /// Links this agent took down because the pod could not be written or attached. The
+    /// kernel flushes a link's routes when it goes down, so the pod keeps this placement
+    /// (its ifindex) while the link exists (otherwise it would look gone), and the routes
+    /// are put back when the link comes up.
+    downed: BTreeMap<String, DownedLink>,
     /// The last compilation and what it was made from.
     compilation: Option<Compilation>,
     /// The routes the last pass placed pods with.
@@ -250,6 +251,13 @@ struct Compilation {
     pods_by_ip: BTreeMap<IpAddr, String>,
     /// This node's pods per namespace and isolation, for the loopback metrics.
     coverage: Vec<metrics::NamespaceCoverage>,
+}
+
+/// A pod's link that the agent set down to close it, and the routes that went with it.
+struct DownedLink {
+    pod: PodRef,
+    ifindex: u32,
+    saved: netif::SavedLink,
 }
 
 /// Where a local pod is, or why it cannot be enforced yet.
@@ -412,16 +420,30 @@ impl Agent {
         if down == self.downed.contains_key(ifname) {
             return;
         }
-        match netif::set_link_up(ifname, !down) {
-            Ok(()) if down => {
-                tracing::warn!(pod = %pod, interface = %ifname, "link set down until the pod is written and attached");
-                self.downed.insert(ifname.to_owned(), (pod.clone(), ifindex));
+        if down {
+            // Save before: the kernel deletes the link's routes and neighbours when it goes down.
+            let saved = netif::save_link(ifname, ifindex).unwrap_or_else(|e| {
+                tracing::error!(pod = %pod, interface = %ifname, error = %e, "cannot save the link's routes and neighbours; they will not be restored");
+                netif::SavedLink::default()
+            });
+            match netif::set_link_up(ifname, false) {
+                Ok(()) => {
+                    tracing::warn!(pod = %pod, interface = %ifname, "link set down until the pod is written and attached");
+                    self.downed.insert(ifname.to_owned(), DownedLink { pod: pod.clone(), ifindex, saved });
+                }
+                Err(e) => tracing::error!(pod = %pod, interface = %ifname, error = %e, "cannot set the link down"),
             }
+            return;
+        }
+        match netif::set_link_up(ifname, true) {
             Ok(()) => {
-                tracing::info!(pod = %pod, interface = %ifname, "link up again, pod written and attached");
-                self.downed.remove(ifname);
+                let Some(downed) = self.downed.remove(ifname) else { return };
+                match netif::restore_link(ifname, &downed.saved) {
+                    Ok(()) => tracing::info!(pod = %pod, interface = %ifname, restored = downed.saved.entries(), "link up again with its routes, pod written and attached"),
+                    Err(e) => tracing::error!(pod = %pod, interface = %ifname, error = %e, "link up again, but its routes could not all be restored"),
+                }
             }
-            Err(e) => tracing::error!(pod = %pod, interface = %ifname, error = %e, "cannot set the link"),
+            Err(e) => tracing::error!(pod = %pod, interface = %ifname, error = %e, "cannot set the link up"),
         }
     }
 
@@ -474,8 +496,8 @@ impl Agent {
 
     /// The link this agent set down for `pod`, if it still exists with the same index.
     fn downed_interface(&self, pod: &PodRef, taken: &BTreeMap<u32, &PodRef>) -> Option<(String, u32)> {
-        let (name, (_, index)) = self.downed.iter().find(|(_, (p, _))| p == pod)?;
-        (netif::ifindex(name) == Some(*index) && !taken.contains_key(index)).then(|| (name.clone(), *index))
+        let (name, downed) = self.downed.iter().find(|(_, d)| d.pod == *pod)?;
+        (netif::ifindex(name) == Some(downed.ifindex) && !taken.contains_key(&downed.ifindex)).then(|| (name.clone(), downed.ifindex))
     }
 
     fn attach(&mut self, ifname: &str) -> Result<Vec<u32>, AgentError> {

@@ -11,6 +11,13 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// Writing a file (a sysctl) failed.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 
     /// A manifest document could not be parsed; names the file and the object.
     #[error("{path}: {what}")]

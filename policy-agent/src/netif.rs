@@ -11,11 +11,12 @@ use std::{
 };
 
 use rtnetlink::{
-    packet_core::{NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
+    packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
         link::{LinkAttribute, LinkMessage},
-        route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage},
+        neighbour::{NeighbourMessage, NeighbourState},
+        route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol},
     },
     constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK},
     sys::{AsyncSocket as _, AsyncSocketExt as _, Socket, SocketAddr, TokioSocket, protocols::NETLINK_ROUTE},
@@ -181,6 +182,109 @@ fn route_of(route: &RouteMessage, names: &BTreeMap<u32, String>) -> Option<Route
     }
     let interface = names.get(&oif?)?;
     (interface != "lo").then(|| Route { destination, prefix_len: route.header.destination_prefix_length, interface: interface.clone() })
+}
+
+/// What a CNI configured on a pod's host-side link and the kernel deletes when the link
+/// goes down: its routes and its permanent neighbour entries (IPv6 addresses go too, unless
+/// `keep_addr_on_down`), kept to be put back, since the CNI will not add them again.
+#[derive(Clone, Debug, Default)]
+pub struct SavedLink {
+    routes: Vec<RouteMessage>,
+    neighbours: Vec<NeighbourMessage>,
+    /// The link's `keep_addr_on_down` before the agent set it (None: no IPv6 on the link).
+    keep_addr_on_down: Option<String>,
+}
+
+impl SavedLink {
+    /// How many routes and neighbour entries will be put back.
+    pub fn entries(&self) -> usize {
+        self.routes.len() + self.neighbours.len()
+    }
+}
+
+/// The local table's id: its routes (the interface's own addresses) come back with the link.
+const RT_TABLE_LOCAL: u32 = 255;
+
+/// Saves what [`restore_link`] puts back, and makes the link keep its IPv6 addresses while
+/// it is down. Call it right before setting the link down.
+pub fn save_link(ifname: &str, ifindex: u32) -> Result<SavedLink, AgentError> {
+    let routes = dump(RouteNetlinkMessage::GetRoute(RouteMessage::default()), "route")?
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(route) if is_added_route_through(&route, ifindex) => Some(route),
+            _ => None,
+        })
+        .collect();
+    let neighbours = dump(RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()), "neighbour")?
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == ifindex && n.header.state == NeighbourState::Permanent => Some(n),
+            _ => None,
+        })
+        .collect();
+    let keep_addr_on_down = set_keep_addr_on_down(ifname, "1")?;
+    Ok(SavedLink { routes, neighbours, keep_addr_on_down })
+}
+
+/// Sets the link's IPv6 `keep_addr_on_down`; returns the value it had (None without IPv6).
+fn set_keep_addr_on_down(ifname: &str, value: &str) -> Result<Option<String>, AgentError> {
+    let path = std::path::PathBuf::from(format!("/proc/sys/net/ipv6/conf/{ifname}/keep_addr_on_down"));
+    let old = match std::fs::read_to_string(&path) {
+        Ok(old) => old.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(AgentError::Read { path, source }),
+    };
+    std::fs::write(&path, value).map_err(|source| AgentError::Write { path, source })?;
+    Ok(Some(old))
+}
+
+/// Whether a route goes out of `ifindex` and was added by someone (not made by the kernel
+/// for an address or a link, which it makes again when the link comes up).
+fn is_added_route_through(route: &RouteMessage, ifindex: u32) -> bool {
+    let table = route.attributes.iter().find_map(|a| if let RouteAttribute::Table(t) = a { Some(*t) } else { None });
+    let through = route.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
+    through && route.header.protocol != RouteProtocol::Kernel && table.unwrap_or(u32::from(route.header.table)) != RT_TABLE_LOCAL
+}
+
+/// Puts back what [`save_link`] saved, once the link is up again: neighbours first, so the
+/// routes resolve at once. An entry that exists already (re-added by someone) is fine.
+pub fn restore_link(ifname: &str, saved: &SavedLink) -> Result<(), AgentError> {
+    let add = |payload, what: &str| match request(payload, NLM_F_CREATE | NLM_F_EXCL) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        result => result.map_err(|source| AgentError::Netlink { what: format!("{what} restore on {ifname}"), source }),
+    };
+    for neighbour in &saved.neighbours {
+        add(RouteNetlinkMessage::NewNeighbour(neighbour.clone()), "neighbour")?;
+    }
+    for route in &saved.routes {
+        add(RouteNetlinkMessage::NewRoute(route.clone()), "route")?;
+    }
+    if let Some(old) = &saved.keep_addr_on_down {
+        set_keep_addr_on_down(ifname, old)?;
+    }
+    Ok(())
+}
+
+/// Sends one request and waits for the kernel's acknowledgement.
+fn request(payload: RouteNetlinkMessage, flags: u16) -> Result<(), std::io::Error> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    set_receive_timeout(&socket)?;
+    let mut message = NetlinkMessage::from(payload);
+    message.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+    message.header.sequence_number = DUMP_SEQUENCE;
+    message.finalize();
+    let mut buf = vec![0; message.buffer_len()];
+    message.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    loop {
+        let (chunk, _) = socket.recv_from_full()?;
+        let answer = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&chunk).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        if let NetlinkPayload::Error(e) = answer.payload {
+            return if e.code.is_some() { Err(e.to_io()) } else { Ok(()) };
+        }
+    }
 }
 
 /// How often a dump the kernel marks interrupted (the table changed while it was read) is

@@ -405,6 +405,13 @@ fn a_full_policy_map_is_reported_and_fails_closed() {
     let metrics = n.get("/metrics").expect("metrics");
     assert!(metric(&metrics, "policy_sync_failures_total") >= 1, "{metrics}");
     assert!(metric(&metrics, "policy_map_fill_ratio{map=\"POLICY_V2\"}") >= 1, "{metrics}");
+
+    // Once b fits again its link comes back up with what the kernel took away when it went
+    // down (its routes and permanent neighbours; IPv6 addresses are kept), over IPv4 and IPv6.
+    n.remove("21-policy.yaml");
+    n.until("a", "b", 80, true);
+    assert!(!n.reaches("c", "b", 80), "enforced after reopening");
+    assert!(n.endpoint("b")["error"].is_null(), "{}", n.endpoint("b"));
 }
 
 #[test]
