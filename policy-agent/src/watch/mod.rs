@@ -405,6 +405,11 @@ impl Changes {
     }
 }
 
+/// Objects per page of a (re-)list. kube-runtime's default of 500 full Pods makes a transient
+/// of tens of MiB that the allocator keeps as RSS; 100 cuts it (2,000 realistic pods: 116 to
+/// 90 MiB at rest, debug build) for a few more requests per re-list.
+const LIST_PAGE_SIZE: u32 = 100;
+
 /// Watches `api`, projects every object on arrival (the full object is dropped there), and
 /// applies the events to a store of projections; only an event that changes the store
 /// counts as a change.
@@ -416,7 +421,8 @@ where
     let reader = store.clone();
     let changes = changes.clone();
     let kind = K::kind(&());
-    let stream = watcher(api, watcher::Config::default()).backoff(WatchBackoff::default()).modify(|object: &mut K| *object = object.project());
+    let stream =
+        watcher(api, watcher::Config::default().page_size(LIST_PAGE_SIZE)).backoff(WatchBackoff::default()).modify(|object: &mut K| *object = object.project());
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut filter = ChangeFilter::default();

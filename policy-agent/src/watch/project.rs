@@ -50,8 +50,8 @@ fn identity_meta(meta: &ObjectMeta) -> ObjectMeta {
 ///   (`resolve::claim_order`).
 /// - spec.nodeName: which pods are this node's endpoints and whose hostIPs are the node's;
 ///   spec.hostNetwork: such a pod's addresses are the node's, not an endpoint;
-///   containers[].ports (name, containerPort, protocol only): named ports of policies.
-///   Containers without ports, container names, images, env, volumes... are dropped.
+///   containers[].ports (name, containerPort, protocol only): named ports of policies,
+///   kept in order in one container. Container names, images, env, volumes... are dropped.
 /// - status.phase: Succeeded and Failed pods hold no address; podIP(s): the pod's
 ///   addresses; hostIP(s): the node's addresses. Conditions and container statuses
 ///   (readiness, restarts) are dropped: they change often and decide nothing here.
@@ -66,7 +66,7 @@ pub fn project_pod(pod: &Pod) -> Pod {
     let spec = pod.spec.as_ref().map(|spec| PodSpec {
         node_name: spec.node_name.clone(),
         host_network: spec.host_network,
-        containers: spec.containers.iter().filter_map(project_container).collect(),
+        containers: project_containers(&spec.containers),
         ..PodSpec::default()
     });
     let status = pod.status.as_ref().map(|status| PodStatus {
@@ -80,16 +80,17 @@ pub fn project_pod(pod: &Pod) -> Pod {
     Pod { metadata, spec, status }
 }
 
-/// A container's ports (name, number, protocol: what a named port resolves to), or `None`
-/// when it declares none. Container order is kept: the first matching port wins.
-fn project_container(container: &Container) -> Option<Container> {
-    let ports: Vec<ContainerPort> = container
-        .ports
+/// The ports of all containers (name, number, protocol: what a named port resolves to), in
+/// one nameless container, or no container when none declares a port. Named ports are
+/// resolved over the ports of all containers in order, the first match winning, so one
+/// container with every port in the same order resolves alike, and a Container is 2 KiB.
+fn project_containers(containers: &[Container]) -> Vec<Container> {
+    let ports: Vec<ContainerPort> = containers
         .iter()
-        .flatten()
+        .flat_map(|c| c.ports.iter().flatten())
         .map(|p| ContainerPort { name: p.name.clone(), container_port: p.container_port, protocol: p.protocol.clone(), ..ContainerPort::default() })
         .collect();
-    (!ports.is_empty()).then(|| Container { ports: Some(ports), ..Container::default() })
+    if ports.is_empty() { Vec::new() } else { vec![Container { ports: Some(ports), ..Container::default() }] }
 }
 
 /// A Namespace's name (its key and `kubernetes.io/metadata.name`) and labels
@@ -254,7 +255,8 @@ mod tests {
         let a = project_pod(a);
         let ports: Vec<_> =
             a.spec.iter().flat_map(|s| &s.containers).flat_map(|c| c.ports.iter().flatten()).map(|p| (p.name.as_deref(), p.container_port)).collect();
-        assert_eq!(ports, [(Some("http"), 80), (Some("dns"), 53), (Some("metrics"), 9100)], "ports kept in order, the portless container dropped");
+        assert_eq!(ports, [(Some("http"), 80), (Some("dns"), 53), (Some("metrics"), 9100)], "ports kept in order");
+        assert_eq!(a.spec.as_ref().map(|s| s.containers.len()), Some(1), "in one container");
         let full_len: usize = full.iter().map(|o| full_json(o).len()).sum();
         assert!(text.len() * 3 < full_len, "projected {} bytes of {full_len}", text.len());
     }
