@@ -842,3 +842,63 @@ fn the_kubectl_plugin_explains_covers_and_shows_a_nodes_published_status() {
     }
     assert!(n.agent().alive());
 }
+
+/// The agent's `syncs` (passes that compiled or wrote) once it has stayed put for a second.
+fn settled_syncs(n: &mut KubeNode) -> u64 {
+    let syncs = |n: &mut KubeNode| n.agent().status()["syncs"].as_u64().expect("syncs in /status");
+    let start = Instant::now();
+    let mut last = syncs(n);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = syncs(n);
+        if now == last {
+            return now;
+        }
+        assert!(start.elapsed() < CHANGE, "the agent keeps syncing ({last} -> {now}); log:\n{}", std::fs::read_to_string(&n.log).unwrap_or_default());
+        last = now;
+    }
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn status_only_and_annotation_updates_cost_no_recompile_while_a_label_change_applies() {
+    let mut n = KubeNode::new("kprj");
+    n.kube.put_policy(E2E, ingress_policy("b-from-a", "b", from_app("a"), json!([{"port": 80}])));
+    n.start_agent();
+    n.until("c", "b", 80, false, CHANGE);
+    n.check("a", "b", 80, true);
+    let before = settled_syncs(&mut n);
+
+    // What a kubelet and controllers write all day: readiness conditions, container
+    // statuses, annotations; on local pods, a remote pod, the namespace and the policy.
+    let merge = |value: serde_json::Value| Patch::Merge(value);
+    for round in 0..5 {
+        let ready = if round % 2 == 0 { "False" } else { "True" };
+        let status = json!({"status": {
+            "conditions": [{"type": "Ready", "status": ready, "lastTransitionTime": format!("2026-01-01T00:00:0{round}Z")}],
+            "containerStatuses": [{"name": "c", "image": "example.invalid/none", "imageID": "", "ready": ready == "True", "restartCount": round, "started": true}],
+        }});
+        let annotation = json!({"metadata": {"annotations": {"example.com/round": round.to_string()}}});
+        for (ns, pod) in [(E2E, "a"), (E2E, "b"), (OTHER, "remote")] {
+            n.kube.rt.block_on(n.kube.pods(ns).patch_status(pod, &PatchParams::default(), &merge(status.clone()))).expect("patch pod status");
+            n.kube.rt.block_on(n.kube.pods(ns).patch(pod, &PatchParams::default(), &merge(annotation.clone()))).expect("annotate pod");
+        }
+        n.kube.rt.block_on(n.kube.namespaces().patch(E2E, &PatchParams::default(), &merge(annotation.clone()))).expect("annotate namespace");
+        n.kube.rt.block_on(n.kube.policies(E2E).patch("b-from-a", &PatchParams::default(), &merge(annotation))).expect("annotate policy");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let pod = n.kube.rt.block_on(n.kube.pods(E2E).get("a")).expect("get pod");
+    assert_eq!(pod.status.and_then(|s| s.conditions).map(|c| c.len()), Some(1), "the status updates were made");
+    // Several resync passes (200 ms) after the last update.
+    std::thread::sleep(Duration::from_secs(1));
+    let after = n.agent().status()["syncs"].as_u64().expect("syncs");
+    assert_eq!(after, before, "status-only and annotation updates recompiled; log:\n{}", std::fs::read_to_string(&n.log).unwrap_or_default());
+    n.check("a", "b", 80, true);
+    n.check("c", "b", 80, false);
+
+    // A label change is still a change.
+    n.kube.relabel_pod(E2E, "c", json!({"app": "a"}));
+    n.until("c", "b", 80, true, CHANGE);
+    assert!(n.agent().status()["syncs"].as_u64().expect("syncs") > before, "the relabel was compiled");
+    assert!(n.agent().alive());
+}
