@@ -127,7 +127,9 @@ fn run(args: &Args) -> Result<bool, String> {
     ok &= table(&node, |from, to| matches!((from, to), ("api", "db") | ("web", "api") | (_, "web")));
 
     println!("\n== Why is web -> db dropped? (policy-agent explain)");
-    show_explain(args, &manifests)?;
+    show_tool(args, &manifests, &["explain", "--from", "three-tier/web", "--to", "three-tier/db", "--port", "3306"])?;
+    println!("\n== Which pods does no policy isolate? (policy-agent coverage)");
+    show_tool(args, &manifests, &["coverage", "-n", "three-tier"])?;
     println!("\n== Flow log: the drops (JSON lines from the classifier's ring buffer)");
     ok &= show_drops(&flows);
     println!("\n== policy-agent status");
@@ -160,14 +162,16 @@ fn start_agent(args: &Args, node: &Node, manifests: &Path, bpffs: &Path, flows: 
     Ok(AgentProcess(agent))
 }
 
-fn show_explain(args: &Args, manifests: &Path) -> Result<(), String> {
-    let explain = Command::new(&args.agent)
-        .args(["explain", "--manifests"])
+/// Runs one of the agent's tools (`explain`, `coverage`) on the manifest directory and
+/// prints what it says.
+fn show_tool(args: &Args, manifests: &Path, tool: &[&str]) -> Result<(), String> {
+    let output = Command::new(&args.agent)
+        .args(tool)
+        .arg("--manifests")
         .arg(manifests)
-        .args(["--from", "three-tier/web", "--to", "three-tier/db", "--port", "3306"])
         .output()
-        .map_err(|e| format!("explain: {e}"))?;
-    print!("{}", String::from_utf8_lossy(&explain.stdout));
+        .map_err(|e| format!("{}: {e}", tool[0]))?;
+    print!("{}", String::from_utf8_lossy(&output.stdout));
     Ok(())
 }
 
