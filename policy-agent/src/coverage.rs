@@ -122,7 +122,7 @@ pub fn report(state: &ClusterState, node: Option<&str>) -> CoverageReport {
         .pods
         .values()
         .filter(|p| is_live_pod(p))
-        .filter_map(node_name)
+        .filter_map(|p| node_name(p))
         .filter(|n| node.is_none_or(|wanted| wanted == *n))
         .collect();
     let compiled: Vec<(String, Compiled)> =

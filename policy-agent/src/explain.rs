@@ -111,9 +111,9 @@ pub async fn list_live(client: &kube::Client) -> Result<ClusterState, AgentError
     let objects = namespaces
         .items
         .into_iter()
-        .map(Object::Namespace)
-        .chain(pods.items.into_iter().map(|p| Object::Pod(Box::new(p))))
-        .chain(policies.items.into_iter().map(|p| Object::NetworkPolicy(Box::new(p))));
+        .map(|n| Object::Namespace(std::sync::Arc::new(n)))
+        .chain(pods.items.into_iter().map(|p| Object::Pod(std::sync::Arc::new(p))))
+        .chain(policies.items.into_iter().map(|p| Object::NetworkPolicy(std::sync::Arc::new(p))));
     Ok(ClusterState::from_objects(objects))
 }
 

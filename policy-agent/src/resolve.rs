@@ -538,7 +538,7 @@ fn live_pods<'s>(state: &'s ClusterState, problems: &mut Vec<Problem>) -> Vec<Li
         .pods
         .iter()
         .filter(|(_, pod)| is_live_pod(pod))
-        .map(|(pod_ref, pod)| (pod_ref, pod, pod_ips(pod, problems)))
+        .map(|(pod_ref, pod)| (pod_ref, &**pod, pod_ips(pod, problems)))
         .filter(|(_, _, ips)| !ips.is_empty())
         .collect();
     live.sort_by(|a, b| claim_order(a.0, a.1).cmp(&claim_order(b.0, b.1)));
@@ -1034,7 +1034,7 @@ mod tests {
         if deleting {
             value["metadata"]["deletionTimestamp"] = serde_json::Value::String(jiff_time(created + 100));
         }
-        crate::state::Object::Pod(Box::new(serde_json::from_value(value).unwrap()))
+        crate::state::Object::Pod(std::sync::Arc::new(serde_json::from_value(value).unwrap()))
     }
 
     fn jiff_time(seconds: i64) -> String {
@@ -1150,7 +1150,7 @@ mod churn_tests {
             "spec": {"nodeName": node, "containers": []},
             "status": {"podIP": pod_ip(i).to_string()},
         });
-        Object::Pod(Box::new(serde_json::from_value(value).unwrap()))
+        Object::Pod(std::sync::Arc::new(serde_json::from_value(value).unwrap()))
     }
 
     fn policy(index: usize) -> Object {
@@ -1166,12 +1166,12 @@ mod churn_tests {
         };
         let value = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                            "metadata": {"name": format!("np{index}"), "namespace": namespace}, "spec": spec});
-        Object::NetworkPolicy(Box::new(serde_json::from_value(value).unwrap()))
+        Object::NetworkPolicy(std::sync::Arc::new(serde_json::from_value(value).unwrap()))
     }
 
     fn namespace(name: &str) -> Object {
         let value = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"team": name}}});
-        Object::Namespace(serde_json::from_value(value).unwrap())
+        Object::Namespace(std::sync::Arc::new(serde_json::from_value(value).unwrap()))
     }
 
     fn state(apps: &[usize], policies: &[bool], present: &[bool]) -> ClusterState {

@@ -5,6 +5,7 @@
 //! the same order whatever order they were loaded or watched in.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -66,13 +67,13 @@ impl fmt::Display for Problem {
     }
 }
 
-/// One object the compiler understands.
+/// One object the compiler understands, shared rather than copied: a snapshot of the
+/// watch stores costs a reference count per object, not a deep clone.
 #[derive(Clone, Debug, PartialEq)]
-#[expect(clippy::large_enum_variant, reason = "Namespace is small next to Pod; Pod and NetworkPolicy are boxed")]
 pub enum Object {
-    Namespace(Namespace),
-    Pod(Box<Pod>),
-    NetworkPolicy(Box<NetworkPolicy>),
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    NetworkPolicy(Arc<NetworkPolicy>),
 }
 
 impl Object {
@@ -116,9 +117,9 @@ pub fn policy_ref(policy: &NetworkPolicy) -> NamespacedName {
 /// Everything the compiler needs to know about the cluster.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterState {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<PodRef, Pod>,
-    pub policies: BTreeMap<NamespacedName, NetworkPolicy>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub pods: BTreeMap<PodRef, Arc<Pod>>,
+    pub policies: BTreeMap<NamespacedName, Arc<NetworkPolicy>>,
 }
 
 impl ClusterState {
@@ -139,8 +140,8 @@ impl ClusterState {
                 let name = ns.metadata.name.clone().unwrap_or_default();
                 self.namespaces.insert(name, ns).is_some()
             }
-            Object::Pod(pod) => self.pods.insert(pod_ref(&pod), *pod).is_some(),
-            Object::NetworkPolicy(policy) => self.policies.insert(policy_ref(&policy), *policy).is_some(),
+            Object::Pod(pod) => self.pods.insert(pod_ref(&pod), pod).is_some(),
+            Object::NetworkPolicy(policy) => self.policies.insert(policy_ref(&policy), policy).is_some(),
         }
     }
 
@@ -295,10 +296,10 @@ fn decode_document(
     };
 
     match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Namespace") => decode::<Namespace>(&described, value, problems).map(Object::Namespace),
-        ("v1", "Pod") => decode::<Pod>(&described, value, problems).map(|p| Object::Pod(Box::new(p))),
+        ("v1", "Namespace") => decode::<Namespace>(&described, value, problems).map(|n| Object::Namespace(Arc::new(n))),
+        ("v1", "Pod") => decode::<Pod>(&described, value, problems).map(|p| Object::Pod(Arc::new(p))),
         ("networking.k8s.io/v1", "NetworkPolicy") => {
-            decode::<NetworkPolicy>(&described, value, problems).map(|p| Object::NetworkPolicy(Box::new(p)))
+            decode::<NetworkPolicy>(&described, value, problems).map(|p| Object::NetworkPolicy(Arc::new(p)))
         }
         (_, list) if list.ends_with("List") => {
             let item_kind = list.strip_suffix("List").filter(|k| !k.is_empty()).map(|k| (api_version.as_str(), k));

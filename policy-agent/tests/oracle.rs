@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Container, ContainerPort, HostIP, Namespace, Pod, PodIP, PodSpec, PodStatus};
 use k8s_openapi::api::networking::v1::{
@@ -352,10 +353,10 @@ fn build(cluster: &ClusterGen) -> ClusterState {
         }
         let mut labels = to_labels(&cluster.namespace_labels[index]);
         labels.insert("team".to_owned(), ["red", "blue"][index % 2].to_owned());
-        objects.push(Object::Namespace(Namespace {
+        objects.push(Object::Namespace(Arc::new(Namespace {
             metadata: ObjectMeta { name: Some((*name).to_owned()), labels: Some(labels), ..Default::default() },
             ..Default::default()
-        }));
+        })));
     }
     for (i, pod) in cluster.pods.iter().enumerate() {
         let (pod_ip, pod_ips) = if pod.phase == 7 {
@@ -382,7 +383,7 @@ fn build(cluster: &ClusterGen) -> ClusterState {
                 ..Default::default()
             })
             .collect();
-        objects.push(Object::Pod(Box::new(Pod {
+        objects.push(Object::Pod(Arc::new(Pod {
             metadata: ObjectMeta {
                 name: Some(format!("p{i}")),
                 namespace: Some(NAMESPACES[pod.namespace].to_owned()),
@@ -429,7 +430,7 @@ fn build(cluster: &ClusterGen) -> ClusterState {
                     .collect::<Vec<_>>()
             })
         };
-        objects.push(Object::NetworkPolicy(Box::new(NetworkPolicy {
+        objects.push(Object::NetworkPolicy(Arc::new(NetworkPolicy {
             metadata: ObjectMeta {
                 name: Some(format!("np{i}")),
                 namespace: Some(NAMESPACES[policy.namespace].to_owned()),
@@ -618,7 +619,7 @@ mod reference {
     fn selecting_policies<'a>(state: &'a ClusterState, pod: &PodView<'_>) -> impl Iterator<Item = &'a NetworkPolicy> {
         let labels = pod.pod.metadata.labels.clone().unwrap_or_default();
         let namespace = pod.namespace.clone();
-        state.policies.values().filter(move |policy| {
+        state.policies.values().map(|policy| &**policy).filter(move |policy| {
             policy.metadata.namespace.as_deref() == Some(namespace.as_str())
                 && match policy.spec.as_ref().and_then(|s| s.pod_selector.as_ref()) {
                     None => true,

@@ -318,9 +318,9 @@ impl KubeSource {
             .namespaces
             .state()
             .into_iter()
-            .map(|ns| Object::Namespace((*ns).clone()))
-            .chain(self.pods.state().into_iter().map(|p| Object::Pod(Box::new((*p).clone()))))
-            .chain(self.policies.state().into_iter().map(|p| Object::NetworkPolicy(Box::new((*p).clone()))));
+            .map(Object::Namespace)
+            .chain(self.pods.state().into_iter().map(Object::Pod))
+            .chain(self.policies.state().into_iter().map(Object::NetworkPolicy));
         let changed_at = *self.changed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Snapshot { state: ClusterState::from_objects(objects), changed_at, errors: Vec::new() }
     }

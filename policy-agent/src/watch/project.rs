@@ -168,9 +168,9 @@ mod tests {
     /// named ports, both selector kinds and an ipBlock.
     fn full_state() -> Vec<Object> {
         let namespace = |name: &str, team: &str| {
-            Object::Namespace(
+            Object::Namespace(std::sync::Arc::new(
                 serde_json::from_value(json!({"metadata": server_meta(name, None, json!({"team": team})), "status": {"phase": "Active"}})).expect("namespace"),
-            )
+            ))
         };
         let mut pods = vec![
             full_pod("x", "a", "web", "n1", "198.18.1.1", 80),
@@ -192,10 +192,10 @@ mod tests {
         let policy = |namespace: &str, name: &str, spec: Value| {
             let value =
                 json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": server_meta(name, Some(namespace), json!({})), "spec": spec});
-            Object::NetworkPolicy(Box::new(serde_json::from_value(value).expect("policy")))
+            Object::NetworkPolicy(std::sync::Arc::new(serde_json::from_value(value).expect("policy")))
         };
         let mut objects = vec![namespace("x", "blue"), namespace("y", "red")];
-        objects.extend(pods.into_iter().map(|p| Object::Pod(Box::new(pod(p)))));
+        objects.extend(pods.into_iter().map(|p| Object::Pod(std::sync::Arc::new(pod(p)))));
         objects.push(policy("x", "web", json!({"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"],
             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}, {"namespaceSelector": {"matchLabels": {"team": "red"}}}], "ports": [{"port": "http"}, {"port": "dns", "protocol": "UDP"}]}]})));
         objects.push(policy("y", "egress", json!({"podSelector": {}, "policyTypes": ["Egress"],
@@ -205,9 +205,9 @@ mod tests {
 
     fn projected(object: &Object) -> Object {
         match object {
-            Object::Namespace(ns) => Object::Namespace(project_namespace(ns)),
-            Object::Pod(pod) => Object::Pod(Box::new(project_pod(pod))),
-            Object::NetworkPolicy(policy) => Object::NetworkPolicy(Box::new(project_policy(policy))),
+            Object::Namespace(ns) => Object::Namespace(std::sync::Arc::new(project_namespace(ns))),
+            Object::Pod(pod) => Object::Pod(std::sync::Arc::new(project_pod(pod))),
+            Object::NetworkPolicy(policy) => Object::NetworkPolicy(std::sync::Arc::new(project_policy(policy))),
         }
     }
 
@@ -263,9 +263,9 @@ mod tests {
 
     fn full_json(object: &Object) -> String {
         match object {
-            Object::Namespace(ns) => serde_json::to_string(ns),
-            Object::Pod(pod) => serde_json::to_string(pod),
-            Object::NetworkPolicy(policy) => serde_json::to_string(policy),
+            Object::Namespace(ns) => serde_json::to_string(&**ns),
+            Object::Pod(pod) => serde_json::to_string(&**pod),
+            Object::NetworkPolicy(policy) => serde_json::to_string(&**policy),
         }
         .expect("json")
     }
@@ -324,9 +324,9 @@ mod tests {
     #[test]
     fn namespace_and_policy_projections() {
         let Object::Namespace(ns) = &full_state()[0] else { panic!("namespace first") };
-        let mut relabelled = ns.clone();
+        let mut relabelled = (**ns).clone();
         relabelled.metadata.labels.get_or_insert_default().insert("team".into(), "green".into());
-        let mut annotated = ns.clone();
+        let mut annotated = (**ns).clone();
         annotated.metadata.annotations = None;
         annotated.metadata.resource_version = Some("7".into());
         assert_eq!(project_namespace(&annotated), project_namespace(ns));

@@ -47,10 +47,10 @@ pub fn synthetic_cluster(pods: usize, policies: usize) -> ClusterState {
     let mut state = ClusterState::default();
     for n in 0..namespaces {
         let (name, namespace) = synthetic_namespace(n);
-        state.namespaces.insert(name, namespace);
+        state.namespaces.insert(name, std::sync::Arc::new(namespace));
     }
     for i in 0..pods {
-        state.insert(policy_agent::state::Object::Pod(Box::new(synthetic_pod(i))));
+        state.insert(policy_agent::state::Object::Pod(std::sync::Arc::new(synthetic_pod(i))));
     }
     for p in 0..policies {
         let policy = NetworkPolicy {
@@ -61,7 +61,7 @@ pub fn synthetic_cluster(pods: usize, policies: usize) -> ClusterState {
             },
             spec: Some(synthetic_policy_spec(p)),
         };
-        state.insert(policy_agent::state::Object::NetworkPolicy(Box::new(policy)));
+        state.insert(policy_agent::state::Object::NetworkPolicy(std::sync::Arc::new(policy)));
     }
     state
 }

@@ -149,15 +149,15 @@ fn write_background(dir: &Path, pods: usize, policies: usize) {
     let state = synthetic_cluster(pods, policies);
     let mut text = String::new();
     for ns in state.namespaces.values() {
-        text += &serde_json::to_string(ns).expect("json");
+        text += &serde_json::to_string(&**ns).expect("json");
         text.push('\n');
     }
     for pod in state.pods.values() {
-        text += &serde_json::to_string(pod).expect("json");
+        text += &serde_json::to_string(&**pod).expect("json");
         text.push('\n');
     }
     for policy in state.policies.values() {
-        text += &serde_json::to_string(policy).expect("json");
+        text += &serde_json::to_string(&**policy).expect("json");
         text.push('\n');
     }
     write_atomic(dir, "05-background.json", &text);
