@@ -267,17 +267,7 @@ pub fn restore_link(ifname: &str, saved: &SavedLink) -> Result<(), AgentError> {
 
 /// Sends one request and waits for the kernel's acknowledgement.
 fn request(payload: RouteNetlinkMessage, flags: u16) -> Result<(), std::io::Error> {
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    set_receive_timeout(&socket)?;
-    let mut message = NetlinkMessage::from(payload);
-    message.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
-    message.header.sequence_number = DUMP_SEQUENCE;
-    message.finalize();
-    let mut buf = vec![0; message.buffer_len()];
-    message.serialize(&mut buf);
-    socket.send(&buf, 0)?;
+    let socket = send(payload, NLM_F_ACK | flags)?;
     loop {
         let (chunk, _) = socket.recv_from_full()?;
         let answer = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&chunk).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
@@ -316,23 +306,30 @@ const DUMP_TIMEOUT: libc::timeval = libc::timeval { tv_sec: 2, tv_usec: 0 };
 /// One dump: the messages, and whether the kernel flagged the dump inconsistent.
 fn dump_once(request: RouteNetlinkMessage, what: &'static str) -> Result<(Vec<RouteNetlinkMessage>, bool), AgentError> {
     let err = |e| netlink_err(what, e);
-    let mut socket = Socket::new(NETLINK_ROUTE).map_err(err)?;
-    socket.bind_auto().map_err(err)?;
-    socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
-    set_receive_timeout(&socket).map_err(err)?;
-    let mut message = NetlinkMessage::from(request);
-    message.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    message.header.sequence_number = DUMP_SEQUENCE;
-    message.finalize();
-    let mut buf = vec![0; message.buffer_len()];
-    message.serialize(&mut buf);
-    socket.send(&buf, 0).map_err(err)?;
+    let socket = send(request, NLM_F_DUMP).map_err(err)?;
     let mut dumped = Dumped::default();
     while !dumped.done {
         let (chunk, _) = socket.recv_from_full().map_err(err)?;
         dumped.add(&chunk).map_err(err)?;
     }
     Ok((dumped.messages, dumped.interrupted))
+}
+
+/// Sends one request with `flags` on a fresh netlink socket (answers time out after
+/// `DUMP_TIMEOUT`), which is returned for reading the answer.
+fn send(payload: RouteNetlinkMessage, flags: u16) -> Result<Socket, std::io::Error> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    set_receive_timeout(&socket)?;
+    let mut message = NetlinkMessage::from(payload);
+    message.header.flags = NLM_F_REQUEST | flags;
+    message.header.sequence_number = DUMP_SEQUENCE;
+    message.finalize();
+    let mut buf = vec![0; message.buffer_len()];
+    message.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    Ok(socket)
 }
 
 fn set_receive_timeout(socket: &Socket) -> std::io::Result<()> {
@@ -344,7 +341,7 @@ fn set_receive_timeout(socket: &Socket) -> std::io::Result<()> {
     if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
-/// The sequence number of the agent's dump requests (one request per socket).
+/// The sequence number of the agent's netlink requests (one request per socket).
 const DUMP_SEQUENCE: u32 = 1;
 
 /// The answer to a dump as it arrives, one datagram at a time.
