@@ -663,6 +663,8 @@ fn sctp_over_raw_sockets_follows_the_maps() {
 const SVC_B: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const SVC_C: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
 const SVC_D: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
+/// b's Service over IPv6 (a ClusterIP from the IPv6 Service range).
+const SVC_B6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0xff, 0, 0, 0, 0x10);
 /// A pod on another node, behind the node's uplink.
 const D4: Ipv4Addr = Ipv4Addr::new(198, 18, 11, 4);
 const D_ID: u32 = 3003;
@@ -680,6 +682,11 @@ fn kube_proxy_rules(node: &Netns, services: &[(Ipv4Addr, Ipv4Addr)]) {
         }
         let backend = backend.to_string();
         node.exec(&["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", &backend, "-d", &backend, "-j", "MASQUERADE"]);
+    }
+    for chain in ["PREROUTING", "OUTPUT"] {
+        let to = format!("[{B6}]:80");
+        let out = node.exec(&["ip6tables", "-t", "nat", "-A", chain, "-d", &SVC_B6.to_string(), "-p", "tcp", "--dport", "80", "-j", "DNAT", "--to-destination", &to]);
+        assert!(out.status.success(), "ip6tables: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
 
@@ -725,10 +732,11 @@ fn real_service_egress_is_judged_as_egress_towards_the_backend() {
     assert!(tcp_ok(a, svc(SVC_C), PROBE_TIMEOUT), "control: the leak of issue 11 is visible");
     assert!(!tcp_ok(a, c.target("c", false, 80), PROBE_TIMEOUT), "control: c's pod IP is denied");
 
-    let range = policy_agent::resolve::IpPrefix::parse("198.19.0.0/24").expect("prefix");
-    c.maps.set_service_nets(&[range]).expect("service range");
+    let ranges = ["198.19.0.0/24", "2001:2:0:ff::/64"].map(|r| policy_agent::resolve::IpPrefix::parse(r).expect("prefix"));
+    c.maps.set_service_nets(&ranges).expect("service ranges");
     let a = &c.node.pod("a").ns;
     assert!(tcp_ok(a, svc(SVC_B), PROBE_TIMEOUT), "a -> b through its ClusterIP: allowed as a -> b");
+    assert!(tcp_ok(a, SocketAddr::new(v6(SVC_B6), 80), PROBE_TIMEOUT), "IPv6: a -> b through its IPv6 ClusterIP");
     assert!(udp_ok(a, svc(SVC_B), PROBE_TIMEOUT), "UDP too, and the reply comes back from the ClusterIP");
     assert!(!tcp_ok(a, svc(SVC_C), PROBE_TIMEOUT), "a -> c through its ClusterIP: denied as a -> c");
     assert!(!udp_ok(a, svc(SVC_C), PROBE_TIMEOUT), "UDP to c denied");
