@@ -165,6 +165,8 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         settled: false,
         identities,
         uplinks: Uplinks { wanted: args.uplink.clone(), attached: BTreeMap::new() },
+        service_ranges: args.service_cidr.clone(),
+        service_nets: None,
     };
     let resync = Duration::from_millis(args.resync_ms.max(50));
     agent.serve(&mut source, &servers, resync).await
@@ -257,6 +259,9 @@ struct Agent {
     identities: IdentityAllocator,
     /// Where deferred egress towards Services leaves the node.
     uplinks: Uplinks,
+    /// `--service-cidr`, and what `SERVICE_NETS_V1` holds (those and the Services' addresses).
+    service_ranges: Vec<IpPrefix>,
+    service_nets: Option<BTreeSet<IpPrefix>>,
 }
 
 /// The node's interfaces towards other nodes, where `to_pod` judges deferred packets that
@@ -286,6 +291,8 @@ struct Compilation {
     pods_by_ip: BTreeMap<IpAddr, String>,
     /// This node's pods per namespace and isolation, for the loopback metrics.
     coverage: Vec<metrics::NamespaceCoverage>,
+    /// Where egress is judged after kube-proxy's translation.
+    service_nets: BTreeSet<IpPrefix>,
 }
 
 /// A pod's link that the agent set down to close it, and the routes that went with it.
@@ -345,6 +352,7 @@ impl Agent {
             return;
         }
         let compilation = current.unwrap_or_else(|| self.compile(source, generation, host.node_ips.clone()));
+        self.write_service_nets(&compilation.service_nets);
         let compiled = &compilation.compiled;
         let placements = self.place(compiled, &host);
         let uplinks = self.uplinks.names(&host);
@@ -363,6 +371,7 @@ impl Agent {
             tracing::info!(writes = report.applied, failures = report.failures.len(), conntrack_flushed = flushed, ms = elapsed.as_secs_f64() * 1e3, "maps synced");
         }
         self.settled = errors.is_empty()
+            && self.service_nets.as_ref() == Some(&compilation.service_nets)
             && placements.values().all(|p| p.slot.is_some() && p.interface.as_ref().is_some_and(|(n, i)| self.attached.get(n) == Some(i)));
         let outcome = PassOutcome { errors, programs, failures: report.failures.len(), ipcache_failures: ipcache_failures(&report), elapsed };
         self.publish(&compilation, &placements, &outcome);
@@ -393,6 +402,22 @@ impl Agent {
                 }
                 self.attached.remove(&ifname);
             }
+        }
+    }
+
+    /// Brings `SERVICE_NETS_V1` to `nets` when they changed. On failure the old set stays
+    /// (a new Service's egress is then judged as itself) and the next pass retries.
+    fn write_service_nets(&mut self, nets: &BTreeSet<IpPrefix>) {
+        if self.service_nets.as_ref() == Some(nets) {
+            return;
+        }
+        let list: Vec<IpPrefix> = nets.iter().copied().collect();
+        match self.syncer.maps_mut().set_service_nets(&list) {
+            Ok(()) => {
+                tracing::info!(entries = list.len(), "Service addresses written");
+                self.service_nets = Some(nets.clone());
+            }
+            Err(e) => tracing::error!(error = %e, "cannot write the Service addresses; retrying on the next pass"),
         }
     }
 
@@ -518,7 +543,8 @@ impl Agent {
             .flat_map(|(r, p)| crate::resolve::pod_ips(p, &mut Vec::new()).into_iter().map(move |ip| (ip, r.to_string())))
             .collect();
         let coverage = crate::coverage::report_compiled(&snapshot.state, [(self.node.as_str(), &compiled)]).per_namespace();
-        Compilation { generation, node_ips, compiled, changed_at: snapshot.changed_at, problems, pods_by_ip, coverage }
+        let service_nets = crate::services::deferred_nets(&snapshot.state, &self.service_ranges);
+        Compilation { generation, node_ips, compiled, changed_at: snapshot.changed_at, problems, pods_by_ip, coverage, service_nets }
     }
 
     /// Whether every interface this agent attached still has the index it had (a veth

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod netif;
 pub mod publish;
 pub mod resolve;
+pub mod services;
 pub mod state;
 pub mod status;
 pub mod sync;

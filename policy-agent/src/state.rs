@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -74,6 +74,8 @@ pub enum Object {
     Namespace(Arc<Namespace>),
     Pod(Arc<Pod>),
     NetworkPolicy(Arc<NetworkPolicy>),
+    /// Read only for the addresses kube-proxy translates (see `crate::services`).
+    Service(Arc<Service>),
 }
 
 impl Object {
@@ -82,6 +84,7 @@ impl Object {
             Object::Namespace(_) => "Namespace",
             Object::Pod(_) => "Pod",
             Object::NetworkPolicy(_) => "NetworkPolicy",
+            Object::Service(_) => "Service",
         }
     }
 
@@ -91,6 +94,7 @@ impl Object {
             Object::Namespace(ns) => format!("Namespace {}", ns.metadata.name.as_deref().unwrap_or("")),
             Object::Pod(pod) => format!("Pod {}", pod_ref(pod)),
             Object::NetworkPolicy(policy) => format!("NetworkPolicy {}", policy_ref(policy)),
+            Object::Service(service) => format!("Service {}", service_ref(service)),
         }
     }
 }
@@ -114,12 +118,17 @@ pub fn policy_ref(policy: &NetworkPolicy) -> NamespacedName {
     )
 }
 
+pub fn service_ref(service: &Service) -> NamespacedName {
+    NamespacedName::new(namespace_or_default(service.metadata.namespace.as_ref()), service.metadata.name.clone().unwrap_or_default())
+}
+
 /// Everything the compiler needs to know about the cluster.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterState {
     pub namespaces: BTreeMap<String, Arc<Namespace>>,
     pub pods: BTreeMap<PodRef, Arc<Pod>>,
     pub policies: BTreeMap<NamespacedName, Arc<NetworkPolicy>>,
+    pub services: BTreeMap<NamespacedName, Arc<Service>>,
 }
 
 impl ClusterState {
@@ -142,6 +151,7 @@ impl ClusterState {
             }
             Object::Pod(pod) => self.pods.insert(pod_ref(&pod), pod).is_some(),
             Object::NetworkPolicy(policy) => self.policies.insert(policy_ref(&policy), policy).is_some(),
+            Object::Service(service) => self.services.insert(service_ref(&service), service).is_some(),
         }
     }
 
@@ -181,6 +191,7 @@ pub fn load_manifest_dir(dir: &Path) -> Result<(ClusterState, Vec<Problem>), Age
                 Object::Namespace(o) => o.metadata.name.is_none(),
                 Object::Pod(o) => o.metadata.name.is_none(),
                 Object::NetworkPolicy(o) => o.metadata.name.is_none(),
+                Object::Service(o) => o.metadata.name.is_none(),
             };
             if unnamed {
                 problems.push(Problem::new(
@@ -298,6 +309,7 @@ fn decode_document(
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "Namespace") => decode::<Namespace>(&described, value, problems).map(|n| Object::Namespace(Arc::new(n))),
         ("v1", "Pod") => decode::<Pod>(&described, value, problems).map(|p| Object::Pod(Arc::new(p))),
+        ("v1", "Service") => decode::<Service>(&described, value, problems).map(|s| Object::Service(Arc::new(s))),
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             decode::<NetworkPolicy>(&described, value, problems).map(|p| Object::NetworkPolicy(Arc::new(p)))
         }

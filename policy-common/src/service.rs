@@ -5,8 +5,9 @@
 //! backend it now goes to, by the next classifier it meets after the rewrite (`to_pod` on the
 //! backend's veth, or on the node's uplink for a backend on another node).
 
-/// Capacity of the Service range trie (kube-proxy's `--service-cluster-ip-range`, one or two).
-pub const MAX_NETS: u32 = 64;
+/// Capacity of the Service trie: kube-proxy's `--service-cluster-ip-range` (one or two) and
+/// every ClusterIP, externalIP and load-balancer address of the cluster.
+pub const MAX_NETS: u32 = 65_536;
 
 /// The bits of `skb->mark` that carry a deferred packet's endpoint id (ids are below
 /// [`crate::endpoint::MAX_ENTRIES`], 12 bits). kube-proxy uses bits 14 and 15; a pod cannot set

@@ -3,7 +3,7 @@
 //! [`project`]) or a manifest directory. Both hand out full snapshots;
 //! the agent recomputes from a snapshot, never from individual delete events.
 
-mod project;
+pub(crate) mod project;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -14,7 +14,7 @@ use std::{
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
+    core::v1::{Namespace, Pod, Service},
     networking::v1::NetworkPolicy,
 };
 use kube::{
@@ -279,7 +279,7 @@ fn watch_dir(dir: &Path, wake: Arc<Notify>) -> notify::Result<notify::Recommende
     Ok(watcher)
 }
 
-/// Reflector stores of the three kinds, holding projections ([`project`]): the generation
+/// Reflector stores of the four kinds (Services only for their addresses), holding projections ([`project`]): the generation
 /// moves only when a projection changes, so status-only updates (readiness, conditions),
 /// annotation changes and resourceVersion bumps cost a comparison, not a recompile. The
 /// stores keep their last state while the API server is away, so enforcement goes on; the
@@ -288,6 +288,7 @@ pub struct KubeSource {
     pods: reflector::Store<Pod>,
     namespaces: reflector::Store<Namespace>,
     policies: reflector::Store<NetworkPolicy>,
+    services: reflector::Store<Service>,
     notify: Arc<Notify>,
     changed_at: Arc<Mutex<SystemTime>>,
     generation: Arc<std::sync::atomic::AtomicU64>,
@@ -303,14 +304,16 @@ impl KubeSource {
         let changes = Changes { notify: notify.clone(), changed_at: changed_at.clone(), generation: generation.clone() };
         let pods = spawn_reflector(Api::<Pod>::all(client.clone()), &changes);
         let namespaces = spawn_reflector(Api::<Namespace>::all(client.clone()), &changes);
-        let policies = spawn_reflector(Api::<NetworkPolicy>::all(client), &changes);
+        let policies = spawn_reflector(Api::<NetworkPolicy>::all(client.clone()), &changes);
+        let services = spawn_reflector(Api::<Service>::all(client), &changes);
         let ready = async {
             pods.wait_until_ready().await?;
             namespaces.wait_until_ready().await?;
-            policies.wait_until_ready().await
+            policies.wait_until_ready().await?;
+            services.wait_until_ready().await
         };
         ready.await.map_err(|e| AgentError::Kube { what: "waiting for the first list".into(), source: Box::new(e) })?;
-        Ok(Self { pods, namespaces, policies, notify, changed_at, generation })
+        Ok(Self { pods, namespaces, policies, services, notify, changed_at, generation })
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -320,7 +323,8 @@ impl KubeSource {
             .into_iter()
             .map(Object::Namespace)
             .chain(self.pods.state().into_iter().map(Object::Pod))
-            .chain(self.policies.state().into_iter().map(Object::NetworkPolicy));
+            .chain(self.policies.state().into_iter().map(Object::NetworkPolicy))
+            .chain(self.services.state().into_iter().map(Object::Service));
         let changed_at = *self.changed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Snapshot { state: ClusterState::from_objects(objects), changed_at, errors: Vec::new() }
     }

@@ -9,7 +9,10 @@
 
 use k8s_openapi::{
     api::{
-        core::v1::{Container, ContainerPort, HostIP, Namespace, Pod, PodIP, PodSpec, PodStatus},
+        core::v1::{
+            Container, ContainerPort, HostIP, LoadBalancerIngress, LoadBalancerStatus, Namespace, Pod, PodIP, PodSpec, PodStatus, Service,
+            ServiceSpec, ServiceStatus,
+        },
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -36,6 +39,12 @@ impl Project for Namespace {
 impl Project for NetworkPolicy {
     fn project(&self) -> Self {
         project_policy(self)
+    }
+}
+
+impl Project for Service {
+    fn project(&self) -> Self {
+        project_service(self)
     }
 }
 
@@ -104,6 +113,26 @@ pub fn project_namespace(namespace: &Namespace) -> Namespace {
 /// (everything in it is policy).
 pub fn project_policy(policy: &NetworkPolicy) -> NetworkPolicy {
     NetworkPolicy { metadata: identity_meta(&policy.metadata), spec: policy.spec.clone() }
+}
+
+/// A Service's addresses that kube-proxy translates (ClusterIPs, externalIPs, load-balancer
+/// ingress IPs): egress towards them is judged after the translation. Ports, selectors and
+/// everything else decide nothing here.
+pub fn project_service(service: &Service) -> Service {
+    let spec = service.spec.as_ref().map(|spec| ServiceSpec {
+        cluster_ip: spec.cluster_ip.clone(),
+        cluster_ips: spec.cluster_ips.clone(),
+        external_ips: spec.external_ips.clone(),
+        ..ServiceSpec::default()
+    });
+    let ingress = service.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+    let status = ingress.map(|ingress| ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(ingress.iter().map(|i| LoadBalancerIngress { ip: i.ip.clone(), ..LoadBalancerIngress::default() }).collect()),
+        }),
+        ..ServiceStatus::default()
+    });
+    Service { metadata: identity_meta(&service.metadata), spec, status }
 }
 
 #[cfg(test)]
@@ -208,6 +237,7 @@ mod tests {
             Object::Namespace(ns) => Object::Namespace(std::sync::Arc::new(project_namespace(ns))),
             Object::Pod(pod) => Object::Pod(std::sync::Arc::new(project_pod(pod))),
             Object::NetworkPolicy(policy) => Object::NetworkPolicy(std::sync::Arc::new(project_policy(policy))),
+            Object::Service(service) => Object::Service(std::sync::Arc::new(project_service(service))),
         }
     }
 
@@ -266,6 +296,7 @@ mod tests {
             Object::Namespace(ns) => serde_json::to_string(&**ns),
             Object::Pod(pod) => serde_json::to_string(&**pod),
             Object::NetworkPolicy(policy) => serde_json::to_string(&**policy),
+            Object::Service(service) => serde_json::to_string(&**service),
         }
         .expect("json")
     }
