@@ -43,7 +43,7 @@ pub enum Event {
 }
 
 /// The addresses an ADD reported for a pod, and the sandbox that reported them.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(super) struct Override {
     pub(super) uid: Option<String>,
     pub(super) container_id: String,
@@ -69,7 +69,25 @@ pub struct CniEndpoint {
     timeout: Duration,
     /// The socket this agent bound, and its inode (removed on exit if still ours).
     socket: Option<(PathBuf, u64)>,
+    /// Where the overrides are kept for the next agent: a restart between ADD and the
+    /// pod's status update must not detach the pod.
+    saved: Option<PathBuf>,
 }
+
+/// The overrides' file, beside the socket.
+const SAVED_FILE: &str = "cni-pods.json";
+
+/// One override in that file.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedOverride {
+    namespace: String,
+    name: String,
+    #[serde(flatten)]
+    cni: Override,
+}
+
+/// The agent's servers, each named by its address: the end of one stops the agent.
+type Servers = Vec<(String, JoinHandle<()>)>;
 
 /// Requests queued between the socket's connections and the loop.
 const QUEUE: usize = 256;
@@ -79,7 +97,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 impl CniEndpoint {
     /// No socket: no requests ever arrive.
     pub fn disabled() -> Self {
-        Self { requests: None, overrides: BTreeMap::new(), pending: Vec::new(), timeout: Duration::ZERO, socket: None }
+        Self { requests: None, overrides: BTreeMap::new(), pending: Vec::new(), timeout: Duration::ZERO, socket: None, saved: None }
     }
 
     /// Binds `socket` (unless it is empty or `disabled`) and serves it; its task joins
@@ -88,8 +106,8 @@ impl CniEndpoint {
         socket: &str,
         disabled: bool,
         timeout: Duration,
-        mut servers: Vec<(String, JoinHandle<()>)>,
-    ) -> Result<(Self, Vec<(String, JoinHandle<()>)>), AgentError> {
+        mut servers: Servers,
+    ) -> Result<(Self, Servers), AgentError> {
         if socket.is_empty() || disabled {
             tracing::info!("CNI socket disabled: pods are enforced once the watch sees their IPs");
             return Ok((Self::disabled(), servers));
@@ -100,7 +118,9 @@ impl CniEndpoint {
         let (sender, requests) = mpsc::channel(QUEUE);
         tracing::info!(socket = %path.display(), "serving the CNI plugin");
         servers.push((path.display().to_string(), tokio::spawn(serve(listener, sender))));
-        let endpoint = Self { requests: Some(requests), overrides: BTreeMap::new(), pending: Vec::new(), timeout, socket: Some((path, inode)) };
+        let saved = path.with_file_name(SAVED_FILE);
+        let overrides = load(&saved);
+        let endpoint = Self { requests: Some(requests), overrides, pending: Vec::new(), timeout, socket: Some((path, inode)), saved: Some(saved) };
         Ok((endpoint, servers))
     }
 
@@ -120,17 +140,26 @@ impl CniEndpoint {
         }
     }
 
-    /// Handles an event at once; true if the recorded addresses changed, so the snapshot
-    /// must be compiled again and a pass run.
+    /// Handles an event at once, and every request queued behind it (pods started together
+    /// share one pass); true if the recorded addresses changed, so the snapshot must be
+    /// compiled again and a pass run.
     pub fn handle(&mut self, event: Event, view: &SharedView) -> bool {
-        match event {
-            Event::Request(Incoming { request: Request::Add(add), reply }) => self.add(add, reply),
-            Event::Request(Incoming { request: Request::Del(del), reply }) => self.del(&del, reply),
-            Event::Request(Incoming { request: Request::Check(check), reply }) => {
-                let _ = reply.send(check_answer(&metrics::read(view), &check));
+        let Event::Request(first) = event else { return self.expire(Instant::now()) };
+        let mut changed = self.request(first, view);
+        while let Some(incoming) = self.requests.as_mut().and_then(|r| r.try_recv().ok()) {
+            changed |= self.request(incoming, view);
+        }
+        changed
+    }
+
+    fn request(&mut self, incoming: Incoming, view: &SharedView) -> bool {
+        match incoming.request {
+            Request::Add(add) => self.add(add, incoming.reply),
+            Request::Del(del) => self.del(&del, incoming.reply),
+            Request::Check(check) => {
+                let _ = incoming.reply.send(check_answer(&metrics::read(view), &check));
                 false
             }
-            Event::Deadline => self.expire(Instant::now()),
         }
     }
 
@@ -146,6 +175,7 @@ impl CniEndpoint {
             let _ = earlier.reply.send(Answer::error(format!("superseded by the ADD of container {}", add.container_id)));
         }
         self.overrides.insert(pod.clone(), Override { uid: add.uid, container_id: add.container_id.clone(), ips: add.ips.clone() });
+        self.save();
         let deadline = Instant::now() + self.timeout;
         self.pending.push(Pending { pod, container_id: add.container_id, ips: add.ips, host_interfaces: add.host_interfaces, deadline, reply, last_error: None });
         true
@@ -159,7 +189,11 @@ impl CniEndpoint {
         let before = self.overrides.len();
         self.overrides.retain(|_, o| o.container_id != del.container_id);
         let _ = reply.send(Answer::ok());
-        self.overrides.len() != before
+        let changed = self.overrides.len() != before;
+        if changed {
+            self.save();
+        }
+        changed
     }
 
     /// Answers the ADDs whose deadline passed and forgets their addresses.
@@ -174,6 +208,9 @@ impl CniEndpoint {
                 changed = true;
             }
         }
+        if changed {
+            self.save();
+        }
         changed
     }
 
@@ -181,9 +218,26 @@ impl CniEndpoint {
     /// those pods), and forgets the addresses of pods that are gone.
     pub fn apply(&mut self, mut snapshot: Snapshot) -> Snapshot {
         let waiting: BTreeSet<&PodRef> = self.pending.iter().map(|p| &p.pod).collect();
+        let before = self.overrides.len();
         self.overrides.retain(|pod, _| snapshot.state.pods.contains_key(pod) || waiting.contains(pod));
+        if self.overrides.len() != before {
+            self.save();
+        }
         apply_overrides(&mut snapshot.state, &self.overrides);
         snapshot
+    }
+
+    /// Writes the overrides for the next agent; a failure costs only that restart's safety.
+    fn save(&self) {
+        let Some(path) = &self.saved else { return };
+        let saved: Vec<SavedOverride> =
+            self.overrides.iter().map(|(pod, cni)| SavedOverride { namespace: pod.namespace.clone(), name: pod.name.clone(), cni: cni.clone() }).collect();
+        let written = serde_json::to_vec(&saved)
+            .map_err(|e| AgentError::CniInstall { path: path.clone(), what: format!("encode: {e}") })
+            .and_then(|bytes| super::install::write_atomic(path, &bytes, 0o600));
+        if let Err(error) = written {
+            tracing::warn!(%error, "cannot save the CNI-reported pod addresses");
+        }
     }
 
     /// After a pass: answers each pending ADD whose pod the pass enforced, or failed.
@@ -222,6 +276,29 @@ impl Drop for CniEndpoint {
             && std::fs::metadata(path).is_ok_and(|m| m.ino() == *inode)
         {
             let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The overrides an earlier agent saved; none if there is no file or it is unreadable
+/// (then pods wait for their status, as without CNI).
+fn load(path: &Path) -> BTreeMap<PodRef, Override> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "cannot read the saved CNI pod addresses");
+            return BTreeMap::new();
+        }
+    };
+    match serde_json::from_slice::<Vec<SavedOverride>>(&text) {
+        Ok(saved) => {
+            tracing::info!(path = %path.display(), pods = saved.len(), "CNI-reported pod addresses of the previous agent");
+            saved.into_iter().map(|s| (PodRef::new(s.namespace, s.name), s.cni)).collect()
+        }
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "saved CNI pod addresses unreadable; ignored");
+            BTreeMap::new()
         }
     }
 }
