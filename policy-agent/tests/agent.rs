@@ -793,3 +793,40 @@ fn cni_addresses_survive_an_agent_restart_before_the_status_has_them() {
     let saved = std::fs::read_to_string(runtime.socket.with_file_name("cni-pods.json")).unwrap_or_default();
     assert!(!saved.contains("\"name\":\"l\""), "{saved}");
 }
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn cni_install_copies_the_plugin_and_chains_it_once() {
+    let bpffs = Bpffs::new("cnii");
+    let (bin, conf) = (bpffs.scratch("opt-cni-bin"), bpffs.scratch("etc-cni-net.d"));
+    let ptp = r#"{"cniVersion":"0.4.0","name":"k8s","plugins":[{"type":"ptp","ipam":{"type":"host-local","subnet":"198.18.64.0/24"}}]}"#;
+    std::fs::write(conf.join("10-k8s.conflist"), ptp).expect("conflist");
+    std::fs::write(conf.join("20-later.conflist"), ptp).expect("conflist");
+    let install = |command: &str| {
+        let out = Command::new(AGENT).args([command, "--bin-dir"]).arg(&bin).arg("--conf-dir").arg(&conf).args(["--socket", "/run/policy-enforcer/cni.sock"]).output().expect("run");
+        assert!(out.status.success(), "{command}: {}", shown(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(install("cni-install").contains("chained policy-enforcer"));
+    assert!(install("cni-install").contains("already chains"), "idempotent");
+    let chained: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(conf.join("10-k8s.conflist")).expect("read")).expect("JSON");
+    assert_eq!(chained["plugins"].as_array().map(Vec::len), Some(2), "{chained}");
+    assert_eq!(chained["plugins"][1], serde_json::json!({"type": "policy-enforcer", "socket": "/run/policy-enforcer/cni.sock"}));
+    assert_eq!(std::fs::read_to_string(conf.join("20-later.conflist")).expect("read"), ptp, "only the file the runtime uses");
+    // The installed copy is the plugin (its name selects it).
+    let version = Command::new(bin.join("policy-enforcer")).env("CNI_COMMAND", "VERSION").stdin(Stdio::null()).output().expect("run plugin");
+    assert!(version.status.success() && String::from_utf8_lossy(&version.stdout).contains("\"1.0.0\""), "{}", shown(&version));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(bin.join("policy-enforcer")).expect("stat").permissions());
+    assert_eq!(mode & 0o777, 0o755);
+
+    let removed = install("cni-uninstall");
+    assert!(removed.contains("removed policy-enforcer from") && !bin.join("policy-enforcer").exists(), "{removed}");
+    let restored: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(conf.join("10-k8s.conflist")).expect("read")).expect("JSON");
+    assert_eq!(restored, serde_json::from_str::<serde_json::Value>(ptp).expect("JSON"));
+    let leftovers: Vec<_> = std::fs::read_dir(&conf).expect("list").filter_map(Result::ok).map(|e| e.file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect();
+    assert!(leftovers.is_empty(), "no temporary files: {leftovers:?}");
+
+    std::fs::write(conf.join("05-ptp.conf"), r#"{"cniVersion":"0.4.0","name":"k8s","type":"ptp"}"#).expect("conf");
+    let out = Command::new(AGENT).args(["cni-install", "--bin-dir"]).arg(&bin).arg("--conf-dir").arg(&conf).output().expect("run");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("05-ptp.conf"), "a .conf first is refused: {}", shown(&out));
+}

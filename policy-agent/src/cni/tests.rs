@@ -254,3 +254,18 @@ fn cni_overrides_fill_only_pods_without_addresses_and_with_the_same_uid() {
     apply_overrides(&mut state, &BTreeMap::from([(PodRef::new("e2e", "a"), cni(Some("u-2"), &["198.18.64.5"]))]));
     assert!(crate::resolve::pod_ips(&state.pods[&PodRef::new("e2e", "a")], &mut Vec::new()).is_empty(), "another pod of the same name");
 }
+
+#[test]
+fn cni_run_flags_enable_disable_and_time_out() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: crate::agent::RunArgs,
+    }
+    let parse = |args: &[&str]| <Cli as clap::Parser>::try_parse_from(std::iter::once("run").chain(args.iter().copied())).map(|c| c.run);
+    let defaults = parse(&[]).expect("defaults");
+    assert_eq!((defaults.cni_socket.as_str(), defaults.no_cni, defaults.cni_timeout_ms), (super::DEFAULT_SOCKET, false, 15000));
+    assert_eq!(parse(&["--cni-socket", ""]).expect("empty disables").cni_socket, "");
+    assert!(parse(&["--no-cni"]).expect("no-cni").no_cni);
+    assert_eq!(parse(&["--cni-timeout-ms", "2000"]).expect("timeout").cni_timeout_ms, 2000);
+}
