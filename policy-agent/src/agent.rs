@@ -92,6 +92,19 @@ pub struct RunArgs {
     /// at once.
     #[arg(long, default_value = "5000", value_name = "MS")]
     pub resync_ms: u64,
+    /// Unix socket for the CNI plugin `policy-enforcer`, which hands each new pod to the
+    /// agent before its containers start (the DaemonSet serves it at
+    /// /run/policy-enforcer/cni.sock, the plugin's default). Off when empty, the default, so
+    /// an agent run by hand claims no host path.
+    #[arg(long, default_value = "", value_name = "PATH")]
+    pub cni_socket: String,
+    /// Do not serve the CNI plugin (as `--cni-socket ''`): pods are enforced once the watch
+    /// sees their IPs.
+    #[arg(long)]
+    pub no_cni: bool,
+    /// How long a CNI ADD waits for a pass to enforce its pod (the watch may not know it yet).
+    #[arg(long, default_value = "15000", value_name = "MS")]
+    pub cni_timeout_ms: u64,
 }
 
 fn parse_service_cidr(text: &str) -> Result<IpPrefix, String> {
@@ -130,6 +143,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
 
     let view: SharedView = Arc::new(RwLock::new(AgentView::new(&node)));
     let servers = start_servers(&args, &view, &pins).await?;
+    let (cni, servers) = crate::cni::CniEndpoint::start(&args.cni_socket, args.no_cni, Duration::from_millis(args.cni_timeout_ms), servers)?;
     metrics::spawn_conntrack_counter(view.clone(), pins.clone());
     if args.flow_log != FlowLogMode::Off {
         let (flow_view, flow_pins, file) = (view.clone(), pins.clone(), args.flow_log_file.clone());
@@ -167,6 +181,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         uplinks: Uplinks { wanted: args.uplink.clone(), attached: BTreeMap::new() },
         service_ranges: args.service_cidr.clone(),
         service_nets: None,
+        cni,
     };
     let resync = Duration::from_millis(args.resync_ms.max(50));
     agent.serve(&mut source, &servers, resync).await
@@ -187,6 +202,7 @@ impl Agent {
                 return Err(AgentError::ServerStopped { addr: addr.clone() });
             }
             self.reconcile(source);
+            self.cni.after_pass(&self.view, &self.attached);
             let resync_at = tokio::time::Instant::now() + resync;
             // The sweep has its own clock: the resync may be long now that events drive passes.
             loop {
@@ -197,6 +213,12 @@ impl Agent {
                     () = tokio::time::sleep_until(next_sweep) => {
                         next_sweep = tokio::time::Instant::now() + CONNTRACK_SWEEP;
                         self.sweep_conntrack();
+                    }
+                    event = self.cni.next() => {
+                        if self.cni.handle(event, &self.view) {
+                            self.compilation = None;
+                            break;
+                        }
                     }
                     _ = tokio::signal::ctrl_c() => break 'passes,
                     _ = terminate.recv() => break 'passes,
@@ -262,6 +284,8 @@ struct Agent {
     /// `--service-cidr`, and what `SERVICE_NETS_V1` holds (those and the Services' addresses).
     service_ranges: Vec<IpPrefix>,
     service_nets: Option<BTreeSet<IpPrefix>>,
+    /// The CNI plugin's requests, and the pod addresses they reported.
+    cni: crate::cni::CniEndpoint,
 }
 
 /// The node's interfaces towards other nodes, where `to_pod` judges deferred packets that
@@ -531,7 +555,7 @@ impl Agent {
 
     /// Compiles a fresh snapshot of the source.
     fn compile(&mut self, source: &Source, generation: u64, node_ips: Vec<IpAddr>) -> Compilation {
-        let snapshot = source.snapshot();
+        let snapshot = self.cni.apply(source.snapshot());
         let node = NodeContext { name: self.node.clone(), ips: node_ips.clone() };
         let compiled = compile_with(&snapshot.state, &node, &mut self.identities, Instant::now());
         let problems = compiled.problems.iter().map(ToString::to_string).chain(snapshot.errors.iter().cloned()).collect();

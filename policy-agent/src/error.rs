@@ -87,4 +87,12 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+
+    /// The CNI plugin's failure, with its CNI error code (11: try again later).
+    #[error("{what}")]
+    Cni { code: u32, what: String },
+
+    /// Installing or removing the CNI plugin: a CNI config or bin directory.
+    #[error("{path}: {what}")]
+    CniInstall { path: PathBuf, what: String },
 }

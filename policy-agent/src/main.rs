@@ -31,6 +31,11 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
+    /// Install the CNI plugin `policy-enforcer` on the node (the DaemonSet's init container):
+    /// copy this binary into the CNI bin directory and chain it in the primary conflist.
+    CniInstall(policy_agent::cni::install::InstallArgs),
+    /// Take `policy-enforcer` out of the primary conflist, then remove its binary.
+    CniUninstall(policy_agent::cni::install::InstallArgs),
 }
 
 #[derive(clap::Args)]
@@ -96,9 +101,17 @@ fn plugin_main() -> ExitCode {
     }
 }
 
+/// The name the container runtime runs this binary by, as a CNI plugin.
+fn invoked_as_cni_plugin() -> bool {
+    std::env::args_os().next().is_some_and(|arg0| std::path::Path::new(&arg0).file_name().is_some_and(|n| n == policy_agent::cni::PLUGIN_TYPE))
+}
+
 fn main() -> ExitCode {
     if invoked_as_plugin() {
         return plugin_main();
+    }
+    if invoked_as_cni_plugin() {
+        return policy_agent::cni::plugin::main();
     }
     let cli = Cli::parse();
     let result = match cli.command {
@@ -109,6 +122,8 @@ fn main() -> ExitCode {
         Command::Attach(args) => attach(&args),
         Command::Detach(args) => detach(&args),
         Command::Cleanup { bpffs } => cleanup(&bpffs),
+        Command::CniInstall(args) => report(policy_agent::cni::install::install(&args)),
+        Command::CniUninstall(args) => report(policy_agent::cni::install::uninstall(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -165,6 +180,13 @@ fn detach(args: &AttachArgs) -> anyhow::Result<()> {
 fn cleanup(bpffs: &std::path::Path) -> anyhow::Result<()> {
     for path in datapath::cleanup(&PinLayout::new(bpffs))? {
         println!("removed {}", path.display());
+    }
+    Ok(())
+}
+
+fn report(done: Result<Vec<String>, policy_agent::AgentError>) -> anyhow::Result<()> {
+    for line in done? {
+        println!("{line}");
     }
     Ok(())
 }

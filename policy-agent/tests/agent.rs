@@ -43,6 +43,8 @@ struct AgentNode {
     resync_ms: &'static str,
     /// The agent's `--metrics-addr` (the tests read /status and /metrics there).
     metrics_addr: &'static str,
+    /// The agent's `--cni-socket`; without one `--no-cni` (nothing under /run/policy-enforcer).
+    cni_socket: Option<PathBuf>,
     _servers: Vec<Servers>,
 }
 
@@ -56,7 +58,7 @@ impl AgentNode {
         let dir = bpffs.scratch("manifests");
         let log = bpffs.scratch("log").join("agent.log");
         let servers = pods.iter().map(|p| Servers::start(&node.pod(p.name).ns, &[80, 81], Duration::from_secs(120))).collect();
-        let this = Self { node, bpffs, dir, log, agent: None, extra_args: Vec::new(), resync_ms: "200", metrics_addr: METRICS, _servers: servers };
+        let this = Self { node, bpffs, dir, log, agent: None, extra_args: Vec::new(), resync_ms: "200", metrics_addr: METRICS, cni_socket: None, _servers: servers };
         this.write("00-namespace.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: e2e\n  labels:\n    team: blue\n");
         for p in pods {
             this.write(&format!("10-pod-{}.yaml", p.name), &pod_yaml(p));
@@ -79,6 +81,10 @@ impl AgentNode {
         let mut args: Vec<&std::ffi::OsStr> = vec!["--manifests".as_ref(), self.dir.as_os_str(), "--node".as_ref(), NODE_NAME.as_ref()];
         args.extend(["--bpffs".as_ref(), self.bpffs.path.as_os_str(), "--flow-log".as_ref(), "off".as_ref(), "--resync-ms".as_ref(), self.resync_ms.as_ref()]);
         args.extend(self.extra_args.iter().map(|a| std::ffi::OsStr::new(*a)));
+        match &self.cni_socket {
+            Some(socket) => args.extend(["--cni-socket".as_ref(), socket.as_os_str()]),
+            None => args.push("--no-cni".as_ref()),
+        }
         self.agent = Some(AgentRun::start(AGENT.as_ref(), &self.node.ns, &args, self.metrics_addr, &self.log));
     }
 
@@ -556,4 +562,271 @@ fn manifest_changes_apply_without_polling() {
     let allowed = start.elapsed();
     assert!(allowed < PROMPT, "a removed policy file applied after {allowed:?}");
     println!("policy added: enforced after {} ms; removed: after {} ms (probe timeouts included)", denied.as_millis(), allowed.as_millis());
+}
+
+/// A pod as kubelet sees it before its sandbox exists: scheduled, no addresses yet.
+fn unstarted_pod_yaml(p: &PodSpec) -> String {
+    let labels: String = p.labels.split(',').map(|kv| kv.replacen('=', ": ", 1)).map(|l| format!("    {l}\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: e2e\n  uid: uid-{}\n  labels:\n{labels}spec:\n  nodeName: {NODE_NAME}\n  containers:\n  - name: c\n    image: x\nstatus:\n  phase: Pending\n  hostIP: {NODE_V4}\n",
+        p.name, p.name
+    )
+}
+
+const DENY_LOCKED: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny-locked\n  namespace: e2e\nspec:\n  podSelector:\n    matchLabels:\n      app: locked\n  policyTypes: [Ingress, Egress]\n";
+
+/// The container runtime's side of CNI: it runs our plugin (this binary through a symlink
+/// named `policy-enforcer`, as /opt/cni/bin holds it) after the primary plugin, whose work
+/// `Node::add_pod` has done (veth, addresses, /32 and /128 routes, as ptp makes them).
+struct Runtime {
+    plugin: PathBuf,
+    socket: PathBuf,
+}
+
+impl Runtime {
+    fn new(n: &AgentNode) -> Self {
+        let bin = n.bpffs.scratch("cni-bin");
+        let plugin = bin.join("policy-enforcer");
+        let _ = std::fs::remove_file(&plugin);
+        std::os::unix::fs::symlink(AGENT, &plugin).expect("plugin symlink");
+        Self { plugin, socket: n.bpffs.scratch("cni-run").join("sock").join("cni.sock") }
+    }
+
+    /// The primary plugin's result for a pod made by `Node::add_pod`, in the 1.0.0 or 0.4.0 shape.
+    fn prev_result(node: &Node, name: &str, v1: bool) -> serde_json::Value {
+        let pod = node.pod(name);
+        let sandbox = format!("/run/netns/{}", pod.ns.name);
+        let (v4, v6) = (format!("{}/32", pod.ipv4), format!("{}/128", pod.ipv6));
+        let ips = if v1 {
+            serde_json::json!([{"interface": 1, "address": v4, "gateway": NODE_V4.to_string()}, {"interface": 1, "address": v6}])
+        } else {
+            serde_json::json!([{"version": "4", "interface": 1, "address": v4, "gateway": NODE_V4.to_string()}, {"version": "6", "interface": 1, "address": v6}])
+        };
+        serde_json::json!({
+            "cniVersion": if v1 { "1.0.0" } else { "0.4.0" },
+            "interfaces": [{"name": pod.host_if, "mac": "02:aa:00:00:00:01"}, {"name": "eth0", "mac": "02:bb:00:00:00:09", "sandbox": sandbox}],
+            "ips": ips,
+            "routes": [{"dst": "0.0.0.0/0", "gw": NODE_V4.to_string()}],
+            "dns": {}
+        })
+    }
+
+    /// Runs the plugin as containerd does: CNI_* environment, the network config on stdin.
+    fn call(&self, command: &str, pod: &str, container: &str, prev: Option<&serde_json::Value>) -> std::process::Output {
+        let version = prev.and_then(|p| p["cniVersion"].as_str()).unwrap_or("1.0.0");
+        let mut conf = serde_json::json!({"cniVersion": version, "name": "k8s-pod-network", "type": "policy-enforcer", "socket": self.socket, "timeoutSeconds": 10});
+        if let Some(prev) = prev {
+            conf["prevResult"] = prev.clone();
+        }
+        let mut child = Command::new(&self.plugin)
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_NETNS", format!("/run/netns/{container}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", self.plugin.parent().expect("bin dir"))
+            .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=e2e;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container};K8S_POD_UID=uid-{pod}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the plugin");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), conf.to_string().as_bytes()).expect("write stdin");
+        child.wait_with_output().expect("plugin output")
+    }
+}
+
+fn shown(out: &std::process::Output) -> String {
+    format!("exit {:?}\nstdout: {}\nstderr: {}", out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// A node whose agent serves the CNI socket, with p (isolated: only app=open may connect on
+/// 80) and q (no policy) running, and l (app=locked, default-deny both ways) and o (app=open,
+/// no policy) scheduled but not started.
+fn cni_node(suffix: &str, extra_args: Vec<&'static str>) -> (AgentNode, Runtime) {
+    let mut n = AgentNode::new(suffix, &[pod("p", "app=peer", 1), pod("q", "app=other", 2)]);
+    n.write("20-policy.yaml", &ingress_policy("peer-from-open", "peer", "open", "80"));
+    n.write("21-deny-locked.yaml", DENY_LOCKED);
+    n.write("10-pod-l.yaml", &unstarted_pod_yaml(&pod("l", "app=locked", 5)));
+    n.write("10-pod-o.yaml", &unstarted_pod_yaml(&pod("o", "app=open", 6)));
+    let runtime = Runtime::new(&n);
+    n.cni_socket = Some(runtime.socket.clone());
+    n.extra_args = extra_args;
+    n.start();
+    within(&n, PROMPT, "p and q attached", || n.endpoint("p")["attached"] == true && n.endpoint("q")["attached"] == true);
+    (n, runtime)
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn cni_add_enforces_a_pod_from_its_first_packet() {
+    let (mut n, runtime) = cni_node("cni", Vec::new());
+    let (l, o) = (pod("l", "app=locked", 5), pod("o", "app=open", 6));
+    n.node.add_pod("l", l.v4, l.v6);
+    n.node.add_pod("o", o.v4, o.v6);
+    let _servers = [Servers::start(&n.node.pod("l").ns, &[80], Duration::from_secs(60)), Servers::start(&n.node.pod("o").ns, &[80], Duration::from_secs(60))];
+    // The race without the plugin: l runs unenforced, and p drops o, whose address it does not know.
+    assert!(n.reaches("l", "q", 80), "before ADD, l is not enforced yet (the runtime does not start it before ADD returns)");
+    assert!(!n.reaches("o", "p", 80), "before ADD, p does not know o's identity");
+
+    let prev = Runtime::prev_result(&n.node, "l", true);
+    let started = Instant::now();
+    let out = runtime.call("ADD", "l", "sandbox-l", Some(&prev));
+    let add_took = started.elapsed();
+    assert!(out.status.success(), "ADD of l: {}", shown(&out));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("ADD prints JSON ({e}): {}", shown(&out)));
+    assert_eq!(printed, prev, "a chained plugin passes the result through unchanged");
+    // At once, no sleep: the pod's first packets meet its policy.
+    assert!(!n.reaches("l", "q", 80), "l's first connection after ADD is dropped (egress deny)");
+    assert!(!n.reaches6("l", "q", 80), "also over IPv6");
+    assert!(!n.reaches("q", "l", 80), "and nothing reaches l (ingress deny)");
+    let status = n.endpoint("l");
+    assert_eq!((status["attached"].as_bool(), status["ingress_isolated"].as_bool(), status["egress_isolated"].as_bool()), (Some(true), Some(true), Some(true)), "{status}");
+    assert_eq!(status["interface"], n.node.pod("l").host_if.as_str(), "{status}");
+
+    let prev = Runtime::prev_result(&n.node, "o", false);
+    let out = runtime.call("ADD", "o", "sandbox-o", Some(&prev));
+    assert!(out.status.success(), "ADD of o: {}", shown(&out));
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).ok(), Some(prev), "0.4.0 result passed through");
+    assert!(n.reaches("o", "p", 80), "p accepts o's first connection: o's identity was in the ipcache before ADD returned");
+    assert!(n.reaches6("o", "p", 80), "also over IPv6");
+    assert!(n.reaches("o", "q", 80), "the control pod o (no policy) connects at once");
+    assert_eq!(n.endpoint("o")["attached"], true);
+    let check = runtime.call("CHECK", "l", "sandbox-l", Some(&Runtime::prev_result(&n.node, "l", true)));
+    assert!(check.status.success(), "CHECK of an enforced pod: {}", shown(&check));
+
+    // Kubelet reports the addresses: nothing changes. DEL forgets o's CNI addresses (its status has none).
+    n.write("10-pod-l.yaml", &pod_yaml(&l));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!n.reaches("l", "q", 80), "still enforced once the status has the addresses");
+    let del = runtime.call("DEL", "o", "sandbox-o", None);
+    assert!(del.status.success(), "DEL: {}", shown(&del));
+    within(&n, PROMPT, "o forgotten after DEL", || n.endpoint("o").is_null());
+    assert!(!n.reaches("o", "p", 80), "after DEL p no longer knows o");
+    assert!(n.agent.as_mut().expect("agent").alive());
+    println!("ADD of a default-deny pod returned enforced after {} ms", add_took.as_millis());
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn cni_add_waits_for_a_pod_the_watch_does_not_know_yet_and_times_out() {
+    let (mut n, runtime) = cni_node("cniw", vec!["--cni-timeout-ms", "2000"]);
+    let w = pod("w", "app=locked", 7);
+    n.node.add_pod("w", w.v4, w.v6);
+    let prev = Runtime::prev_result(&n.node, "w", true);
+    let runtime = Arc::new(runtime);
+    let add = {
+        let (runtime, prev) = (runtime.clone(), prev.clone());
+        std::thread::spawn(move || runtime.call("ADD", "w", "sandbox-w", Some(&prev)))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!add.is_finished(), "ADD waits while the agent does not know the pod");
+    // The watch catches up (the pod object arrives after kubelet started the sandbox).
+    n.write("10-pod-w.yaml", &unstarted_pod_yaml(&w));
+    let out = add.join().expect("ADD thread");
+    assert!(out.status.success(), "ADD once the pod is known: {}", shown(&out));
+    assert!(!n.reaches("w", "q", 80), "enforced from its first packet");
+
+    // A pod the agent never learns of: the ADD fails after --cni-timeout-ms, naming it.
+    let x = pod("x", "app=other", 8);
+    n.node.add_pod("x", x.v4, x.v6);
+    let started = Instant::now();
+    let out = runtime.call("ADD", "x", "sandbox-x", Some(&Runtime::prev_result(&n.node, "x", true)));
+    let took = started.elapsed();
+    assert!(!out.status.success(), "{}", shown(&out));
+    let error: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("CNI error JSON ({e}): {}", shown(&out)));
+    assert_eq!(error["code"], 11, "{error}");
+    assert!(error["msg"].as_str().is_some_and(|m| m.contains("e2e/x") && m.contains("has not seen")), "{error}");
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(8), "failed after the agent's timeout: {took:?}");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn cni_add_without_agent_fails_try_again_later_and_del_succeeds() {
+    let (mut n, runtime) = cni_node("cnid", Vec::new());
+    let l = pod("l", "app=locked", 5);
+    n.node.add_pod("l", l.v4, l.v6);
+    let prev = Runtime::prev_result(&n.node, "l", true);
+    n.kill();
+    // SIGKILL leaves the socket file (connection refused); a never-started agent leaves none.
+    for (why, socket_left) in [("killed agent", true), ("no agent", false)] {
+        if !socket_left {
+            let _ = std::fs::remove_file(&runtime.socket);
+        }
+        assert_eq!(runtime.socket.exists(), socket_left, "{why}");
+        let started = Instant::now();
+        let out = runtime.call("ADD", "l", "sandbox-l", Some(&prev));
+        assert!(!out.status.success(), "{why}: ADD must fail: {}", shown(&out));
+        assert!(started.elapsed() < Duration::from_secs(2), "{why}: fails at once");
+        let error: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{why}: CNI error JSON ({e}): {}", shown(&out)));
+        assert_eq!((error["code"].as_u64(), error["cniVersion"].as_str()), (Some(11), Some("1.0.0")), "{why}: {error}");
+        assert!(error["msg"].as_str().is_some_and(|m| m.contains("e2e/l") && m.contains("unreachable")), "{why}: {error}");
+        let del = runtime.call("DEL", "l", "sandbox-l", None);
+        assert!(del.status.success(), "{why}: DEL always succeeds: {}", shown(&del));
+    }
+    let version = runtime.call("VERSION", "l", "sandbox-l", None);
+    assert!(version.status.success() && String::from_utf8_lossy(&version.stdout).contains("supportedVersions"), "{}", shown(&version));
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn cni_addresses_survive_an_agent_restart_before_the_status_has_them() {
+    let (mut n, runtime) = cni_node("cnir", Vec::new());
+    let l = pod("l", "app=locked", 5);
+    n.node.add_pod("l", l.v4, l.v6);
+    let out = runtime.call("ADD", "l", "sandbox-l", Some(&Runtime::prev_result(&n.node, "l", true)));
+    assert!(out.status.success(), "ADD: {}", shown(&out));
+    assert!(!n.reaches("l", "q", 80));
+    // Killed before kubelet's status update: the next agent still knows l's addresses, so it
+    // keeps l attached instead of taking it for a pod without an interface.
+    n.kill();
+    n.start();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(n.endpoint("l")["attached"], true, "{}", n.endpoint("l"));
+    for _ in 0..3 {
+        assert!(!n.reaches("l", "q", 80), "l stays enforced across the restart");
+    }
+    let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+    assert!(log.rsplit("classifier loaded").next().unwrap_or_default().contains("CNI-reported pod addresses of the previous agent"), "{log}");
+    // Deleting the pod object forgets them.
+    n.remove("10-pod-l.yaml");
+    within(&n, PROMPT, "l gone", || n.endpoint("l").is_null());
+    let saved = std::fs::read_to_string(runtime.socket.with_file_name("cni-pods.json")).unwrap_or_default();
+    assert!(!saved.contains("\"name\":\"l\""), "{saved}");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn cni_install_copies_the_plugin_and_chains_it_once() {
+    let bpffs = Bpffs::new("cnii");
+    let (bin, conf) = (bpffs.scratch("opt-cni-bin"), bpffs.scratch("etc-cni-net.d"));
+    let ptp = r#"{"cniVersion":"0.4.0","name":"k8s","plugins":[{"type":"ptp","ipam":{"type":"host-local","subnet":"198.18.64.0/24"}}]}"#;
+    std::fs::write(conf.join("10-k8s.conflist"), ptp).expect("conflist");
+    std::fs::write(conf.join("20-later.conflist"), ptp).expect("conflist");
+    let install = |command: &str| {
+        let out = Command::new(AGENT).args([command, "--bin-dir"]).arg(&bin).arg("--conf-dir").arg(&conf).args(["--socket", "/run/policy-enforcer/cni.sock"]).output().expect("run");
+        assert!(out.status.success(), "{command}: {}", shown(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(install("cni-install").contains("chained policy-enforcer"));
+    assert!(install("cni-install").contains("already chains"), "idempotent");
+    let chained: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(conf.join("10-k8s.conflist")).expect("read")).expect("JSON");
+    assert_eq!(chained["plugins"].as_array().map(Vec::len), Some(2), "{chained}");
+    assert_eq!(chained["plugins"][1], serde_json::json!({"type": "policy-enforcer", "socket": "/run/policy-enforcer/cni.sock"}));
+    assert_eq!(std::fs::read_to_string(conf.join("20-later.conflist")).expect("read"), ptp, "only the file the runtime uses");
+    // The installed copy is the plugin (its name selects it).
+    let version = Command::new(bin.join("policy-enforcer")).env("CNI_COMMAND", "VERSION").stdin(Stdio::null()).output().expect("run plugin");
+    assert!(version.status.success() && String::from_utf8_lossy(&version.stdout).contains("\"1.0.0\""), "{}", shown(&version));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(bin.join("policy-enforcer")).expect("stat").permissions());
+    assert_eq!(mode & 0o777, 0o755);
+
+    let removed = install("cni-uninstall");
+    assert!(removed.contains("removed policy-enforcer from") && !bin.join("policy-enforcer").exists(), "{removed}");
+    let restored: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(conf.join("10-k8s.conflist")).expect("read")).expect("JSON");
+    assert_eq!(restored, serde_json::from_str::<serde_json::Value>(ptp).expect("JSON"));
+    let leftovers: Vec<_> = std::fs::read_dir(&conf).expect("list").filter_map(Result::ok).map(|e| e.file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect();
+    assert!(leftovers.is_empty(), "no temporary files: {leftovers:?}");
+
+    std::fs::write(conf.join("05-ptp.conf"), r#"{"cniVersion":"0.4.0","name":"k8s","type":"ptp"}"#).expect("conf");
+    let out = Command::new(AGENT).args(["cni-install", "--bin-dir"]).arg(&bin).arg("--conf-dir").arg(&conf).output().expect("run");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("05-ptp.conf"), "a .conf first is refused: {}", shown(&out));
 }

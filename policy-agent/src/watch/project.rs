@@ -70,6 +70,8 @@ pub fn project_pod(pod: &Pod) -> Pod {
         labels: meta.labels.clone(),
         creation_timestamp: meta.creation_timestamp.clone(),
         deletion_timestamp: meta.deletion_timestamp.clone(),
+        // A CNI ADD names the pod by uid too: a re-created pod of the same name is another.
+        uid: meta.uid.clone(),
         ..identity_meta(meta)
     };
     let spec = pod.spec.as_ref().map(|spec| PodSpec {
