@@ -506,6 +506,10 @@ impl Drop for Cluster {
     }
 }
 
+fn service_file(service: &Service) -> String {
+    format!("60-svc-{}.yaml", service.name.replace('/', "-"))
+}
+
 /// The client that plays the world outside the cluster (a namespace attached to node-1).
 const OUTSIDE: &str = "outside";
 
@@ -514,13 +518,47 @@ const OUTSIDE: &str = "outside";
 /// was answered.
 type Outcome = (Option<String>, bool);
 
+/// Each backend (pod id) a client may reach through a Service, and whether it is allowed to.
+type Expected<'a> = &'a [(&'a str, bool)];
+
+/// One client's row of a Service check: the client, its expectation, its connections.
+type ServiceRow<'a> = (&'a str, Expected<'a>, Vec<Outcome>);
+
 impl Cluster {
-    /// Installs `services` as kube-proxy would, in every node namespace (replacing the last).
+    /// Installs `services` as kube-proxy would, in every node namespace (replacing the last
+    /// set), and writes them with their Endpoints into the manifest directory (for an agent
+    /// that reads them; others skip those kinds).
     fn set_services(&mut self, services: Vec<Service>) {
         for node in &self.net.nodes {
             services::install(&node.ns, &services, POD_CIDR_V4, POD_CIDR_V6);
         }
+        for old in std::mem::take(&mut self.services) {
+            self.remove(&service_file(&old));
+        }
+        for service in &services {
+            let yaml = self.service_yaml(service);
+            self.write(&service_file(service), &yaml);
+        }
         self.services = services;
+    }
+
+    /// A Service without selector and its Endpoints (pod addresses, nodeName, targetRef).
+    fn service_yaml(&self, service: &Service) -> String {
+        let (ns, name) = service.name.split_once('/').expect("service name ns/name");
+        let kind = if service.node_port.is_some() { "NodePort" } else { "ClusterIP" };
+        let node_port = service.node_port.map(|p| format!(", nodePort: {p}")).unwrap_or_default();
+        let (port, protocol, ip) = (service.port, service.protocol, service.cluster_ip);
+        let mut addresses = String::new();
+        let mut target_port = port;
+        for backend in &service.backends {
+            let pod = self.pods.iter().find(|p| IpAddr::V4(p.ipv4) == backend.ip || IpAddr::V6(p.ipv6) == backend.ip).expect("backend is a pod");
+            let node = &self.net.addrs[pod.node].name;
+            addresses.push_str(&format!("  - ip: {}\n    nodeName: {node}\n    targetRef: {{kind: Pod, namespace: {}, name: {}}}\n", backend.ip, pod.ns, pod.name));
+            target_port = backend.port;
+        }
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  type: {kind}\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  ports:\n  - {{name: p, port: {port}, targetPort: {target_port}, protocol: {protocol}{node_port}}}\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}, namespace: {ns}}}\nsubsets:\n- addresses:\n{addresses}  ports:\n  - {{name: p, port: {target_port}, protocol: {protocol}}}\n"
+        )
     }
 
     /// Service `ns/name` on ClusterIP 198.19.0.`last`, port 80/`protocol` to port 80 of the
@@ -569,7 +607,7 @@ impl Cluster {
     /// an allowed backend answered, none to a denied one did, and, where anything is allowed,
     /// every backend was reached. On a mismatch prints a table (client x backend, each with
     /// its node: answered/connections) and fails.
-    fn check_service(&mut self, what: &str, to: SocketAddr, protocol: Protocol, rows: &[(&str, &[(&str, bool)])]) {
+    fn check_service(&mut self, what: &str, to: SocketAddr, protocol: Protocol, rows: &[(&str, Expected<'_>)]) {
         if self.dirty {
             self.settle();
         }
@@ -595,7 +633,7 @@ impl Cluster {
 
     /// Rows: clients; columns: the expected backends and whatever else was reached; cells:
     /// answered/connections, the expectation (`.` allowed, `X` denied) and `!` on a mismatch.
-    fn service_table(&self, table: &[(&str, &[(&str, bool)], Vec<Outcome>)]) -> String {
+    fn service_table(&self, table: &[ServiceRow<'_>]) -> String {
         let mut columns: Vec<Option<String>> = Vec::new();
         for (_, expected, outcomes) in table {
             for reached in expected.iter().map(|(b, _)| Some((*b).to_owned())).chain(outcomes.iter().map(|(r, _)| r.clone())) {
@@ -616,8 +654,12 @@ impl Cluster {
                 let hits: Vec<bool> = outcomes.iter().filter(|(r, _)| r == c).map(|(_, ok)| *ok).collect();
                 let want = expected.iter().find(|(b, _)| Some((*b).to_owned()) == *c).map(|(_, allowed)| *allowed);
                 let mark = match want { Some(true) => ".", Some(false) => "X", None => "-" };
-                let bad = judge(client, expected, &outcomes.iter().filter(|(r, _)| r == c).cloned().collect::<Vec<_>>()).iter().any(|w| c.as_deref().is_none_or(|b| w.contains(b)));
-                let cell = format!("{}/{} {mark}{}", hits.iter().filter(|ok| **ok).count(), hits.len(), if bad && !hits.is_empty() { " !" } else { "" });
+                let bad = match want {
+                    Some(allowed) => hits.iter().any(|ok| *ok != allowed),
+                    // Not a backend, or no flow where something is allowed.
+                    None => !hits.is_empty() && (c.is_some() || expected.iter().any(|(_, allowed)| *allowed)),
+                };
+                let cell = format!("{}/{} {mark}{}", hits.iter().filter(|ok| **ok).count(), hits.len(), if bad { " !" } else { "" });
                 out.push_str(&format!("{cell:<18}"));
             }
             out.push('\n');
@@ -627,7 +669,7 @@ impl Cluster {
 }
 
 /// The mismatches of one client's connections through a Service (see `check_service`).
-fn judge(client: &str, expected: &[(&str, bool)], outcomes: &[Outcome]) -> Vec<String> {
+fn judge(client: &str, expected: Expected<'_>, outcomes: &[Outcome]) -> Vec<String> {
     let any_allowed = expected.iter().any(|(_, allowed)| *allowed);
     let mut wrong = Vec::new();
     for (reached, ok) in outcomes {
@@ -1862,7 +1904,7 @@ fn service_egress_pod_selector(c: &mut Cluster) {
     ");
     let services = vec![c.service("y/b", 10, TCP, &["y/b"], None), c.service("y/b-udp", 11, UDP, &["y/b"], None), c.service("y/c", 12, TCP, &["y/c"], None)];
     c.set_services(services);
-    let to_b: &[(&str, bool)] = &[("y/b", true)];
+    let to_b: Expected<'_> = &[("y/b", true)];
     c.check_service("ClusterIP of y/b", cluster_ip(10), TCP, &[("x/a", to_b), ("x/b", to_b)]);
     c.check_service("ClusterIP of y/b (UDP)", cluster_ip(11), UDP, &[("x/a", to_b), ("x/b", to_b)]);
     c.check_service("ClusterIP of y/c", cluster_ip(12), TCP, &[("x/a", &[("y/c", false)]), ("x/b", &[("y/c", false)]), ("z/a", &[("y/c", true)])]);
@@ -1888,7 +1930,7 @@ fn service_egress_except_pod_cidr(c: &mut Cluster) {
     let mut r = c.reach();
     r.egress("x/a", false).egress("x/b", false);
     c.check(&r, 80, TCP);
-    let both: &[(&str, bool)] = &[("y/a", false), ("z/a", false)];
+    let both: Expected<'_> = &[("y/a", false), ("z/a", false)];
     c.check_service("ClusterIP of y/b", cluster_ip(10), TCP, &[("x/a", &[("y/b", false)]), ("x/b", &[("y/b", false)])]);
     c.check_service("ClusterIP of y/a and z/a", cluster_ip(13), TCP, &[("x/a", both), ("x/b", both)]);
     let world = SocketAddr::new(c.outside().addr(false), 80);
@@ -1909,7 +1951,7 @@ fn service_egress_namespace_selector_two_backends(c: &mut Cluster) {
               matchLabels: {ns: y}
     ");
     c.set_services(vec![c.service("y/mixed", 20, TCP, &["y/a", "z/a"], None)]);
-    let split: &[(&str, bool)] = &[("y/a", true), ("z/a", false)];
+    let split: Expected<'_> = &[("y/a", true), ("z/a", false)];
     c.check_service("ClusterIP of y/a and z/a", cluster_ip(20), TCP, &[("x/a", split), ("x/b", split), ("z/b", &[("y/a", true), ("z/a", true)])]);
 }
 
