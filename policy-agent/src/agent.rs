@@ -19,6 +19,7 @@ use crate::{
     flowlog::{self, FlowLogMode},
     metrics::{self, AgentView, Directory, EndpointStatus, MapFill, SharedView},
     netif,
+    resolve::IpPrefix,
     sync::{EndpointRef, SyncReport, Syncer},
     watch::{ClusterArgs, KubeSource, ManifestSource, Source},
 };
@@ -59,6 +60,16 @@ pub struct RunArgs {
     /// Count and log what would be dropped, but let it pass.
     #[arg(long)]
     pub audit: bool,
+    /// kube-proxy's Service address range (`--service-cluster-ip-range`; repeat for dual
+    /// stack). A pod's egress towards it is judged after the translation, as egress towards
+    /// the backend the connection reaches.
+    #[arg(long, value_name = "CIDR", value_parser = parse_service_cidr)]
+    pub service_cidr: Vec<IpPrefix>,
+    /// The node's interfaces towards other nodes (repeatable; `auto`: every interface with a
+    /// node address on a subnet). Egress towards a Service whose backend is on another node
+    /// is judged where it leaves through one of them.
+    #[arg(long, value_name = "IFNAME")]
+    pub uplink: Vec<String>,
     /// Log every drop from inside the classifier through aya-log. Costs time on the drop
     /// path; for debugging only.
     #[arg(long)]
@@ -81,6 +92,10 @@ pub struct RunArgs {
     /// at once.
     #[arg(long, default_value = "5000", value_name = "MS")]
     pub resync_ms: u64,
+}
+
+fn parse_service_cidr(text: &str) -> Result<IpPrefix, String> {
+    IpPrefix::parse(text)
 }
 
 /// The node's name: `--node`, else `NODE_NAME` (clap reads it), else the hostname.
@@ -110,6 +125,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         .config
         .set(0, config, 0)
         .map_err(|e| AgentError::Ebpf { what: "write config".into(), source: Box::new(e) })?;
+    syncer.maps_mut().set_service_nets(&args.service_cidr)?;
     tracing::info!(node = %node, bpffs = %pins.root().display(), adopted_endpoints = syncer.loaded().endpoints.len(), "classifier loaded");
 
     let view: SharedView = Arc::new(RwLock::new(AgentView::new(&node)));
@@ -148,6 +164,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         routes: Vec::new(),
         settled: false,
         identities,
+        uplinks: Uplinks { wanted: args.uplink.clone(), attached: BTreeMap::new() },
     };
     let resync = Duration::from_millis(args.resync_ms.max(50));
     agent.serve(&mut source, &servers, resync).await
@@ -238,6 +255,24 @@ struct Agent {
     settled: bool,
     /// Identity numbers across compiles.
     identities: IdentityAllocator,
+    /// Where deferred egress towards Services leaves the node.
+    uplinks: Uplinks,
+}
+
+/// The node's interfaces towards other nodes, where `to_pod` judges deferred packets that
+/// leave the node (it passes every other packet).
+struct Uplinks {
+    /// Names from `--uplink`; `auto` stands for the host's uplinks.
+    wanted: Vec<String>,
+    /// Interfaces attached by this process, with their ifindex then.
+    attached: BTreeMap<String, u32>,
+}
+
+impl Uplinks {
+    fn names(&self, host: &HostView) -> BTreeSet<String> {
+        let auto = self.wanted.iter().any(|w| w == "auto");
+        self.wanted.iter().filter(|w| *w != "auto").cloned().chain(auto.then(|| host.uplinks.iter().cloned()).into_iter().flatten()).collect()
+    }
 }
 
 /// A compiled snapshot, with what it was compiled from: recompiling happens only when the
@@ -312,8 +347,10 @@ impl Agent {
         let compilation = current.unwrap_or_else(|| self.compile(source, generation, host.node_ips.clone()));
         let compiled = &compilation.compiled;
         let placements = self.place(compiled, &host);
+        let uplinks = self.uplinks.names(&host);
         self.routes = host.routes;
-        self.detach_unwanted(&placements);
+        self.detach_unwanted(&placements, &uplinks);
+        self.attach_uplinks(&uplinks);
         let slots: BTreeMap<PodRef, EndpointSlot> = placements.iter().filter_map(|(pod, p)| Some((pod.clone(), p.slot?))).collect();
         let (report, flushed) = self.write_maps(compiled, &slots);
         let mut errors = failures_by_pod(&report, &slots);
@@ -344,15 +381,35 @@ impl Agent {
 
     /// Detaches from interfaces no pod is placed on: a pod that is gone loses its program
     /// before its endpoint entry.
-    fn detach_unwanted(&mut self, placements: &BTreeMap<PodRef, Placement>) {
+    fn detach_unwanted(&mut self, placements: &BTreeMap<PodRef, Placement>, uplinks: &BTreeSet<String>) {
         let wanted: BTreeSet<&str> = placements.values().filter_map(|p| p.interface.as_ref().map(|(n, _)| n.as_str())).collect();
         for (ifname, hook) in self.datapath.pins().pinned_links() {
-            if !wanted.contains(ifname.as_str()) {
+            let uplink = hook == Hook::ToPod && uplinks.contains(&ifname) && !wanted.contains(ifname.as_str());
+            if !wanted.contains(ifname.as_str()) && !uplink {
+                self.uplinks.attached.remove(&ifname);
                 match datapath::detach(self.datapath.pins(), &ifname, hook) {
                     Ok(_) => tracing::info!(interface = %ifname, hook = %hook, "detached"),
                     Err(e) => tracing::warn!(interface = %ifname, error = %e, "detach failed"),
                 }
                 self.attached.remove(&ifname);
+            }
+        }
+    }
+
+    /// Attaches `to_pod` to the TC egress of each uplink where it is missing (or the link
+    /// was re-created), so deferred packets leaving the node are judged.
+    fn attach_uplinks(&mut self, uplinks: &BTreeSet<String>) {
+        for name in uplinks {
+            let Some(ifindex) = netif::ifindex(name) else { continue };
+            if self.uplinks.attached.get(name) == Some(&ifindex) {
+                continue;
+            }
+            match self.datapath.attach(name, Hook::ToPod) {
+                Ok(attached) => {
+                    tracing::info!(interface = %name, program = attached.program_id, "attached to the uplink");
+                    self.uplinks.attached.insert(name.clone(), ifindex);
+                }
+                Err(e) => tracing::error!(interface = %name, error = %e, "cannot attach to the uplink: egress towards Services with backends on other nodes leaves unjudged"),
             }
         }
     }
@@ -467,7 +524,7 @@ impl Agent {
     /// Whether every interface this agent attached still has the index it had (a veth
     /// re-created under the same name keeps its routes but not its index).
     fn interfaces_unchanged(&self) -> bool {
-        self.attached.iter().all(|(name, index)| netif::ifindex(name) == Some(*index))
+        self.attached.iter().chain(&self.uplinks.attached).all(|(name, index)| netif::ifindex(name) == Some(*index))
     }
 
     /// Finds each local pod's interface and endpoint slot; no interface is given to two pods.

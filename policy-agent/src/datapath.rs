@@ -52,9 +52,11 @@ pub mod map_name {
     pub const EVENT_RATE: &str = "EVENT_RATE_V1";
     pub const CT_USAGE: &str = "CT_USAGE_V1";
     pub const CT_RELEASED: &str = "CT_RELEASED_V1";
-    pub const ALL: [&str; 13] = [
+    pub const ENDPOINT_IDS: &str = "ENDPOINT_IDS_V1";
+    pub const SERVICE_NETS: &str = "SERVICE_NETS_V1";
+    pub const ALL: [&str; 15] = [
         ADDRESSES, PREFIXES, ENDPOINTS, POLICY, PORT_RANGES, CONNTRACK, FRAGMENTS, COUNTERS, EVENTS, CONFIG, EVENT_RATE, CT_USAGE,
-        CT_RELEASED,
+        CT_RELEASED, ENDPOINT_IDS, SERVICE_NETS,
     ];
 }
 
@@ -369,7 +371,7 @@ fn program_mut(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, Agen
 /// A map pinned by an older agent with another key or value size would be reused blindly by
 /// the loader; refuse instead (names carry a version suffix, so this means a corrupt pin).
 fn check_pinned_layouts(pins: &PinLayout) -> Result<(), AgentError> {
-    let expected: [(&str, usize, usize); 7] = [
+    let expected: [(&str, usize, usize); 9] = [
         (map_name::ADDRESSES, size_of::<IpcacheKey>(), size_of::<IpcacheValue>()),
         (map_name::PREFIXES, 4 + size_of::<IpcacheKey>(), size_of::<IpcacheValue>()),
         (map_name::ENDPOINTS, size_of::<EndpointKey>(), size_of::<EndpointInfo>()),
@@ -377,6 +379,8 @@ fn check_pinned_layouts(pins: &PinLayout) -> Result<(), AgentError> {
         (map_name::PORT_RANGES, 4 + size_of::<PolicyKey>(), size_of::<PolicyValue>()),
         (map_name::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>()),
         (map_name::COUNTERS, 4, size_of::<Counter>()),
+        (map_name::ENDPOINT_IDS, 4, size_of::<EndpointKey>()),
+        (map_name::SERVICE_NETS, 4 + size_of::<IpcacheKey>(), 4),
     ];
     for (name, key_size, value_size) in expected {
         let path = pins.map(name);
@@ -405,6 +409,9 @@ pub struct Maps {
     pub addresses: HashMap<MapData, IpcacheKey, IpcacheValue>,
     pub prefixes: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
     pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    /// Endpoint id -> interface, written with each endpoint entry.
+    pub endpoint_ids: Array<MapData, EndpointKey>,
+    pub service_nets: LpmTrie<MapData, IpcacheKey, u32>,
     pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
     pub port_ranges: LpmTrie<MapData, PolicyKey, PolicyValue>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
@@ -434,6 +441,8 @@ impl Maps {
             addresses: typed(take(map_name::ADDRESSES)?, map_name::ADDRESSES)?,
             prefixes: typed(take(map_name::PREFIXES)?, map_name::PREFIXES)?,
             endpoints: typed(take(map_name::ENDPOINTS)?, map_name::ENDPOINTS)?,
+            endpoint_ids: typed(take(map_name::ENDPOINT_IDS)?, map_name::ENDPOINT_IDS)?,
+            service_nets: typed(take(map_name::SERVICE_NETS)?, map_name::SERVICE_NETS)?,
             policy: typed(take(map_name::POLICY)?, map_name::POLICY)?,
             port_ranges: typed(take(map_name::PORT_RANGES)?, map_name::PORT_RANGES)?,
             conntrack: typed(take(map_name::CONNTRACK)?, map_name::CONNTRACK)?,
@@ -467,7 +476,11 @@ impl Maps {
                 (map_name::PORT_RANGES, ignore_missing(self.port_ranges.remove(&Key::new(prefix_len, key))))
             }
             MapOp::PolicyRemove { key, .. } => (map_name::POLICY, ignore_missing(self.policy.remove(&key))),
-            MapOp::EndpointUpsert { ifindex, info } => (map_name::ENDPOINTS, self.endpoints.insert(EndpointKey { ifindex }, info, 0)),
+            MapOp::EndpointUpsert { ifindex, info } => match self.endpoint_ids.set(info.id, EndpointKey { ifindex }, 0) {
+                // The id's interface first: a deferred packet of this endpoint finds it.
+                Ok(()) => (map_name::ENDPOINTS, self.endpoints.insert(EndpointKey { ifindex }, info, 0)),
+                Err(e) => (map_name::ENDPOINT_IDS, Err(e)),
+            },
             MapOp::EndpointRemove { ifindex } => (map_name::ENDPOINTS, ignore_missing(self.endpoints.remove(&EndpointKey { ifindex }))),
         };
         result.map(|()| map).map_err(|e| (map, e))
@@ -500,6 +513,40 @@ impl Maps {
         }
         Ok(contents)
     }
+}
+
+impl Maps {
+    /// Points each loaded endpoint's id at its interface (maps pinned by an agent that
+    /// predates the id map have none).
+    pub fn index_endpoint_ids(&mut self, loaded: &MapContents) -> Result<(), AgentError> {
+        for (&ifindex, info) in &loaded.endpoints {
+            self.endpoint_ids.set(info.id, EndpointKey { ifindex }, 0).map_err(|e| ebpf_error(format!("write {}", map_name::ENDPOINT_IDS), e))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the Service ranges exactly `nets`: egress towards them is judged after the
+    /// translation (see `policy_common::service`).
+    pub fn set_service_nets(&mut self, nets: &[crate::resolve::IpPrefix]) -> Result<(), AgentError> {
+        let err = |e: MapError| ebpf_error(format!("write {}", map_name::SERVICE_NETS), e);
+        let wanted: Vec<Key<IpcacheKey>> = nets.iter().map(service_key).collect();
+        let present: Vec<Key<IpcacheKey>> = self.service_nets.keys().collect::<Result<_, _>>().map_err(err)?;
+        for key in &wanted {
+            self.service_nets.insert(key, 0, 0).map_err(err)?;
+        }
+        for key in present.iter().filter(|k| !wanted.iter().any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data())) {
+            ignore_missing(self.service_nets.remove(key)).map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+fn service_key(net: &crate::resolve::IpPrefix) -> Key<IpcacheKey> {
+    let key = match net.addr() {
+        std::net::IpAddr::V4(a) => IpcacheKey::v4(a.octets()),
+        std::net::IpAddr::V6(a) => IpcacheKey::v6(a.octets()),
+    };
+    Key::new(IpcacheKey::lpm_prefix_len(net.prefix_len()), key)
 }
 
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {

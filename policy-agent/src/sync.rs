@@ -69,8 +69,9 @@ pub struct Syncer<W: MapWriter = Maps> {
 
 impl Syncer<Maps> {
     /// Takes over the maps, reading what an earlier agent left in them.
-    pub fn adopt(maps: Maps) -> Result<Self, AgentError> {
+    pub fn adopt(mut maps: Maps) -> Result<Self, AgentError> {
         let loaded = maps.read()?;
+        maps.index_endpoint_ids(&loaded)?;
         Ok(Self::with_loaded(maps, loaded))
     }
 

@@ -145,6 +145,19 @@ impl Fixture {
         program.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
     }
 
+    /// Runs the frame with `skb->mark` set; returns the verdict and the mark after the run.
+    fn run_marked(&self, hook: Hook, frame: &[u8], mark: u32) -> (u32, u32) {
+        // `struct __sk_buff` up to `ifindex`: `mark` at 8.
+        let mut ctx = [0u8; 44];
+        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        // The kernel writes back the whole `struct __sk_buff` (192 bytes) or fails.
+        let mut out = [0u8; 256];
+        let program = self.datapath.program(hook).expect("program");
+        let opts = TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), ctx_out: Some(&mut out), ..TestRunOptions::default() };
+        let verdict = program.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value;
+        (verdict, u32::from_ne_bytes([out[8], out[9], out[10], out[11]]))
+    }
+
     fn run(&self, hook: Hook, frame: &[u8]) -> u32 {
         let program = self.datapath.program(hook).expect("program");
         let opts = TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() };
@@ -557,7 +570,7 @@ impl Cluster {
             _pad: [0; 2],
             revision: self.revision,
         };
-        self.maps.endpoints.insert(EndpointKey { ifindex }, info, 0).expect("endpoint");
+        self.maps.write(&MapOp::EndpointUpsert { ifindex, info }).expect("endpoint");
     }
 
     /// Takes the pod out of enforcement (as if no agent managed it): the control case of the
@@ -582,6 +595,14 @@ impl Cluster {
         lookups[direction as usize] |= lookup::bit(PREFIX_FULL, peer);
         self.endpoints.insert(pod, (id, flags, lookups));
         self.endpoint(pod, id, flags);
+    }
+
+    /// Packets counted for `reason` on an endpoint id, both directions, over all CPUs.
+    fn counted_reason(&self, endpoint: u32, reason: Reason) -> u64 {
+        [Direction::Ingress, Direction::Egress]
+            .into_iter()
+            .map(|d| self.maps.counters.get(&reason.slot(endpoint, d), 0).expect("counter").iter().map(|c| c.packets).sum::<u64>())
+            .sum()
     }
 
     fn target(&self, pod: &str, v6: bool, port: u16) -> SocketAddr {
@@ -635,6 +656,145 @@ fn sctp_over_raw_sockets_follows_the_maps() {
         let ports = sink.ports();
         assert_eq!(ports, vec![80], "only the allowed SCTP port arrives; a TCP entry does not admit SCTP (v6={v6})");
     }
+}
+
+// --- Services: egress judged after kube-proxy's translation (issue 11) --------------------
+
+const SVC_B: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const SVC_C: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
+const SVC_D: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
+/// A pod on another node, behind the node's uplink.
+const D4: Ipv4Addr = Ipv4Addr::new(198, 18, 11, 4);
+const D_ID: u32 = 3003;
+
+/// kube-proxy's iptables rules, reduced to what matters here: DNAT of each ClusterIP's TCP and
+/// UDP port 80 to one backend, and masquerade for hairpin traffic (a backend reaching itself).
+fn kube_proxy_rules(node: &Netns, services: &[(Ipv4Addr, Ipv4Addr)]) {
+    for (service, backend) in services {
+        for protocol in ["tcp", "udp"] {
+            let (service, backend) = (service.to_string(), format!("{backend}:80"));
+            for chain in ["PREROUTING", "OUTPUT"] {
+                let out = node.exec(&["iptables", "-t", "nat", "-A", chain, "-d", &service, "-p", protocol, "--dport", "80", "-j", "DNAT", "--to-destination", &backend]);
+                assert!(out.status.success(), "iptables: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        let backend = backend.to_string();
+        node.exec(&["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", &backend, "-d", &backend, "-j", "MASQUERADE"]);
+    }
+}
+
+/// A pod on another node: a namespace behind a veth from the node (its uplink), routed.
+/// Returns the pod's namespace and the uplink's name.
+fn remote_pod(c: &Cluster) -> (Netns, String) {
+    let remote = Netns::new("dpr");
+    let uplink = format!("{}up", testbed::run_prefix());
+    let node = &c.node.ns;
+    node.exec(&["ip", "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &remote.name]);
+    node.exec(&["ip", "addr", "add", "198.18.11.1/30", "dev", &uplink]);
+    node.exec(&["ip", "link", "set", &uplink, "up"]);
+    node.exec(&["ip", "route", "add", &format!("{D4}/32"), "via", "198.18.11.2"]);
+    remote.exec(&["ip", "addr", "add", "198.18.11.2/30", "dev", "eth0"]);
+    remote.exec(&["ip", "addr", "add", &format!("{D4}/32"), "dev", "eth0"]);
+    remote.exec(&["ip", "link", "set", "eth0", "up"]);
+    remote.exec(&["ip", "route", "add", "default", "via", "198.18.11.1"]);
+    (remote, uplink)
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn real_service_egress_is_judged_as_egress_towards_the_backend() {
+    let mut c = Cluster::new();
+    let (remote, uplink) = remote_pod(&c);
+    let out = c.node.ns.exec(&[env!("CARGO_BIN_EXE_policy-agent"), "attach", "--iface", &uplink, "--direction", "egress", "--bpffs", c.bpffs.path.to_str().expect("utf-8")]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("attached to_pod"), "{out:?}");
+    insert_identity(&mut c.maps, v4(D4), 32, D_ID);
+    kube_proxy_rules(&c.node.ns, &[(SVC_B, B4), (SVC_C, C4), (SVC_D, D4)]);
+    let _servers = [&c.node.pod("b").ns, &c.node.pod("c").ns, &remote].map(|ns| Servers::start(ns, &[80], Duration::from_secs(60)));
+    let svc = |ip: Ipv4Addr| SocketAddr::new(v4(ip), 80);
+    // a may reach b (TCP and UDP), the remote pod d, and "the internet" (WORLD: an ipBlock
+    // 0.0.0.0/0 except the pod range), but not c.
+    c.endpoint("a", A_EP, FLAG_EGRESS_ISOLATED);
+    c.allow("a", B_ID, Direction::Egress, proto::TCP, 80);
+    c.allow("a", B_ID, Direction::Egress, proto::UDP, 80);
+    c.allow("a", D_ID, Direction::Egress, proto::TCP, 80);
+    c.allow("a", identity::WORLD, Direction::Egress, proto::TCP, 80);
+
+    // Control: without the Service range a ClusterIP is judged as itself (WORLD), and c is
+    // reached through the rule meant for the outside world.
+    let a = &c.node.pod("a").ns;
+    assert!(tcp_ok(a, svc(SVC_C), PROBE_TIMEOUT), "control: the leak of issue 11 is visible");
+    assert!(!tcp_ok(a, c.target("c", false, 80), PROBE_TIMEOUT), "control: c's pod IP is denied");
+
+    let range = policy_agent::resolve::IpPrefix::parse("198.19.0.0/24").expect("prefix");
+    c.maps.set_service_nets(&[range]).expect("service range");
+    let a = &c.node.pod("a").ns;
+    assert!(tcp_ok(a, svc(SVC_B), PROBE_TIMEOUT), "a -> b through its ClusterIP: allowed as a -> b");
+    assert!(udp_ok(a, svc(SVC_B), PROBE_TIMEOUT), "UDP too, and the reply comes back from the ClusterIP");
+    assert!(!tcp_ok(a, svc(SVC_C), PROBE_TIMEOUT), "a -> c through its ClusterIP: denied as a -> c");
+    assert!(!udp_ok(a, svc(SVC_C), PROBE_TIMEOUT), "UDP to c denied");
+    assert!(tcp_ok(a, svc(SVC_D), PROBE_TIMEOUT), "a backend on another node: judged on the uplink, allowed");
+    assert!(tcp_ok(a, c.target("b", false, 80), PROBE_TIMEOUT) && !tcp_ok(a, c.target("c", false, 80), PROBE_TIMEOUT), "pod IPs as before");
+    assert!(c.counted_reason(A_EP, Reason::PassDeferred) > 0);
+
+    // Revoked: the next connection to d is dropped where it leaves the node.
+    c.revoke("a", D_ID, Direction::Egress, proto::TCP, 80);
+    let a = &c.node.pod("a").ns;
+    assert!(!tcp_ok(a, svc(SVC_D), PROBE_TIMEOUT), "revoked: dropped on the uplink");
+
+    // Isolated for ingress too: the replies from the ClusterIP are replies.
+    c.endpoint("a", A_EP, FLAG_EGRESS_ISOLATED | FLAG_INGRESS_ISOLATED);
+    let a = &c.node.pod("a").ns;
+    assert!(tcp_ok(a, svc(SVC_B), PROBE_TIMEOUT), "replies from the ClusterIP pass a's ingress");
+
+    // Hairpin: b reaches itself through its own Service (masqueraded to the node's address).
+    c.endpoint("b", B_EP, FLAG_EGRESS_ISOLATED);
+    let b = &c.node.pod("b").ns;
+    assert!(!tcp_ok(b, svc(SVC_B), PROBE_TIMEOUT), "b may not reach itself yet");
+    c.allow("b", B_ID, Direction::Egress, proto::TCP, 80);
+    let b = &c.node.pod("b").ns;
+    assert!(tcp_ok(b, svc(SVC_B), PROBE_TIMEOUT), "hairpin allowed by b's egress towards itself");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn service_flows_are_marked_and_judged_after_the_translation() {
+    use policy_common::service;
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_EGRESS_ISOLATED);
+    f.allow(PEER_ID, Direction::Egress, Some(proto::TCP), Some(80));
+    f.maps.endpoint_ids.set(ENDPOINT, EndpointKey { ifindex: LO }, 0).expect("endpoint id");
+    let range = policy_agent::resolve::IpPrefix::parse("198.19.0.0/24").expect("prefix");
+    f.maps.set_service_nets(&[range]).expect("service range");
+    let cluster_ip = v4(SVC_B);
+
+    // Leaving the pod towards the Service: passed and marked with the endpoint id, over the
+    // mark's other bits (kube-proxy's 0x4000); the same for the next packet of the flow.
+    let syn = Frame::tcp(v4(POD), 40000, cluster_ip, 80, SYN).build();
+    assert_eq!(f.run_marked(Hook::FromPod, &syn, 0x4000), (TC_ACT_OK, service::mark(0x4000, ENDPOINT)));
+    let ack = Frame::tcp(v4(POD), 40000, cluster_ip, 80, ACK).build();
+    assert_eq!(f.run_marked(Hook::FromPod, &ack, 0).1, service::mark(0, ENDPOINT));
+    assert_eq!(f.counted(ENDPOINT, Reason::PassDeferred), 2);
+    // Towards a pod IP: judged here, and not marked.
+    assert_eq!(f.run_marked(Hook::FromPod, &Frame::tcp(v4(POD), 40001, v4(PEER), 80, SYN).build(), 0), (TC_ACT_OK, 0));
+    // The reply from the Service address is a reply (the entry of the deferred flow).
+    f.endpoint(FLAG_EGRESS_ISOLATED | FLAG_INGRESS_ISOLATED);
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(cluster_ip, 80, v4(POD), 40000, SYN | ACK).build()), TC_ACT_OK);
+
+    // After the translation: judged as the endpoint's egress towards the backend (TEST_RUN
+    // has one interface: the packet then meets the same endpoint's ingress, not isolated).
+    f.endpoint(FLAG_EGRESS_ISOLATED);
+    let marked = service::mark(0, ENDPOINT);
+    assert_eq!(f.run_marked(Hook::ToPod, &Frame::tcp(v4(POD), 40002, v4(PEER), 80, SYN).build(), marked).0, TC_ACT_OK);
+    assert_eq!(f.run_marked(Hook::ToPod, &Frame::tcp(v4(POD), 40003, v4(OTHER), 80, SYN).build(), marked).0, TC_ACT_SHOT);
+    // Not translated (no rule for the port): the deferred flow's own entry does not vouch
+    // for it; judged towards the Service address (WORLD), denied.
+    assert_eq!(f.run_marked(Hook::ToPod, &Frame::tcp(v4(POD), 40000, cluster_ip, 80, ACK).build(), marked).0, TC_ACT_SHOT);
+    // A mark naming an endpoint that is not there (or whose id moved) is dropped.
+    assert_eq!(f.run_marked(Hook::ToPod, &Frame::tcp(v4(POD), 40004, v4(PEER), 80, SYN).build(), service::mark(0, 99)).0, TC_ACT_SHOT);
+    assert_eq!(f.counted(0, Reason::DropStale), 1);
+    // Without a Service range, nothing is deferred: the ClusterIP is judged as itself.
+    f.maps.set_service_nets(&[]).expect("no service range");
+    assert_eq!(f.run_marked(Hook::FromPod, &Frame::tcp(v4(POD), 40005, cluster_ip, 80, SYN).build(), 0), (TC_ACT_SHOT, 0));
 }
 
 // --- What an attacker in a pod with CAP_NET_RAW tries (issue 12) -------------------------

@@ -165,7 +165,7 @@ impl Kernel {
     /// Inserts an entry as the classifier would have (counted as opened by its endpoint).
     fn inject_ct(&mut self, key: CtKey, e: CtEntry, expired: bool) {
         let expires_ns = if expired { 1 } else { FOREVER_NS };
-        let value = CtValue { expires_ns, cookie: e.cookie, origin: e.origin as u8, tcp_flags: 0, _pad: [0; 2], revision: e.revision, _pad2: 0 };
+        let value = CtValue { expires_ns, cookie: e.cookie, origin: e.origin as u8, tcp_flags: 0, flags: 0, _pad: 0, revision: e.revision, _pad2: 0 };
         self.maps.conntrack.insert(key, value, 0).expect("conntrack insert");
         let slot = usage_slot(key.endpoint, e.origin as u8);
         let mut usage = self.ct_usage.get(&slot, 0).expect("CT_USAGE");

@@ -41,6 +41,10 @@ pub const TCP_SEEN_ACK: u8 = 1 << 2;
 /// The side that did not open answered (a SYN-ACK): half open until the opener's ACK.
 pub const TCP_SEEN_REPLY: u8 = 1 << 3;
 
+/// [`CtValue::flags`]: the flow goes to a Service address, so its packets are handed on
+/// unjudged (marked) and judged after the address translation; see [`crate::service`].
+pub const CT_DEFERRED: u8 = 1 << 0;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct CtKey {
@@ -97,7 +101,9 @@ pub struct CtValue {
     /// The [`Direction`](crate::Direction) of the first packet.
     pub origin: u8,
     pub tcp_flags: u8,
-    pub _pad: [u8; 2],
+    /// [`CT_DEFERRED`] and future flags.
+    pub flags: u8,
+    pub _pad: u8,
     /// The endpoint's [`revision`](crate::endpoint::EndpointInfo::revision) when the flow
     /// was last judged.
     pub revision: u32,

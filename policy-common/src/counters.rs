@@ -37,6 +37,11 @@ pub enum Reason {
     /// than IPv4, IPv6 and ARP, ARP with another sender address, neighbour discovery or MLD
     /// that breaks its RFC's addressing rules, an ICMP redirect, an oversized ICMP error.
     DropFrame = 12,
+    /// Egress towards a Service address: marked and handed on, to be judged after kube-proxy's
+    /// translation as egress towards the backend (counted again there).
+    PassDeferred = 13,
+    /// A deferred packet whose marked endpoint is no longer on the node.
+    DropStale = 14,
 }
 
 /// Slots reserved per endpoint (room to add reasons without a layout change).
@@ -44,7 +49,7 @@ pub const REASON_SLOTS: u32 = 16;
 pub const MAX_ENTRIES: u32 = endpoint::MAX_ENTRIES * 2 * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 15] = [
         Reason::PassNotIsolated,
         Reason::PassNonIp,
         Reason::PassEstablished,
@@ -58,6 +63,8 @@ impl Reason {
         Reason::DropFragment,
         Reason::DropSpoofed,
         Reason::DropFrame,
+        Reason::PassDeferred,
+        Reason::DropStale,
     ];
 
     pub const fn from_u32(value: u32) -> Option<Self> {
@@ -65,7 +72,7 @@ impl Reason {
     }
 
     pub const fn is_drop(self) -> bool {
-        matches!(self, Reason::DropPolicy | Reason::DropMalformed | Reason::DropFragment | Reason::DropSpoofed | Reason::DropFrame)
+        matches!(self, Reason::DropPolicy | Reason::DropMalformed | Reason::DropFragment | Reason::DropSpoofed | Reason::DropFrame | Reason::DropStale)
     }
 
     /// The `snake_case` name used in metrics and flow logs.
@@ -84,6 +91,8 @@ impl Reason {
             Reason::DropFragment => "drop_fragment",
             Reason::DropSpoofed => "drop_spoofed",
             Reason::DropFrame => "drop_frame",
+            Reason::PassDeferred => "deferred",
+            Reason::DropStale => "drop_stale",
         }
     }
 

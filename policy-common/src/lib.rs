@@ -12,6 +12,7 @@ pub mod event;
 pub mod identity;
 pub mod ipcache;
 pub mod policy;
+pub mod service;
 
 /// The traffic direction, seen from the pod.
 #[repr(u8)]

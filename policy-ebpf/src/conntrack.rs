@@ -159,7 +159,7 @@ fn within_budget(slot: u32) -> bool {
 /// Records a flow that was let through, judged under `revision`, if the endpoint's budget
 /// allows. Without an entry the flow still passed; its later packets are judged by policy.
 #[inline(always)]
-pub fn create(key: &CtKey, packet: &Packet, direction: Direction, cookie: u32, revision: u32, time: u64) {
+pub fn create(key: &CtKey, packet: &Packet, direction: Direction, cookie: u32, revision: u32, flags: u8, time: u64) {
     let slot = usage_slot(key.endpoint, direction as u8);
     if !within_budget(slot) {
         return;
@@ -173,7 +173,8 @@ pub fn create(key: &CtKey, packet: &Packet, direction: Direction, cookie: u32, r
         cookie,
         origin: direction as u8,
         tcp_flags: seen,
-        _pad: [0; 2],
+        flags,
+        _pad: 0,
         revision,
         _pad2: 0,
     };

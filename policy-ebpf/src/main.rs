@@ -12,6 +12,7 @@ mod linkctl;
 mod lookup;
 mod maps;
 mod parse;
+mod service;
 mod telemetry;
 
 use aya_log_ebpf::info;
@@ -23,7 +24,7 @@ use aya_ebpf::{
 };
 use policy_common::{
     Direction, family, identity,
-    conntrack::{CtKey, CtValue},
+    conntrack::{CT_DEFERRED, CtKey, CtValue},
     counters::Reason,
     endpoint::{EndpointInfo, EndpointKey, FLAG_AUDIT, FLAG_EGRESS_ISOLATED, FLAG_HAS_IPV4, FLAG_HAS_IPV6, FLAG_INGRESS_ISOLATED},
 };
@@ -44,15 +45,22 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     classify(&ctx, Direction::Egress)
 }
 
-/// Traffic entering the pod.
+/// Traffic entering the pod. A packet some pod deferred (one towards a Service address,
+/// since translated) is first judged as that pod's egress, wherever it now goes; so `to_pod`
+/// also runs on the node's uplinks, where only such packets are judged.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
+    let deferred_by = service::deferred_by(&ctx);
+    if deferred_by != 0 && late_egress(&ctx, deferred_by).is_drop() {
+        return TC_ACT_SHOT as i32;
+    }
     classify(&ctx, Direction::Ingress)
 }
 
 /// Passes hand the packet to the next program of the TCX chain (a CNI's own, say) rather
-/// than ending the chain; drops end it.
-#[inline(always)]
+/// than ending the chain; drops end it. A subprogram: its stack and `late_egress`'s are never
+/// on the stack together (the verifier's limit is 512 bytes for the whole chain).
+#[inline(never)]
 fn classify(ctx: &TcContext, direction: Direction) -> i32 {
     // SAFETY: the context pointer is valid for the program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -64,6 +72,9 @@ fn classify(ctx: &TcContext, direction: Direction) -> i32 {
     let endpoint = unsafe { *endpoint };
     let reason = decide(ctx, &endpoint, ifindex, direction);
     telemetry::count(endpoint.id, direction, reason, ctx.len());
+    if reason == Reason::PassDeferred {
+        service::defer(ctx, endpoint.id);
+    }
     if reason.is_drop() {
         if telemetry::debug_log_enabled() {
             info!(ctx, "drop endpoint={} ifindex={} direction={} reason={}", endpoint.id, ifindex, direction as u8, reason as u32);
@@ -72,6 +83,27 @@ fn classify(ctx: &TcContext, direction: Direction) -> i32 {
     } else {
         TCX_NEXT
     }
+}
+
+/// A deferred packet, after the translation: the egress verdict of the endpoint that sent it,
+/// towards where it goes now. An endpoint that is gone cannot vouch for it: dropped.
+/// A subprogram of its own: the verifier then explores the rest of `to_pod` once after it,
+/// not once per path through it.
+#[inline(never)]
+fn late_egress(ctx: &TcContext, id: u32) -> Reason {
+    let Some((endpoint, ifindex)) = service::source_endpoint(id) else {
+        telemetry::count(0, Direction::Egress, Reason::DropStale, ctx.len());
+        return Reason::DropStale;
+    };
+    let reason = match parse_linear(ctx) {
+        // Only IP packets are deferred, and the translation keeps them readable.
+        Ok(packet) if matches!(packet.kind, Kind::Normal | Kind::IcmpError) => {
+            verdict(&endpoint, ifindex, &packet, Direction::Egress, isolated(&endpoint, Direction::Egress), false)
+        }
+        _ => Reason::DropMalformed,
+    };
+    telemetry::count(endpoint.id, Direction::Egress, reason, ctx.len());
+    reason
 }
 
 #[inline(always)]
@@ -113,13 +145,24 @@ fn decide(ctx: &TcContext, endpoint: &EndpointInfo, ifindex: u32, direction: Dir
         // Not isolated either way: nothing to judge and no replies to track.
         return Reason::PassNotIsolated;
     }
+    verdict(endpoint, ifindex, &packet, direction, enforced, direction == Direction::Egress)
+}
+
+/// The verdict for a parsed IP packet of an endpoint that is isolated in some direction.
+/// `may_defer`: a packet towards a Service address is handed on, to be judged after the
+/// translation (only where it leaves its pod).
+#[inline(always)]
+fn verdict(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direction: Direction, enforced: bool, may_defer: bool) -> Reason {
     let time = conntrack::now();
     if packet.fragment == Fragment::Later {
-        return later_fragment(endpoint, ifindex, &packet, direction, enforced, time);
+        if may_defer && enforced && service::covers(packet.family, &packet.tuple.dst) {
+            return Reason::PassDeferred;
+        }
+        return later_fragment(endpoint, ifindex, packet, direction, enforced, time);
     }
-    let reason = judge(endpoint, ifindex, &packet, direction, enforced, time);
+    let reason = judge(endpoint, ifindex, packet, direction, enforced, may_defer, time);
     if enforced && packet.fragment == Fragment::First && !reason.is_drop() {
-        conntrack::allow_fragments(&conntrack::fragment_key(endpoint.id, &packet, direction), time);
+        conntrack::allow_fragments(&conntrack::fragment_key(endpoint.id, packet, direction), time);
     }
     reason
 }
@@ -147,7 +190,7 @@ fn later_fragment(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direct
 /// Conntrack first, then policy for a new flow. Only opening packets create state, so a
 /// segment sent from outside cannot make a pod's own SYN look like a reply.
 #[inline(always)]
-fn judge(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direction: Direction, enforced: bool, time: u64) -> Reason {
+fn judge(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direction: Direction, enforced: bool, may_defer: bool, time: u64) -> Reason {
     if packet.kind == Kind::IcmpError {
         if !enforced {
             return Reason::PassNotIsolated;
@@ -159,12 +202,25 @@ fn judge(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direction: Dire
     }
     let key = conntrack::key(endpoint.id, packet.family, &packet.tuple, direction);
     if let Some(entry) = conntrack::find(&key, time)
+        && !untranslated(entry, direction, may_defer)
         && still_allowed(endpoint, &key, entry)
     {
-        return match conntrack::track(entry, packet, direction, time) {
+        let tracked = conntrack::track(entry, packet, direction, time);
+        if may_defer && entry.flags & CT_DEFERRED != 0 {
+            return Reason::PassDeferred;
+        }
+        return match tracked {
             Tracked::Established => Reason::PassEstablished,
             Tracked::Reply => Reason::PassReply,
         };
+    }
+    if may_defer && enforced && service::covers(packet.family, &packet.tuple.dst) {
+        // Judged after the translation; the entry lets the replies (from the Service
+        // address, after the reverse translation) back in.
+        if packet.opening {
+            conntrack::create(&key, packet, direction, 0, endpoint.revision, CT_DEFERRED, time);
+        }
+        return Reason::PassDeferred;
     }
     let (reason, cookie) = if enforced {
         policy_verdict(endpoint, ifindex, packet, direction, time)
@@ -172,9 +228,17 @@ fn judge(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direction: Dire
         (Reason::PassNotIsolated, 0)
     };
     if packet.opening && !reason.is_drop() {
-        conntrack::create(&key, packet, direction, cookie, endpoint.revision, time);
+        conntrack::create(&key, packet, direction, cookie, endpoint.revision, 0, time);
     }
     reason
+}
+
+/// A deferred flow's own entry met by its packet after the translation: the packet still goes
+/// to the Service address (no rule translated it), so the entry does not vouch for it and it
+/// is judged as egress towards that address.
+#[inline(always)]
+fn untranslated(entry: &CtValue, direction: Direction, may_defer: bool) -> bool {
+    entry.flags & CT_DEFERRED != 0 && direction == Direction::Egress && !may_defer
 }
 
 /// The policy lookup for a packet no tracked flow covers: the verdict and the cookie of the
@@ -210,7 +274,11 @@ fn still_allowed(endpoint: &EndpointInfo, key: &CtKey, entry: &mut CtValue) -> b
         return true;
     }
     let origin = if entry.origin == Direction::Egress as u8 { Direction::Egress } else { Direction::Ingress };
-    if isolated(endpoint, origin) {
+    let deferred = entry.flags & CT_DEFERRED != 0 || (origin == Direction::Egress && service::covers(key.family, &key.peer_addr));
+    if deferred && isolated(endpoint, origin) {
+        // Towards a Service address: judged again after the translation, packet by packet.
+        entry.flags |= CT_DEFERRED;
+    } else if isolated(endpoint, origin) {
         // The policy names the destination port of the opening packet.
         let port = match origin {
             Direction::Egress => key.peer_port(),

@@ -13,6 +13,7 @@ use policy_common::{
     event::{self, Config, RateState},
     ipcache::{self, IpcacheKey, IpcacheValue},
     policy::{self, PolicyKey, PolicyValue},
+    service,
 };
 
 /// Whole addresses (/32, /128) to identities.
@@ -25,6 +26,14 @@ pub static PREFIXES: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(ipcache
 
 #[map(name = "ENDPOINTS_V3")]
 pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(endpoint::MAX_ENTRIES, 0);
+
+/// Endpoint id to interface: where a deferred packet's mark leads (see policy_common::service).
+#[map(name = "ENDPOINT_IDS_V1")]
+pub static ENDPOINT_IDS: Array<EndpointKey> = Array::pinned(endpoint::MAX_ENTRIES, 0);
+
+/// Service address ranges (the value is unused): egress towards them is deferred.
+#[map(name = "SERVICE_NETS_V1")]
+pub static SERVICE_NETS: LpmTrie<IpcacheKey, u32> = LpmTrie::pinned(service::MAX_NETS, 0);
 
 /// Exact-port, whole-protocol and any-protocol allow entries (wildcard fields zero).
 #[map(name = "POLICY_V2")]

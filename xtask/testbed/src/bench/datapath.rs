@@ -198,7 +198,7 @@ fn fill(maps: &mut Maps, from: usize, to: usize) {
             (family::IPV6, IpAddr::V6(POD_V6), IpAddr::V6(peer_v6(i)))
         };
         let ct = CtKey::new(endpoint_of(i), fam, proto::TCP, addr16(pod), port_of(i), addr16(peer), 20000 + (i % 40000) as u16);
-        maps.conntrack.insert(ct, CtValue { expires_ns: far, cookie: 16, origin: 0, tcp_flags: 0, _pad: [0; 2], revision: 0, _pad2: 0 }, 0).expect("conntrack");
+        maps.conntrack.insert(ct, CtValue { expires_ns: far, cookie: 16, origin: 0, tcp_flags: 0, flags: 0, _pad: 0, revision: 0, _pad2: 0 }, 0).expect("conntrack");
     }
 }
 
