@@ -3,7 +3,7 @@
 //! simulated nodes (network namespaces routed to each other over a veth link, see
 //! `testbed::cluster`) each run an agent on the same manifest directory, with the pods
 //! spread over them (alternately, in model order), so every matrix mixes same-node and
-//! cross-node pairs; one group also runs everything on a single node. Namespaces
+//! cross-node pairs; the selector cases also run with every pod on one node. Namespaces
 //! x, y, z hold pods a, b, c (labels `pod=<name>`, namespaces `ns=<name>`), each serving TCP,
 //! UDP and SCTP on 80 and 81 with named container ports `serve-80-tcp` and so on, over IPv4
 //! and IPv6. Each case sets policies (and labels, pods), states the whole expected
