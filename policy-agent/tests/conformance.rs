@@ -1,11 +1,17 @@
 //! The NetworkPolicy conformance suite: the cases of the upstream e2e suite
-//! (kubernetes/kubernetes test/e2e/network/netpol), re-expressed on real packets. One
-//! simulated node (network namespaces) runs the agent on a manifest directory; namespaces
+//! (kubernetes/kubernetes test/e2e/network/netpol), re-expressed on real packets. Two
+//! simulated nodes (network namespaces routed to each other over a veth link, see
+//! `testbed::cluster`) each run an agent on the same manifest directory, with the pods
+//! spread over them (alternately, in model order), so every matrix mixes same-node and
+//! cross-node pairs; the selector cases also run with every pod on one node. Namespaces
 //! x, y, z hold pods a, b, c (labels `pod=<name>`, namespaces `ns=<name>`), each serving TCP,
 //! UDP and SCTP on 80 and 81 with named container ports `serve-80-tcp` and so on, over IPv4
 //! and IPv6. Each case sets policies (and labels, pods), states the whole expected
 //! reachability matrix and probes every ordered pair on both families; a mismatch prints the
-//! upstream truth tables (expected, observed, comparison) and fails the case.
+//! upstream truth tables (expected, observed, comparison; each pod shown with its node) and
+//! fails the case. The `services` group adds Services (kube-proxy-style iptables rules in
+//! every node namespace, `testbed::services`) and checks each connection through a
+//! ClusterIP or NodePort against the backend it reached.
 //!
 //! The node, pods and agent are built once per group (#[test]); between cases every policy
 //! is removed, labels and pods are restored and the agent's enforcement is awaited. Every
@@ -22,14 +28,16 @@ use std::{
 };
 
 use testbed::{
-    AgentRun, Bpffs, NODE_V4, NODE_V6, Node, enter_netns,
+    AgentRun, Bpffs, NODE_V4, NODE_V6, enter_netns,
+    cluster::{Nodes, POD_CIDR_V4, POD_CIDR_V6},
     matrix::{self, ProbeOptions, ProbePod, Protocol, Reachability},
     probe::Servers,
+    services::{self, Backend, Service},
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_policy-agent");
-const NODE_NAME: &str = "node-1";
-const METRICS: &str = "127.0.0.1:9090";
+/// kube-proxy's Service range, given to every agent.
+const SERVICE_CIDR: &str = "198.19.0.0/24";
 const TCP: Protocol = Protocol::Tcp;
 const UDP: Protocol = Protocol::Udp;
 const SCTP: Protocol = Protocol::Sctp;
@@ -51,6 +59,8 @@ struct PodModel {
     ipv6: Ipv6Addr,
     /// Named container ports (name, port, protocol).
     ports: Vec<(String, u16, Protocol)>,
+    /// The node it runs on (index into the cluster's nodes).
+    node: usize,
 }
 
 impl PodModel {
@@ -86,6 +96,7 @@ fn model_pod(ns: &str, name: &str, i: u8, j: u8) -> PodModel {
         ipv4: Ipv4Addr::new(198, 18, 10, last),
         ipv6: Ipv6Addr::new(0x2001, 2, 0, 0x10, 0, 0, 0, u16::from(last)),
         ports: model_ports(),
+        node: 0,
     }
 }
 
@@ -100,6 +111,17 @@ struct Setup {
     namespaces: Vec<NsModel>,
     pods: Vec<PodModel>,
     server_ports: Vec<u16>,
+    /// How many nodes (1 or 2); the pods alternate between them in model order.
+    nodes: usize,
+}
+
+/// `setup` on `nodes` nodes, its pods placed alternately.
+fn on_nodes(mut setup: Setup, nodes: usize) -> Setup {
+    for (i, pod) in setup.pods.iter_mut().enumerate() {
+        pod.node = i % nodes;
+    }
+    setup.nodes = nodes;
+    setup
 }
 
 /// The upstream model: x, y, z with a, b, c each.
@@ -112,16 +134,22 @@ fn xyz() -> Setup {
             pods.push(model_pod(ns, name, i as u8 + 1, j as u8 + 1));
         }
     }
-    Setup { namespaces, pods, server_ports: vec![80, 81] }
+    Setup { namespaces, pods, server_ports: vec![80, 81], nodes: 1 }
 }
 
-/// A node running the agent on a manifest directory, with the model's pods.
+/// One node's agent: its bpffs (and log), its process, its metrics address.
+struct NodeAgent {
+    bpffs: Bpffs,
+    agent: Option<AgentRun>,
+    metrics: String,
+}
+
+/// Nodes each running the agent on one shared manifest directory, with the model's pods.
 struct Cluster {
     probe_pods: BTreeMap<String, ProbePod>,
     servers: BTreeMap<String, Servers>,
-    agent: Option<AgentRun>,
-    node: Node,
-    bpffs: Bpffs,
+    agents: Vec<NodeAgent>,
+    net: Nodes,
     dir: PathBuf,
     server_ports: Vec<u16>,
     pods: Vec<PodModel>,
@@ -133,19 +161,24 @@ struct Cluster {
     dirty: bool,
     case: String,
     options: ProbeOptions,
+    /// The Services installed in every node namespace now.
+    services: Vec<Service>,
+    /// The outside world (a namespace attached to node-1), made on first use.
+    outside: Option<(ProbePod, Servers)>,
 }
 
 impl Cluster {
     fn new(suffix: &str, setup: Setup) -> Self {
-        let node = Node::new(suffix);
-        let bpffs = Bpffs::new(suffix);
-        let dir = bpffs.scratch("manifests");
+        let net = Nodes::new(suffix, setup.nodes);
+        let agents: Vec<NodeAgent> = (1..=setup.nodes)
+            .map(|i| NodeAgent { bpffs: Bpffs::new(&format!("{suffix}{i}")), agent: None, metrics: format!("127.0.0.1:{}", 9090 + i) })
+            .collect();
+        let dir = agents[0].bpffs.scratch("manifests");
         let mut c = Self {
             probe_pods: BTreeMap::new(),
             servers: BTreeMap::new(),
-            agent: None,
-            node,
-            bpffs,
+            agents,
+            net,
             dir,
             server_ports: setup.server_ports,
             pods: Vec::new(),
@@ -156,46 +189,64 @@ impl Cluster {
             dirty: true,
             case: "setup".into(),
             options: ProbeOptions::default(),
+            services: Vec::new(),
+            outside: None,
         };
         for ns in c.namespaces.clone() {
             c.write(&format!("00-ns-{}.yaml", ns.name), &namespace_yaml(&ns));
         }
         for pod in setup.pods {
             c.sandbox(&pod);
-            c.write(&pod.file(), &pod_yaml(&pod));
+            c.write(&pod.file(), &pod_yaml(&pod, &c.net));
             c.pods.push(pod);
         }
-        let log = c.bpffs.scratch("log").join("agent.log");
-        let args: Vec<&std::ffi::OsStr> = vec![
-            "--manifests".as_ref(),
-            c.dir.as_os_str(),
-            "--node".as_ref(),
-            NODE_NAME.as_ref(),
-            "--bpffs".as_ref(),
-            c.bpffs.path.as_os_str(),
-            "--flow-log".as_ref(),
-            "off".as_ref(),
-            "--resync-ms".as_ref(),
-            "200".as_ref(),
-        ];
-        c.agent = Some(AgentRun::start(AGENT.as_ref(), &c.node.ns, &args, METRICS, &log));
+        for i in 0..c.agents.len() {
+            c.start_agent(i);
+        }
         c.settle();
         c
     }
 
-    /// The pod's network namespace, servers and SCTP receivers.
+    /// Starts node `i`'s agent in its node namespace, on the shared manifest directory.
+    fn start_agent(&mut self, i: usize) {
+        let node_name = self.net.addrs[i].name.clone();
+        let NodeAgent { bpffs, metrics, .. } = &self.agents[i];
+        let log = bpffs.scratch("log").join("agent.log");
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--manifests".into(),
+            self.dir.clone().into(),
+            "--node".into(),
+            node_name.into(),
+            "--bpffs".into(),
+            bpffs.path.clone().into(),
+            "--flow-log".into(),
+            "off".into(),
+            "--resync-ms".into(),
+            "200".into(),
+            "--service-cidr".into(),
+            SERVICE_CIDR.into(),
+        ];
+        if let Some(link) = &self.net.link_if {
+            args.extend(["--uplink".into(), link.into()]);
+        }
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let agent = AgentRun::start(AGENT.as_ref(), &self.net.nodes[i].ns, &args, metrics, &log);
+        self.agents[i].agent = Some(agent);
+    }
+
+    /// The pod's network namespace on its node, servers (answering `who` with the pod's
+    /// "ns/name") and SCTP receivers.
     fn sandbox(&mut self, pod: &PodModel) {
-        self.node.add_pod(&pod.short, pod.ipv4, pod.ipv6);
-        let ns = &self.node.pod(&pod.short).ns;
-        self.servers.insert(pod.short.clone(), Servers::start(ns, &self.server_ports, Duration::from_secs(900)));
+        self.net.add_pod(pod.node, &pod.short, pod.ipv4, pod.ipv6);
+        let ns = &self.net.pod(&pod.short).ns;
+        self.servers.insert(pod.short.clone(), Servers::start_named(ns, &self.server_ports, Duration::from_secs(900), &pod.id()));
         self.probe_pods.insert(pod.short.clone(), ProbePod::new(ns, pod.ipv4, pod.ipv6));
     }
 
     fn remove_sandbox(&mut self, short: &str) {
         self.probe_pods.remove(short);
         self.servers.remove(short);
-        let host_if = self.node.pod(short).host_if.clone();
-        self.node.pods.retain(|p| p.host_if != host_if);
+        self.net.remove_pod(short);
     }
 
     /// Writes a manifest atomically (a dotfile, then rename).
@@ -211,8 +262,13 @@ impl Cluster {
         self.dirty = true;
     }
 
-    fn agent(&self) -> &AgentRun {
-        self.agent.as_ref().expect("agent running")
+    fn agent(&self, node: usize) -> &AgentRun {
+        self.agents[node].agent.as_ref().expect("agent running")
+    }
+
+    /// Every agent's log, for a failure message.
+    fn logs(&self) -> String {
+        (0..self.agents.len()).map(|i| format!("--- {} agent log:\n{}", self.net.addrs[i].name, self.agent(i).log_text())).collect()
     }
 
     /// Creates or replaces NetworkPolicy `ns/name` with `spec` (YAML, any indentation).
@@ -239,7 +295,7 @@ impl Cluster {
 
     fn rewrite_pod(&mut self, id: &str) {
         let pod = self.pod_mut(id).clone();
-        self.write(&pod.file(), &pod_yaml(&pod));
+        self.write(&pod.file(), &pod_yaml(&pod, &self.net));
     }
 
     /// Replaces the labels of pod `id` ("ns/name").
@@ -262,10 +318,11 @@ impl Cluster {
         self.write(&format!("00-ns-{ns}.yaml"), &namespace_yaml(&model));
     }
 
-    /// A new pod with its own sandbox.
-    fn add_pod(&mut self, pod: PodModel) {
+    /// A new pod with its own sandbox, on the next node in turn (by sandboxes made so far).
+    fn add_pod(&mut self, mut pod: PodModel) {
+        pod.node = self.probe_pods.len() % self.agents.len();
         self.sandbox(&pod);
-        self.write(&pod.file(), &pod_yaml(&pod));
+        self.write(&pod.file(), &pod_yaml(&pod, &self.net));
         self.pods.push(pod);
     }
 
@@ -283,20 +340,21 @@ impl Cluster {
         self.delete_pod(id);
         self.former.retain(|p| p.id() != id);
         let new = PodModel { name: name.into(), labels: labels(pairs), ..old };
-        self.write(&new.file(), &pod_yaml(&new));
+        self.write(&new.file(), &pod_yaml(&new, &self.net));
         self.pods.push(new);
     }
 
-    /// The agent's /status; a failed or partial answer is retried (and reported), never
-    /// taken for an empty status.
-    fn status(&self) -> serde_json::Value {
+    /// Node `node`'s agent's /status; a failed or partial answer is retried (and
+    /// reported), never taken for an empty status.
+    fn status(&self, node: usize) -> serde_json::Value {
         let start = Instant::now();
         let mut errors = Vec::new();
         loop {
-            let path = format!("/run/netns/{}", self.node.ns.name);
+            let path = format!("/run/netns/{}", self.net.nodes[node].ns.name);
+            let metrics = self.agents[node].metrics.clone();
             let answer = std::thread::spawn(move || {
                 enter_netns(&path);
-                policy_agent::status::fetch(METRICS, "/status")
+                policy_agent::status::fetch(&metrics, "/status")
             })
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("status thread panicked")));
@@ -311,37 +369,44 @@ impl Cluster {
                 Ok(Err(e)) => errors.push(format!("bad JSON: {e}")),
                 Err(e) => errors.push(e.to_string()),
             }
-            assert!(start.elapsed() < Duration::from_secs(15), "no /status answer in 15 s: {errors:?}; log:\n{}", self.agent().log_text());
+            assert!(start.elapsed() < Duration::from_secs(15), "no /status answer from node {node} in 15 s: {errors:?}; log:\n{}", self.agent(node).log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    fn passes(&self) -> u64 {
-        self.status()["passes"].as_u64().expect("checked by status()")
+    fn passes(&self, node: usize) -> u64 {
+        self.status(node)["passes"].as_u64().expect("checked by status()")
     }
 
-    /// Waits until the agent has enforced everything written so far: two passes of its loop
-    /// that started after the last write (each pass is preceded by a rescan of the directory,
-    /// and a pass that sees a change compiles and syncs it), then checks
-    /// that nothing was refused and every pod is attached.
+    /// Waits until every agent has enforced everything written so far: two passes of its
+    /// loop that started after the last write (each pass is preceded by a rescan of the
+    /// directory, and a pass that sees a change compiles and syncs it), then checks that
+    /// nothing was refused and every pod of its node is attached.
     fn settle(&mut self) {
         let start = Instant::now();
-        let first = self.passes();
-        while self.passes() < first + 2 {
-            assert!(start.elapsed() < Duration::from_secs(15), "agent did not sync in 15 s; log:\n{}", self.agent().log_text());
-            std::thread::sleep(Duration::from_millis(20));
+        let first: Vec<u64> = (0..self.agents.len()).map(|i| self.passes(i)).collect();
+        for (node, first) in first.into_iter().enumerate() {
+            while self.passes(node) < first + 2 {
+                assert!(start.elapsed() < Duration::from_secs(15), "agent of node {node} did not sync in 15 s; logs:\n{}", self.logs());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            self.check_node_status(node);
         }
-        let status = self.status();
+        self.dirty = false;
+    }
+
+    /// No problem reported by node `node`'s agent, and each of its pods attached.
+    fn check_node_status(&self, node: usize) {
+        let status = self.status(node);
         let problems = status["problems"].as_array().cloned().unwrap_or_default();
-        assert!(problems.is_empty(), "the agent refused manifests of this case: {problems:#?}");
-        for pod in &self.pods {
+        assert!(problems.is_empty(), "the agent of node {node} refused manifests of this case: {problems:#?}");
+        for pod in self.pods.iter().filter(|p| p.node == node) {
             let id = pod.id();
             let endpoint = status["endpoints"].as_array().into_iter().flatten().find(|e| e["pod"] == id.as_str());
             let endpoint = endpoint.unwrap_or_else(|| panic!("no endpoint for {id}: {status:#}"));
             assert_eq!(endpoint["attached"], true, "{id} not attached: {endpoint}");
             assert!(endpoint["error"].is_null(), "{id}: {endpoint}");
         }
-        self.dirty = false;
     }
 
     /// The pods that exist now ("ns/name").
@@ -354,9 +419,17 @@ impl Cluster {
         Reachability::new(&self.pod_ids(), true)
     }
 
+    fn model(&self, id: &str) -> &PodModel {
+        self.pods.iter().chain(&self.former).find(|p| p.id() == id).unwrap_or_else(|| panic!("no pod {id}"))
+    }
+
     fn probe_pod(&self, id: &str) -> &ProbePod {
-        let pod = self.pods.iter().chain(&self.former).find(|p| p.id() == id).unwrap_or_else(|| panic!("no pod {id}"));
-        &self.probe_pods[&pod.short]
+        &self.probe_pods[&self.model(id).short]
+    }
+
+    /// The name of the node pod `id` runs on.
+    fn node_of(&self, id: &str) -> String {
+        self.net.addrs[self.model(id).node].name.clone()
     }
 
     /// Probes the whole matrix of `r` on `port`/`protocol` over both families; on a
@@ -369,18 +442,19 @@ impl Cluster {
         let started = Instant::now();
         let comparisons = matrix::probe_matrix(&pods, r, port, protocol, self.options);
         let title = format!("{} {protocol}/{port}", self.case);
-        let text = matrix::report(&title, r, &comparisons);
+        let text = matrix::report_placed(&title, r, &comparisons, &|id| self.node_of(id), &self.net.describe());
         if comparisons.iter().any(|c| !c.wrong.is_empty()) {
             panic!("{text}");
         }
         println!("{}({} ms)", text.replace('\n', " "), started.elapsed().as_millis());
     }
 
-    /// Whether the node itself reaches `to` over both families (kubelet probes).
+    /// Whether the pod's own node reaches `to` over both families (kubelet probes).
     fn node_reaches(&self, to: &str, port: u16, protocol: Protocol) -> [bool; 2] {
         let pod = self.probe_pod(to);
+        let node = &self.net.nodes[self.model(to).node].ns;
         [(IpAddr::V4(NODE_V4), pod.addr(false)), (IpAddr::V6(NODE_V6), pod.addr(true))]
-            .map(|(from, to)| matrix::probe_from(&self.node.ns, from, SocketAddr::new(to, port), pod, protocol, self.options.timeout))
+            .map(|(from, to)| matrix::probe_from(node, from, SocketAddr::new(to, port), pod, protocol, self.options.timeout))
     }
 
     /// Back to the group's starting point: no policies, original labels, original pods.
@@ -400,8 +474,11 @@ impl Cluster {
         }
         for pod in self.baseline_pods.clone() {
             if !self.pods.contains(&pod) {
-                self.write(&pod.file(), &pod_yaml(&pod));
+                self.write(&pod.file(), &pod_yaml(&pod, &self.net));
             }
+        }
+        if !self.services.is_empty() {
+            self.set_services(Vec::new());
         }
         for ns in self.baseline_namespaces.clone() {
             if !self.namespaces.contains(&ns) {
@@ -417,13 +494,202 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if let Some(mut agent) = self.agent.take() {
-            agent.kill();
+        for node in &mut self.agents {
+            if let Some(mut agent) = node.agent.take() {
+                agent.kill();
+            }
+            let _ = Command::new(AGENT).args(["cleanup", "--bpffs"]).arg(&node.bpffs.path).stdout(Stdio::null()).stderr(Stdio::null()).status();
         }
-        let _ = Command::new(AGENT).args(["cleanup", "--bpffs"]).arg(&self.bpffs.path).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        self.outside = None;
         self.probe_pods.clear();
         self.servers.clear();
     }
+}
+
+fn service_file(service: &Service) -> String {
+    format!("60-svc-{}.yaml", service.name.replace('/', "-"))
+}
+
+/// The client that plays the world outside the cluster (a namespace attached to node-1).
+const OUTSIDE: &str = "outside";
+
+/// What one connection through a Service found: the backend it reached (a pod id, "outside",
+/// or a bare address; None if no flow was tracked: dropped before the DNAT) and whether it
+/// was answered.
+type Outcome = (Option<String>, bool);
+
+/// Each backend (pod id) a client may reach through a Service, and whether it is allowed to.
+type Expected<'a> = &'a [(&'a str, bool)];
+
+/// One client's row of a Service check: the client, its expectation, its connections.
+type ServiceRow<'a> = (&'a str, Expected<'a>, Vec<Outcome>);
+
+impl Cluster {
+    /// Installs `services` as kube-proxy would, in every node namespace (replacing the last
+    /// set), and writes them with their Endpoints into the manifest directory (for an agent
+    /// that reads them; others skip those kinds).
+    fn set_services(&mut self, services: Vec<Service>) {
+        for node in &self.net.nodes {
+            services::install(&node.ns, &services, POD_CIDR_V4, POD_CIDR_V6);
+        }
+        for old in std::mem::take(&mut self.services) {
+            self.remove(&service_file(&old));
+        }
+        for service in &services {
+            let yaml = self.service_yaml(service);
+            self.write(&service_file(service), &yaml);
+        }
+        self.services = services;
+    }
+
+    /// A Service without selector and its Endpoints (pod addresses, nodeName, targetRef).
+    fn service_yaml(&self, service: &Service) -> String {
+        let (ns, name) = service.name.split_once('/').expect("service name ns/name");
+        let kind = if service.node_port.is_some() { "NodePort" } else { "ClusterIP" };
+        let node_port = service.node_port.map(|p| format!(", nodePort: {p}")).unwrap_or_default();
+        let (port, protocol, ip) = (service.port, service.protocol, service.cluster_ip);
+        let mut addresses = String::new();
+        let mut target_port = port;
+        for backend in &service.backends {
+            let pod = self.pods.iter().find(|p| IpAddr::V4(p.ipv4) == backend.ip || IpAddr::V6(p.ipv6) == backend.ip).expect("backend is a pod");
+            let node = &self.net.addrs[pod.node].name;
+            addresses.push_str(&format!("  - ip: {}\n    nodeName: {node}\n    targetRef: {{kind: Pod, namespace: {}, name: {}}}\n", backend.ip, pod.ns, pod.name));
+            target_port = backend.port;
+        }
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  type: {kind}\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  ports:\n  - {{name: p, port: {port}, targetPort: {target_port}, protocol: {protocol}{node_port}}}\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}, namespace: {ns}}}\nsubsets:\n- addresses:\n{addresses}  ports:\n  - {{name: p, port: {target_port}, protocol: {protocol}}}\n"
+        )
+    }
+
+    /// Service `ns/name` on ClusterIP 198.19.0.`last`, port 80/`protocol` to port 80 of the
+    /// pods `backends`.
+    fn service(&self, name: &str, last: u8, protocol: Protocol, backends: &[&str], node_port: Option<u16>) -> Service {
+        let backends = backends.iter().map(|id| Backend { ip: IpAddr::V4(self.model(id).ipv4), port: 80 }).collect();
+        Service { name: name.into(), cluster_ip: IpAddr::V4(Ipv4Addr::new(198, 19, 0, last)), port: 80, protocol, backends, node_port }
+    }
+
+    /// The outside world: made on first use, attached to node-1, serving 80 (answering
+    /// `who` with "outside").
+    fn outside(&mut self) -> &ProbePod {
+        if self.outside.is_none() {
+            let world = self.net.add_outside(0, "world");
+            let servers = Servers::start_named(&world.ns, &[80], Duration::from_secs(900), OUTSIDE);
+            let pod = ProbePod::new(&world.ns, world.ipv4, world.ipv6);
+            self.outside = Some((pod, servers));
+        }
+        &self.outside.as_ref().expect("just made").0
+    }
+
+    /// Connects from `client` to `to` until every one of `backends` was reached (at most 40
+    /// connections; 8 without a tracked flow end it early), learning each connection's
+    /// backend from the answer or, when refused, from the client node's conntrack table.
+    fn ask(&self, client: &str, to: SocketAddr, protocol: Protocol, backends: &[&str]) -> Vec<Outcome> {
+        let (pod, node) = if client == OUTSIDE { (&self.outside.as_ref().expect("outside made").0, 0) } else { (self.probe_pod(client), self.model(client).node) };
+        let node_ns = &self.net.nodes[node].ns;
+        let from = pod.addr(to.is_ipv6());
+        let mut outcomes: Vec<Outcome> = Vec::new();
+        let addresses: Vec<(IpAddr, String)> = self.pods.iter().chain(&self.former).flat_map(|p| [(IpAddr::V4(p.ipv4), p.id()), (IpAddr::V6(p.ipv6), p.id())]).collect();
+        let outside: Vec<IpAddr> = self.outside.iter().flat_map(|(w, _)| [w.addr(false), w.addr(true)]).collect();
+        let owner = |ip: IpAddr| addresses.iter().find(|(a, _)| *a == ip).map(|(_, id)| id.clone()).or_else(|| outside.contains(&ip).then(|| OUTSIDE.to_owned())).unwrap_or_else(|| ip.to_string());
+        matrix::ask_backends(pod, to, protocol, Duration::from_millis(800), 40, |attempts| {
+            if let Some(last) = attempts.last() {
+                let reached = last.answer.clone().or_else(|| services::conntrack_backend(node_ns, protocol, from, last.sport).map(owner));
+                outcomes.push((reached, last.answer.is_some()));
+            }
+            let all_hit = backends.iter().all(|b| outcomes.iter().any(|(r, _)| r.as_deref() == Some(*b)));
+            all_hit || (outcomes.len() >= 8 && outcomes.iter().all(|(r, _)| r.is_none()))
+        });
+        outcomes
+    }
+
+    /// Probes `to` (a ClusterIP or node address and NodePort) from each client and checks
+    /// each connection against the verdict of the backend it reached: every connection to
+    /// an allowed backend answered, none to a denied one did, and, where anything is allowed,
+    /// every backend was reached. On a mismatch prints a table (client x backend, each with
+    /// its node: answered/connections) and fails.
+    fn check_service(&mut self, what: &str, to: SocketAddr, protocol: Protocol, rows: &[(&str, Expected<'_>)]) {
+        if self.dirty {
+            self.settle();
+        }
+        let started = Instant::now();
+        let mut wrong = Vec::new();
+        let mut table = Vec::new();
+        for (client, expected) in rows {
+            let backends: Vec<&str> = expected.iter().map(|(b, _)| *b).collect();
+            let outcomes = self.ask(client, to, protocol, &backends);
+            wrong.extend(judge(client, expected, &outcomes));
+            table.push((*client, *expected, outcomes));
+        }
+        let title = format!("{} {what} ({to} {protocol})", self.case);
+        if !wrong.is_empty() {
+            panic!("{title}: {} wrong\n{}\n{}\n{}", wrong.len(), self.net.describe(), self.service_table(&table), wrong.join("\n"));
+        }
+        println!("{title}: correct ({} ms)", started.elapsed().as_millis());
+    }
+
+    fn placed(&self, id: &str) -> String {
+        if id == OUTSIDE { format!("{OUTSIDE}@{}", self.net.addrs[0].name) } else { format!("{id}@{}", self.node_of(id)) }
+    }
+
+    /// Rows: clients; columns: the expected backends and whatever else was reached; cells:
+    /// answered/connections, the expectation (`.` allowed, `X` denied) and `!` on a mismatch.
+    fn service_table(&self, table: &[ServiceRow<'_>]) -> String {
+        let mut columns: Vec<Option<String>> = Vec::new();
+        for (_, expected, outcomes) in table {
+            for reached in expected.iter().map(|(b, _)| Some((*b).to_owned())).chain(outcomes.iter().map(|(r, _)| r.clone())) {
+                if !columns.contains(&reached) {
+                    columns.push(reached);
+                }
+            }
+        }
+        let head = |c: &Option<String>| c.as_deref().map_or_else(|| "(no flow)".to_owned(), |b| if b.contains('/') || b == OUTSIDE { self.placed(b) } else { b.to_owned() });
+        let mut out = format!("{:<16}", "from \\ reached");
+        for c in &columns {
+            out.push_str(&format!("{:<18}", head(c)));
+        }
+        out.push('\n');
+        for (client, expected, outcomes) in table {
+            out.push_str(&format!("{:<16}", self.placed(client)));
+            for c in &columns {
+                let hits: Vec<bool> = outcomes.iter().filter(|(r, _)| r == c).map(|(_, ok)| *ok).collect();
+                let want = expected.iter().find(|(b, _)| Some((*b).to_owned()) == *c).map(|(_, allowed)| *allowed);
+                let mark = match want { Some(true) => ".", Some(false) => "X", None => "-" };
+                let bad = match want {
+                    Some(allowed) => hits.iter().any(|ok| *ok != allowed),
+                    // Not a backend, or no flow where something is allowed.
+                    None => !hits.is_empty() && (c.is_some() || expected.iter().any(|(_, allowed)| *allowed)),
+                };
+                let cell = format!("{}/{} {mark}{}", hits.iter().filter(|ok| **ok).count(), hits.len(), if bad { " !" } else { "" });
+                out.push_str(&format!("{cell:<18}"));
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The mismatches of one client's connections through a Service (see `check_service`).
+fn judge(client: &str, expected: Expected<'_>, outcomes: &[Outcome]) -> Vec<String> {
+    let any_allowed = expected.iter().any(|(_, allowed)| *allowed);
+    let mut wrong = Vec::new();
+    for (reached, ok) in outcomes {
+        let want = reached.as_deref().and_then(|r| expected.iter().find(|(b, _)| *b == r)).map(|(_, allowed)| *allowed);
+        match (reached, want, ok) {
+            (Some(r), Some(true), false) => wrong.push(format!("  {client} -> {r}: expected allowed, was BLOCKED")),
+            (Some(r), Some(false), true) => wrong.push(format!("  {client} -> {r}: expected blocked, was ALLOWED")),
+            (Some(r), None, _) => wrong.push(format!("  {client} -> {r}: not a backend of this Service (answered: {ok})")),
+            (None, _, _) if any_allowed => wrong.push(format!("  {client}: a connection was dropped before any backend was chosen (no tracked flow)")),
+            _ => {}
+        }
+    }
+    if any_allowed {
+        for (backend, _) in expected {
+            if !outcomes.iter().any(|(r, _)| r.as_deref() == Some(*backend)) {
+                wrong.push(format!("  {client} -> {backend}: never reached in {} connections", outcomes.len()));
+            }
+        }
+    }
+    wrong
 }
 
 /// Re-indents `text` (a YAML block written at any indentation) by `by` spaces.
@@ -448,8 +714,10 @@ fn namespace_yaml(ns: &NsModel) -> String {
     format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n  labels:{}", ns.name, labels_yaml(&ns.labels, "    "))
 }
 
-/// A running pod on this node: one container per named port, like the upstream model.
-fn pod_yaml(pod: &PodModel) -> String {
+/// A running pod on its node (`spec.nodeName`, `status.hostIP` the node's InternalIP): one
+/// container per named port, like the upstream model.
+fn pod_yaml(pod: &PodModel, net: &Nodes) -> String {
+    let node = &net.addrs[pod.node];
     let mut containers = String::new();
     for (name, port, protocol) in &pod.ports {
         containers.push_str(&format!(
@@ -458,10 +726,12 @@ fn pod_yaml(pod: &PodModel) -> String {
         ));
     }
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:{}spec:\n  nodeName: {NODE_NAME}\n  containers:\n{containers}status:\n  phase: Running\n  hostIP: {NODE_V4}\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: {}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:{}spec:\n  nodeName: {}\n  containers:\n{containers}status:\n  phase: Running\n  hostIP: {}\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: {}\n",
         pod.name,
         pod.ns,
         labels_yaml(&pod.labels, "    "),
+        node.name,
+        node.ipv4,
         pod.ipv4,
         pod.ipv4,
         pod.ipv6
@@ -1608,39 +1878,199 @@ fn seed_example_with_egress(c: &mut Cluster) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Services: kube-proxy-style DNAT in every node namespace (pods alternate between nodes:
+// x/a, x/c, y/b, z/a, z/c on node-1; x/b, y/a, y/c, z/b on node-2)
+// ---------------------------------------------------------------------------------------
+
+/// The ClusterIP of Service 198.19.0.`last`, port 80.
+fn cluster_ip(last: u8) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 19, 0, last)), 80)
+}
+
+/// x/a and x/b may only reach pod b of namespace y; through y/b's ClusterIP (TCP and UDP)
+/// they reach it (x/a on the same node, x/b across), through y/c's they do not.
+fn service_egress_pod_selector(c: &mut Cluster) {
+    c.apply("x", "egress-to-y-b", "
+        podSelector:
+          matchExpressions:
+          - {key: pod, operator: In, values: [a, b]}
+        policyTypes: [Egress]
+        egress:
+        - to:
+          - namespaceSelector:
+              matchLabels: {ns: y}
+            podSelector:
+              matchLabels: {pod: b}
+    ");
+    let services = vec![c.service("y/b", 10, TCP, &["y/b"], None), c.service("y/b-udp", 11, UDP, &["y/b"], None), c.service("y/c", 12, TCP, &["y/c"], None)];
+    c.set_services(services);
+    let to_b: Expected<'_> = &[("y/b", true)];
+    c.check_service("ClusterIP of y/b", cluster_ip(10), TCP, &[("x/a", to_b), ("x/b", to_b)]);
+    c.check_service("ClusterIP of y/b (UDP)", cluster_ip(11), UDP, &[("x/a", to_b), ("x/b", to_b)]);
+    c.check_service("ClusterIP of y/c", cluster_ip(12), TCP, &[("x/a", &[("y/c", false)]), ("x/b", &[("y/c", false)]), ("z/a", &[("y/c", true)])]);
+}
+
+/// "Anything but the cluster": egress to 0.0.0.0/0 and ::/0 except the pod range. Pods are
+/// denied directly and through ClusterIPs; the outside world is allowed.
+fn service_egress_except_pod_cidr(c: &mut Cluster) {
+    c.apply("x", "internet-only", &format!(
+        "
+        podSelector:
+          matchExpressions:
+          - {{key: pod, operator: In, values: [a, b]}}
+        policyTypes: [Egress]
+        egress:
+        - to:
+          - ipBlock: {{cidr: 0.0.0.0/0, except: [{POD_CIDR_V4}]}}
+          - ipBlock: {{cidr: '::/0', except: ['{POD_CIDR_V6}']}}
+        "
+    ));
+    c.outside();
+    c.set_services(vec![c.service("y/b", 10, TCP, &["y/b"], None), c.service("y/two", 13, TCP, &["y/a", "z/a"], None)]);
+    let mut r = c.reach();
+    r.egress("x/a", false).egress("x/b", false);
+    c.check(&r, 80, TCP);
+    let both: Expected<'_> = &[("y/a", false), ("z/a", false)];
+    c.check_service("ClusterIP of y/b", cluster_ip(10), TCP, &[("x/a", &[("y/b", false)]), ("x/b", &[("y/b", false)])]);
+    c.check_service("ClusterIP of y/a and z/a", cluster_ip(13), TCP, &[("x/a", both), ("x/b", both)]);
+    let world = SocketAddr::new(c.outside().addr(false), 80);
+    c.check_service("the outside world", world, TCP, &[("x/a", &[(OUTSIDE, true)]), ("x/b", &[(OUTSIDE, true)])]);
+}
+
+/// Egress to namespace y only, through a Service whose backends are y/a (node-2) and z/a
+/// (node-1): each connection gets the verdict of the backend it reached.
+fn service_egress_namespace_selector_two_backends(c: &mut Cluster) {
+    c.apply("x", "egress-to-ns-y", "
+        podSelector:
+          matchExpressions:
+          - {key: pod, operator: In, values: [a, b]}
+        policyTypes: [Egress]
+        egress:
+        - to:
+          - namespaceSelector:
+              matchLabels: {ns: y}
+    ");
+    c.set_services(vec![c.service("y/mixed", 20, TCP, &["y/a", "z/a"], None)]);
+    let split: Expected<'_> = &[("y/a", true), ("z/a", false)];
+    c.check_service("ClusterIP of y/a and z/a", cluster_ip(20), TCP, &[("x/a", split), ("x/b", split), ("z/b", &[("y/a", true), ("z/a", true)])]);
+}
+
+/// Ingress of y/b (node-1) and y/c (node-2) only from x/a: through their ClusterIP, x/a
+/// reaches both, x/b neither.
+fn service_ingress_allow_list(c: &mut Cluster) {
+    c.apply("y", "only-x-a", "
+        podSelector:
+          matchExpressions:
+          - {key: pod, operator: In, values: [b, c]}
+        policyTypes: [Ingress]
+        ingress:
+        - from:
+          - namespaceSelector:
+              matchLabels: {ns: x}
+            podSelector:
+              matchLabels: {pod: a}
+    ");
+    c.set_services(vec![c.service("y/bc", 30, TCP, &["y/b", "y/c"], None)]);
+    c.check_service("ClusterIP of y/b and y/c", cluster_ip(30), TCP, &[("x/a", &[("y/b", true), ("y/c", true)]), ("x/b", &[("y/b", false), ("y/c", false)])]);
+}
+
+/// The outside world connects to node-1's InternalIP and a NodePort, DNATed (without
+/// masquerade) to backends on both nodes: allowed by an ipBlock of the outside range, denied
+/// where only pods are allowed (which pods still reach through the ClusterIP).
+fn service_node_port_from_outside(c: &mut Cluster) {
+    c.apply("y", "from-outside", "
+        podSelector:
+          matchExpressions:
+          - {key: pod, operator: In, values: [a, b]}
+        policyTypes: [Ingress]
+        ingress:
+        - from:
+          - ipBlock: {cidr: 198.18.200.0/24}
+          - ipBlock: {cidr: '2001:2:0:c800::/64'}
+    ");
+    for ns in ["y", "z"] {
+        let pod = if ns == "y" { "c" } else { "a" };
+        c.apply(ns, "pods-only", &format!(
+            "
+            podSelector:
+              matchLabels: {{pod: {pod}}}
+            policyTypes: [Ingress]
+            ingress:
+            - from:
+              - namespaceSelector: {{}}
+            "
+        ));
+    }
+    c.outside();
+    c.set_services(vec![c.service("y/ab", 40, TCP, &["y/a", "y/b"], Some(30080)), c.service("y/cz", 41, TCP, &["y/c", "z/a"], Some(30081))]);
+    let node1 = IpAddr::V4(c.net.addrs[0].ipv4);
+    c.check_service("NodePort 30080 of y/a and y/b", SocketAddr::new(node1, 30080), TCP, &[(OUTSIDE, &[("y/a", true), ("y/b", true)])]);
+    c.check_service("NodePort 30081 of y/c and z/a", SocketAddr::new(node1, 30081), TCP, &[(OUTSIDE, &[("y/c", false), ("z/a", false)])]);
+    c.check_service("ClusterIP of y/c and z/a", cluster_ip(41), TCP, &[("x/b", &[("y/c", true), ("z/a", true)])]);
+}
+
+/// Hairpin: x/a may only send to pods labelled like itself, and reaches itself through its
+/// own Service (masqueraded, as kube-proxy does when source and backend are one); the other
+/// backend, x/b on node-2, is denied.
+fn service_hairpin(c: &mut Cluster) {
+    c.apply("x", "egress-to-own-labels", "
+        podSelector:
+          matchLabels: {pod: a}
+        policyTypes: [Egress]
+        egress:
+        - to:
+          - podSelector:
+              matchLabels: {pod: a}
+    ");
+    c.set_services(vec![c.service("x/a", 50, TCP, &["x/a"], None), c.service("x/ab", 51, TCP, &["x/a", "x/b"], None)]);
+    c.check_service("its own ClusterIP", cluster_ip(50), TCP, &[("x/a", &[("x/a", true)])]);
+    c.check_service("ClusterIP of x/a and x/b", cluster_ip(51), TCP, &[("x/a", &[("x/a", true), ("x/b", false)]), ("z/b", &[("x/a", true), ("x/b", true)])]);
+}
+
+// ---------------------------------------------------------------------------------------
 // Groups
 // ---------------------------------------------------------------------------------------
 
 #[test]
 #[ignore = "privileged: run by cargo xtask test"]
 fn conformance_selectors() {
-    run_group("sel", xyz(), &[
-        ("default_deny_ingress", "should support a 'default-deny-ingress' policy", default_deny_ingress),
-        ("default_deny_all", "should support a 'default-deny-all' policy", default_deny_all),
-        ("allow_all", "should support allow-all policy", allow_all),
-        ("allow_from_pod_in_same_namespace", "should enforce policy to allow traffic from pods within server namespace based on PodSelector", allow_from_pod_in_same_namespace),
-        ("allow_ingress_for_target", "should enforce policy to allow ingress traffic for a target", allow_ingress_for_target),
-        ("allow_from_all_namespaces", "should enforce policy to allow ingress traffic from pods in all namespaces", allow_from_all_namespaces),
-        ("namespace_selector", "should enforce policy to allow traffic only from a different namespace, based on NamespaceSelector", namespace_selector),
-        ("pod_selector_match_expressions", "should enforce policy based on PodSelector with MatchExpressions", pod_selector_match_expressions),
-        ("namespace_selector_match_expressions", "should enforce policy based on NamespaceSelector with MatchExpressions", namespace_selector_match_expressions),
-        ("pod_selector_or_namespace_selector", "should enforce policy based on PodSelector or NamespaceSelector", pod_selector_or_namespace_selector),
-        ("pod_selector_and_namespace_selector", "should enforce policy based on PodSelector and NamespaceSelector", pod_selector_and_namespace_selector),
-        ("multiple_pod_and_namespace_selectors", "should enforce policy based on Multiple PodSelectors and NamespaceSelectors", multiple_pod_and_namespace_selectors),
-        ("any_pod_selectors", "should enforce policy based on any PodSelectors", any_pod_selectors),
-        ("pod_in_other_namespace", "should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector", |c| pod_in_other_namespace(c, TCP)),
-        ("deny_ingress_from_other_namespaces", "should deny ingress from pods on other namespaces", deny_ingress_from_other_namespaces),
-        ("default_namespace_label_match_labels", "should enforce policy to allow traffic based on NamespaceSelector with MatchLabels using default ns label", default_namespace_label_match_labels),
-        ("match_expression_operators", "(ours) In, NotIn on an absent key, Exists, DoesNotExist on pod and namespace labels", match_expression_operators),
-        ("stacked_overlapping_policies", "should enforce multiple, stacked policies with overlapping podSelectors", stacked_overlapping_policies),
-        ("ingress_allow_all_takes_precedence", "should enforce multiple ingress policies with ingress allow-all policy taking precedence", ingress_allow_all_takes_precedence),
-    ]);
+    run_group("sel", on_nodes(xyz(), 2), SELECTOR_CASES);
 }
+
+/// The selector cases once more with every pod on one node (same-node paths only; the other
+/// groups run on two nodes only, to keep the suite's time).
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn conformance_selectors_one_node() {
+    run_group("one", xyz(), SELECTOR_CASES);
+}
+
+const SELECTOR_CASES: &[Case] = &[
+    ("default_deny_ingress", "should support a 'default-deny-ingress' policy", default_deny_ingress),
+    ("default_deny_all", "should support a 'default-deny-all' policy", default_deny_all),
+    ("allow_all", "should support allow-all policy", allow_all),
+    ("allow_from_pod_in_same_namespace", "should enforce policy to allow traffic from pods within server namespace based on PodSelector", allow_from_pod_in_same_namespace),
+    ("allow_ingress_for_target", "should enforce policy to allow ingress traffic for a target", allow_ingress_for_target),
+    ("allow_from_all_namespaces", "should enforce policy to allow ingress traffic from pods in all namespaces", allow_from_all_namespaces),
+    ("namespace_selector", "should enforce policy to allow traffic only from a different namespace, based on NamespaceSelector", namespace_selector),
+    ("pod_selector_match_expressions", "should enforce policy based on PodSelector with MatchExpressions", pod_selector_match_expressions),
+    ("namespace_selector_match_expressions", "should enforce policy based on NamespaceSelector with MatchExpressions", namespace_selector_match_expressions),
+    ("pod_selector_or_namespace_selector", "should enforce policy based on PodSelector or NamespaceSelector", pod_selector_or_namespace_selector),
+    ("pod_selector_and_namespace_selector", "should enforce policy based on PodSelector and NamespaceSelector", pod_selector_and_namespace_selector),
+    ("multiple_pod_and_namespace_selectors", "should enforce policy based on Multiple PodSelectors and NamespaceSelectors", multiple_pod_and_namespace_selectors),
+    ("any_pod_selectors", "should enforce policy based on any PodSelectors", any_pod_selectors),
+    ("pod_in_other_namespace", "should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector", |c| pod_in_other_namespace(c, TCP)),
+    ("deny_ingress_from_other_namespaces", "should deny ingress from pods on other namespaces", deny_ingress_from_other_namespaces),
+    ("default_namespace_label_match_labels", "should enforce policy to allow traffic based on NamespaceSelector with MatchLabels using default ns label", default_namespace_label_match_labels),
+    ("match_expression_operators", "(ours) In, NotIn on an absent key, Exists, DoesNotExist on pod and namespace labels", match_expression_operators),
+    ("stacked_overlapping_policies", "should enforce multiple, stacked policies with overlapping podSelectors", stacked_overlapping_policies),
+    ("ingress_allow_all_takes_precedence", "should enforce multiple ingress policies with ingress allow-all policy taking precedence", ingress_allow_all_takes_precedence),
+];
 
 #[test]
 #[ignore = "privileged: run by cargo xtask test"]
 fn conformance_ports_and_protocols() {
-    run_group("prt", xyz(), &[
+    run_group("prt", on_nodes(xyz(), 2), &[
         ("ports", "should enforce policy based on Ports", ports),
         ("named_port_ingress", "should allow ingress access on one named port", named_port_ingress),
         ("named_port_ingress_from_namespace", "should allow ingress access from namespace on one named port", named_port_ingress_from_namespace),
@@ -1666,7 +2096,7 @@ fn conformance_ports_and_protocols() {
 #[test]
 #[ignore = "privileged: run by cargo xtask test"]
 fn conformance_egress_and_ip_blocks() {
-    run_group("egr", xyz(), &[
+    run_group("egr", on_nodes(xyz(), 2), &[
         ("deny_egress_by_pod_selector", "should deny egress from pods based on PodSelector", deny_egress_by_pod_selector),
         ("deny_egress_namespace", "should deny egress from all pods in a namespace", deny_egress_namespace),
         ("ingress_and_egress_together", "should work with Ingress, Egress specified together", ingress_and_egress_together),
@@ -1686,7 +2116,7 @@ fn conformance_egress_and_ip_blocks() {
 #[test]
 #[ignore = "privileged: run by cargo xtask test"]
 fn conformance_changes() {
-    run_group("chg", xyz(), &[
+    run_group("chg", on_nodes(xyz(), 2), &[
         ("updated_policy", "should enforce updated policy", updated_policy),
         ("updated_namespace_labels", "should allow ingress access from updated namespace", updated_namespace_labels),
         ("updated_pod_labels", "should allow ingress access from updated pod", updated_pod_labels),
@@ -1700,8 +2130,21 @@ fn conformance_changes() {
 #[test]
 #[ignore = "privileged: run by cargo xtask test"]
 fn conformance_seed_example() {
-    run_group("seed", seed_setup(), &[
+    run_group("seed", on_nodes(seed_setup(), 2), &[
         ("seed_example", "(seed) manifests/examples/three-tier as shipped", seed_example),
         ("seed_example_with_egress", "(seed) web -> api:5000 -> db:3306 with egress rules", seed_example_with_egress),
+    ]);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn conformance_services() {
+    run_group("svc", on_nodes(xyz(), 2), &[
+        ("services_egress_pod_selector", "(issue 11) egress allowed by podSelector, through a ClusterIP (TCP, UDP)", service_egress_pod_selector),
+        ("services_egress_except_pod_cidr", "(issue 11) egress to 0.0.0.0/0 except the pod range: pods denied directly and through ClusterIPs", service_egress_except_pod_cidr),
+        ("services_egress_namespace_selector_two_backends", "(issue 11) egress by namespaceSelector through a ClusterIP with an allowed and a denied backend", service_egress_namespace_selector_two_backends),
+        ("services_ingress_allow_list", "(issue 11) ingress allow-list through a ClusterIP", service_ingress_allow_list),
+        ("services_node_port_from_outside", "(issue 11) NodePort from outside the cluster: ipBlock allowed, pods-only denied", service_node_port_from_outside),
+        ("services_hairpin", "(issue 11) a pod reaching itself through its own Service", service_hairpin),
     ]);
 }

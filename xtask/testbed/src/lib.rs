@@ -9,6 +9,8 @@ pub mod packet;
 pub mod probe;
 pub mod bench;
 pub mod synthetic;
+pub mod cluster;
+pub mod services;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},

@@ -188,6 +188,25 @@ pub fn report(title: &str, expected: &Reachability, comparisons: &[Comparison]) 
     out
 }
 
+/// `report` for pods spread over nodes: every row, column and mismatched pair names the
+/// node of its pod (`x/a@node-1`), and a failure starts with `header` (the nodes' addresses).
+pub fn report_placed(title: &str, expected: &Reachability, comparisons: &[Comparison], node_of: &dyn Fn(&str) -> String, header: &str) -> String {
+    let place = |pod: &String| format!("{pod}@{}", node_of(pod));
+    let relabel = |table: &TruthTable| TruthTable { pods: table.pods.iter().map(place).collect(), values: table.values.clone() };
+    let placed = Reachability { expected: relabel(&expected.expected) };
+    let comparisons: Vec<Comparison> = comparisons
+        .iter()
+        .map(|c| Comparison {
+            family: c.family,
+            observed: relabel(&c.observed),
+            wrong: c.wrong.iter().map(|(from, to, allowed)| (place(from), place(to), *allowed)).collect(),
+            right: c.right,
+        })
+        .collect();
+    let text = report(title, &placed, &comparisons);
+    if comparisons.iter().any(|c| !c.wrong.is_empty()) { format!("{header}\n{text}") } else { text }
+}
+
 /// Source ports handed out once each (20000..=60999), shared by every protocol.
 fn next_source_port() -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -308,6 +327,11 @@ impl ProbePod {
     pub fn addr(&self, v6: bool) -> IpAddr {
         if v6 { IpAddr::V6(self.ipv6) } else { IpAddr::V4(self.ipv4) }
     }
+
+    /// The pod's network namespace, as a path for `enter_netns`.
+    pub fn netns_path(&self) -> &str {
+        &self.netns_path
+    }
 }
 
 /// One connection attempt from the calling thread's network namespace. `to_inbox` is the
@@ -330,71 +354,92 @@ fn any_addr(v6: bool, port: u16) -> SocketAddr {
 
 /// Connects from source port `sport`, sends a line and expects it echoed.
 fn tcp_probe(to: SocketAddr, sport: u16, timeout: Duration) -> bool {
+    tcp_exchange(to, sport, timeout, b"ping\n").is_some_and(|answer| answer == b"ping\n")
+}
+
+/// Connects from source port `sport` within `timeout`, sends `request` and returns the first
+/// answer (up to 64 bytes, or up to a newline).
+fn tcp_exchange(to: SocketAddr, sport: u16, timeout: Duration, request: &[u8]) -> Option<Vec<u8>> {
     let deadline = Instant::now() + timeout;
+    let mut stream = tcp_connect(to, sport, deadline)?;
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+    let _ = stream.set_read_timeout(Some(left));
+    let _ = stream.set_write_timeout(Some(left));
+    stream.write_all(request).ok()?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 64];
+    while answer.len() < 64 && !answer.ends_with(b"\n") {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    Some(answer)
+}
+
+/// A non-blocking connect from source port `sport`, bounded by `deadline`; the stream is
+/// returned blocking.
+fn tcp_connect(to: SocketAddr, sport: u16, deadline: Instant) -> Option<TcpStream> {
     let domain = if to.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET };
     // SAFETY: plain socket syscalls on a fresh fd we own; buffers are valid.
     let stream = unsafe {
         let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0);
         if fd < 0 {
-            return false;
+            return None;
         }
         let fd = OwnedFd::from_raw_fd(fd);
         let one: libc::c_int = 1;
         libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, (&raw const one).cast(), 4);
         let (local, local_len) = sockaddr(&any_addr(to.is_ipv6(), sport));
         if libc::bind(fd.as_raw_fd(), (&raw const local).cast(), local_len) != 0 {
-            return false;
+            return None;
         }
         let (remote, remote_len) = sockaddr(&to);
         if libc::connect(fd.as_raw_fd(), (&raw const remote).cast(), remote_len) != 0
             && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS)
         {
-            return false;
+            return None;
         }
         let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
         let left = deadline.saturating_duration_since(Instant::now());
         if libc::poll(&raw mut pfd, 1, left.as_millis() as libc::c_int) != 1 {
-            return false;
+            return None;
         }
         let mut err: libc::c_int = 0;
         let mut len = 4 as libc::socklen_t;
         libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut err).cast(), &raw mut len);
         if err != 0 {
-            return false;
+            return None;
         }
         TcpStream::from(fd)
     };
-    if stream.set_nonblocking(false).is_err() {
-        return false;
-    }
-    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
-    let _ = stream.set_read_timeout(Some(left));
-    let _ = stream.set_write_timeout(Some(left));
-    let mut stream = stream;
-    if stream.write_all(b"ping\n").is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 5];
-    stream.read_exact(&mut buf).is_ok() && &buf == b"ping\n"
+    stream.set_nonblocking(false).ok()?;
+    Some(stream)
 }
 
 /// Sends a datagram from source port `sport` and expects the echo from `to`.
 fn udp_probe(to: SocketAddr, sport: u16, timeout: Duration) -> bool {
-    let Ok(socket) = UdpSocket::bind(any_addr(to.is_ipv6(), sport)) else { return false };
+    udp_exchange(to, sport, timeout, b"ping").is_some_and(|answer| answer == b"ping")
+}
+
+/// Sends `request` from source port `sport` and returns the first answer that comes from
+/// `to` itself (through a Service: only if the reply was translated back).
+fn udp_exchange(to: SocketAddr, sport: u16, timeout: Duration, request: &[u8]) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind(any_addr(to.is_ipv6(), sport)).ok()?;
     let deadline = Instant::now() + timeout;
-    if socket.send_to(b"ping", to).is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 16];
+    socket.send_to(request, to).ok()?;
+    let mut buf = [0u8; 64];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || socket.set_read_timeout(Some(left)).is_err() {
-            return false;
+        if left.is_zero() {
+            return None;
         }
+        socket.set_read_timeout(Some(left)).ok()?;
         match socket.recv_from(&mut buf) {
-            Ok((4, from)) if from == to && &buf[..4] == b"ping" => return true,
+            Ok((n, from)) if from == to => return Some(buf[..n].to_vec()),
             Ok(_) => {}
-            Err(_) => return false,
+            Err(_) => return None,
         }
     }
 }
@@ -523,4 +568,61 @@ pub fn probe_from(netns: &Netns, from: IpAddr, to: SocketAddr, to_pod: &ProbePod
             .join()
             .unwrap_or(false)
     })
+}
+
+/// One connection through a Service: its source port (to find the flow in conntrack) and
+/// the name the backend answered with (None: no answer).
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub sport: u16,
+    pub answer: Option<String>,
+}
+
+/// Connects from `from` to `to` (a ClusterIP or NodePort) up to `max` times, sequentially,
+/// each time asking the server's name (`who`, see `probe::Servers::start_named`), until
+/// `done` says enough was seen. TCP and UDP only (SCTP has no server here to answer).
+pub fn ask_backends(from: &ProbePod, to: SocketAddr, protocol: Protocol, timeout: Duration, max: usize, mut done: impl FnMut(&[Attempt]) -> bool + Send) -> Vec<Attempt> {
+    assert!(protocol != Protocol::Sctp, "ask_backends: TCP or UDP");
+    let path = from.netns_path.clone();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                enter_netns(&path);
+                let mut attempts = Vec::new();
+                while attempts.len() < max && !done(&attempts) {
+                    let sport = next_source_port();
+                    let answer = match protocol {
+                        Protocol::Tcp => tcp_exchange(to, sport, timeout, b"who\n"),
+                        _ => udp_exchange(to, sport, timeout, b"who"),
+                    };
+                    let answer = answer.map(|a| String::from_utf8_lossy(&a).trim_end().to_owned()).filter(|a| !a.is_empty());
+                    attempts.push(Attempt { sport, answer });
+                }
+                attempts
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placed_report_names_each_pods_node() {
+        let pods = ["x/a", "x/b"];
+        let mut expected = Reachability::new(&pods, true);
+        expected.deny("x/a", "x/b");
+        let mut observed = TruthTable::new(expected.pods(), None);
+        observed.set(0, 1, true);
+        observed.set(1, 0, true);
+        let wrong = vec![("x/a".to_owned(), "x/b".to_owned(), false)];
+        let comparison = Comparison { family: "IPv4", observed, wrong, right: 1 };
+        let node_of = |pod: &str| if pod == "x/a" { "node-1".to_owned() } else { "node-2".to_owned() };
+        let text = report_placed("case", &expected, &[comparison], &node_of, "nodes: node-1, node-2");
+        assert!(text.starts_with("nodes: node-1, node-2\n"), "{text}");
+        assert!(text.contains("x/a@node-1  x/b@node-2"), "{text}");
+        assert!(text.contains("x/a@node-1 -> x/b@node-2: expected blocked, was ALLOWED"), "{text}");
+    }
 }

@@ -15,7 +15,9 @@ use std::{
 use super::Netns;
 
 /// Servers in a pod namespace (TCP and UDP echo on the given ports, both families), running
-/// until dropped or `lifetime` passes.
+/// until dropped or `lifetime` passes. A named server answers the request `who` (TCP
+/// `who\n`) with its name instead, so a probe through a Service learns which backend it
+/// reached; every other request is echoed.
 pub struct Servers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -23,16 +25,22 @@ pub struct Servers {
 
 impl Servers {
     pub fn start(ns: &Netns, ports: &[u16], lifetime: Duration) -> Self {
+        Self::start_named(ns, ports, lifetime, "")
+    }
+
+    /// Servers that answer `who` with `name` (empty: echo it like any request).
+    pub fn start_named(ns: &Netns, ports: &[u16], lifetime: Duration, name: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let deadline = Instant::now() + lifetime;
         let mut threads = Vec::new();
         for &port in ports {
             for any in [IpAddr::from([0u8; 4]), IpAddr::from([0u16; 8])] {
                 let (s1, s2) = (stop.clone(), stop.clone());
+                let (name_tcp, name_udp) = (Answer::new(name), Answer::new(name));
                 let (ready_tx, ready_rx) = std::sync::mpsc::channel();
                 let ready_udp = ready_tx.clone();
-                threads.push(ns.spawn(move || tcp_server(SocketAddr::new(any, port), &s1, deadline, &ready_tx)));
-                threads.push(ns.spawn(move || udp_server(SocketAddr::new(any, port), &s2, deadline, &ready_udp)));
+                threads.push(ns.spawn(move || tcp_server(SocketAddr::new(any, port), &s1, deadline, &ready_tx, &name_tcp)));
+                threads.push(ns.spawn(move || udp_server(SocketAddr::new(any, port), &s2, deadline, &ready_udp, &name_udp)));
                 for _ in 0..2 {
                     ready_rx.recv_timeout(Duration::from_secs(5)).expect("server ready");
                 }
@@ -47,6 +55,25 @@ impl Drop for Servers {
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+    }
+}
+
+/// What a server sends back for a request: its name for `who`, else the request itself.
+struct Answer {
+    name: Vec<u8>,
+}
+
+impl Answer {
+    fn new(name: &str) -> Self {
+        Self { name: name.as_bytes().to_vec() }
+    }
+
+    fn to(&self, request: &[u8]) -> Vec<u8> {
+        match request {
+            b"who" if !self.name.is_empty() => self.name.clone(),
+            b"who\n" if !self.name.is_empty() => [self.name.as_slice(), b"\n"].concat(),
+            _ => request.to_vec(),
         }
     }
 }
@@ -121,7 +148,7 @@ pub fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) 
     (storage, len as libc::socklen_t)
 }
 
-fn tcp_server(addr: SocketAddr, stop: &AtomicBool, deadline: Instant, ready: &std::sync::mpsc::Sender<()>) {
+fn tcp_server(addr: SocketAddr, stop: &AtomicBool, deadline: Instant, ready: &std::sync::mpsc::Sender<()>, answer: &Answer) {
     let listener = bind_tcp(addr);
     listener.set_nonblocking(true).expect("nonblocking");
     let _ = ready.send(());
@@ -132,7 +159,7 @@ fn tcp_server(addr: SocketAddr, stop: &AtomicBool, deadline: Instant, ready: &st
                 let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
                 let mut buf = [0u8; 64];
                 if let Ok(n) = stream.read(&mut buf) {
-                    let _ = stream.write_all(&buf[..n]);
+                    let _ = stream.write_all(&answer.to(&buf[..n]));
                 }
             }
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -140,14 +167,14 @@ fn tcp_server(addr: SocketAddr, stop: &AtomicBool, deadline: Instant, ready: &st
     }
 }
 
-fn udp_server(addr: SocketAddr, stop: &AtomicBool, deadline: Instant, ready: &std::sync::mpsc::Sender<()>) {
+fn udp_server(addr: SocketAddr, stop: &AtomicBool, deadline: Instant, ready: &std::sync::mpsc::Sender<()>, answer: &Answer) {
     let socket = bind_udp(addr);
     socket.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
     let _ = ready.send(());
     let mut buf = [0u8; 1500];
     while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
         if let Ok((n, from)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(&buf[..n], from);
+            let _ = socket.send_to(&answer.to(&buf[..n]), from);
         }
     }
 }
