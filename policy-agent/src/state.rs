@@ -310,6 +310,8 @@ fn decode_document(
         ("v1", "Namespace") => decode::<Namespace>(&described, value, problems).map(|n| Object::Namespace(Arc::new(n))),
         ("v1", "Pod") => decode::<Pod>(&described, value, problems).map(|p| Object::Pod(Arc::new(p))),
         ("v1", "Service") => decode::<Service>(&described, value, problems).map(|s| Object::Service(Arc::new(s))),
+        // A Service's Endpoints are kube-proxy's input; egress is judged after its translation.
+        ("v1", "Endpoints") => None,
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             decode::<NetworkPolicy>(&described, value, problems).map(|p| Object::NetworkPolicy(Arc::new(p)))
         }

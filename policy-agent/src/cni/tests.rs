@@ -264,7 +264,8 @@ fn cni_run_flags_enable_disable_and_time_out() {
     }
     let parse = |args: &[&str]| <Cli as clap::Parser>::try_parse_from(std::iter::once("run").chain(args.iter().copied())).map(|c| c.run);
     let defaults = parse(&[]).expect("defaults");
-    assert_eq!((defaults.cni_socket.as_str(), defaults.no_cni, defaults.cni_timeout_ms), (super::DEFAULT_SOCKET, false, 15000));
+    assert_eq!((defaults.cni_socket.as_str(), defaults.no_cni, defaults.cni_timeout_ms), ("", false, 15000), "off unless set");
+    assert_eq!(parse(&["--cni-socket", super::DEFAULT_SOCKET]).expect("the DaemonSet's").cni_socket, super::DEFAULT_SOCKET);
     assert_eq!(parse(&["--cni-socket", ""]).expect("empty disables").cni_socket, "");
     assert!(parse(&["--no-cni"]).expect("no-cni").no_cni);
     assert_eq!(parse(&["--cni-timeout-ms", "2000"]).expect("timeout").cni_timeout_ms, 2000);

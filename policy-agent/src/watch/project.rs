@@ -268,7 +268,6 @@ mod tests {
             "annotations",
             "ownerReferences",
             "resourceVersion",
-            "uid",
             "finalizers",
             "conditions",
             "containerStatuses",
