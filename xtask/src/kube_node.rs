@@ -10,8 +10,8 @@
 //! ([`STATE_FILE`], see `host`) and `down` undoes exactly that, also from a fresh process
 //! after a killed `up`; `up` begins with a `down`.
 //!
-//! Addresses (all in the test ranges): the node's own address [`NODE_IP`] sits on a dummy
-//! interface. It cannot be loopback: the API server publishes its address as the endpoint of
+//! Addresses (all in the test ranges): the node's own address [`NODE_IP`] sits on a host-only
+//! veth. It cannot be loopback: the API server publishes its address as the endpoint of
 //! the in-cluster `kubernetes` Service (what the DaemonSet's agent connects to), and Endpoints
 //! refuse loopback addresses; kubelet refuses a loopback node IP too. kube-apiserver and
 //! kubelet listen there, everything else on 127.0.0.1 only; a DROP chain keeps the uplink
@@ -46,7 +46,7 @@ pub const CONTAINERD_SOCK: &str = "/run/policy-kube-node/containerd.sock";
 /// and OUTPUT).
 pub const IPTABLES_CHAIN: &str = "POLICY-KUBE-NODE";
 pub const NODE_NAME: &str = "policy-node";
-/// The node's address, on the dummy interface [`NODE_LINK`].
+/// The node's address, on the veth [`NODE_LINK`] (its peer has none).
 pub const NODE_IP: &str = "198.18.0.1";
 pub const NODE_LINK: &str = "polnode0";
 /// Pods' addresses (host-local IPAM of the ptp plugin); kube-proxy's `--cluster-cidr`.

@@ -25,9 +25,12 @@ pub fn deploy() -> Result<()> {
     let agent = build_release_agent()?;
     images::import_agent_image(&agent)?;
     let manifests = substituted_manifests(&agent)?;
+    let existed = kubectl_ok(&bin, &["get", "daemonset/policy-agent", "-n", NAMESPACE]).is_ok();
     kubectl_ok(&bin, &["apply", "-f", &manifests.display().to_string()])?;
-    // A new image under the same tag: make the DaemonSet take it.
-    kubectl_ok(&bin, &["rollout", "restart", "daemonset/policy-agent", "-n", NAMESPACE])?;
+    if existed {
+        // A new image under the same tag: make the DaemonSet take it.
+        kubectl_ok(&bin, &["rollout", "restart", "daemonset/policy-agent", "-n", NAMESPACE])?;
+    }
     kubectl_ok(&bin, &["rollout", "status", "daemonset/policy-agent", "-n", NAMESPACE, "--timeout=180s"])
         .context("the agent's DaemonSet did not become ready (kubectl -n policy-enforcer describe pods)")?;
     let status = wait_enforcing(&bin)?;

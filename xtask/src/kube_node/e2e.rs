@@ -5,7 +5,6 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    path::PathBuf,
     process::{Command, Stdio},
     time::Instant,
 };
@@ -51,7 +50,7 @@ pub fn e2e(options: &E2eOptions) -> Result<Outcome> {
         .arg("-succinct")
         .arg(bin.join("e2e.test"))
         .arg("--")
-        .args(e2e_args(&focus, &report))
+        .args(e2e_args(&focus, &report, &bin))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -87,9 +86,10 @@ pub fn e2e(options: &E2eOptions) -> Result<Outcome> {
 }
 
 /// e2e.test's flags for a local single node that is neither GCE nor a cloud: no log dump (it
-/// would ssh to nodes), no image prepull, no service-account check before each case.
-fn e2e_args(focus: &str, report: &std::path::Path) -> Vec<String> {
+/// would ssh to nodes), no service-account check before each case, kubectl from the same tree.
+fn e2e_args(focus: &str, report: &std::path::Path, bin: &std::path::Path) -> Vec<String> {
     vec![
+        format!("--kubectl-path={}", bin.join("kubectl").display()),
         format!("--kubeconfig={KUBECONFIG}"),
         "--provider=local".into(),
         format!("--ginkgo.focus={focus}"),
@@ -101,7 +101,6 @@ fn e2e_args(focus: &str, report: &std::path::Path) -> Vec<String> {
         "--disable-log-dump=true".into(),
         "--allowed-not-ready-nodes=0".into(),
         "--e2e-verify-service-account=false".into(),
-        "--prepull-images=false".into(),
         "--num-nodes=1".into(),
         "--minStartupPods=0".into(),
     ]
@@ -133,9 +132,4 @@ fn failed_cases(report: &std::path::Path) -> Vec<String> {
     failed.sort();
     failed.dedup();
     failed
-}
-
-#[allow(dead_code)]
-pub fn report_dir(label: &str) -> PathBuf {
-    crate::workspace_root().join("target/kube-e2e").join(label)
 }

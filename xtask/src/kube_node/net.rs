@@ -78,19 +78,22 @@ fn guard_uplink() -> Result<()> {
     Ok(())
 }
 
-/// The node's address on a dummy interface; unknown pod addresses go to a blackhole, Service
-/// addresses to the dummy: a host process connecting to a ClusterIP needs a route that does
-/// not fail before kube-proxy's DNAT in OUTPUT rewrites the destination (a blackhole fails
-/// connect() at once); what is not rewritten is dropped by the dummy.
+/// The node's address on a veth pair of its own (this kernel has no dummy interfaces);
+/// unknown pod addresses go to a blackhole, Service addresses to the veth: a host process
+/// connecting to a ClusterIP needs a route that does not fail before kube-proxy's DNAT in
+/// OUTPUT rewrites the destination (a blackhole fails connect() at once); what is not
+/// rewritten dies there (nothing answers ARP on the peer, which has no address).
 fn node_address() -> Result<()> {
     record(Entry::Link(NODE_LINK.into()))?;
-    sh("ip", &["link", "add", NODE_LINK, "type", "dummy"])?;
+    let peer = format!("{NODE_LINK}p");
+    sh("ip", &["link", "add", NODE_LINK, "type", "veth", "peer", "name", &peer])?;
     sh("ip", &["addr", "add", &format!("{NODE_IP}/32"), "dev", NODE_LINK])?;
+    sh("ip", &["link", "set", &peer, "up"])?;
     sh("ip", &["link", "set", NODE_LINK, "up"])?;
     let blackhole = "blackhole 198.18.0.0/15";
     record(Entry::Route(blackhole.into()))?;
     sh("ip", &["route", "add", "blackhole", "198.18.0.0/15"])?;
-    // The dummy's routes go with it.
+    // The veth's routes go with it.
     sh("ip", &["route", "add", SERVICE_CIDR, "dev", NODE_LINK])?;
     Ok(())
 }
