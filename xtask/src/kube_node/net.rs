@@ -134,12 +134,15 @@ pub fn conflist() -> String {
 }
 
 /// The DaemonSet mounts the host's /sys/fs/bpf; systemd mounts a bpffs there on most hosts,
-/// this machine has none.
+/// this machine has none. Shared, as systemd's mounts are: the DaemonSet's
+/// `mountPropagation: HostToContainer` needs a shared or slave mount (containerd refuses a
+/// private one).
 fn bpffs() -> Result<()> {
     let mounted = std::fs::read_to_string("/proc/self/mounts")?.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"));
     if !mounted {
         record(Entry::Mount("/sys/fs/bpf".into()))?;
         sh("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])?;
+        sh("mount", &["--make-shared", "/sys/fs/bpf"])?;
     }
     Ok(())
 }
