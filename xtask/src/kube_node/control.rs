@@ -164,8 +164,9 @@ pub fn ctr(args: &[&str]) -> Result<String> {
 }
 
 pub fn start_node(bin: &Path) -> Result<()> {
-    for dir in ["/var/log/pods", "/var/log/containers", "/run/containerd"] {
-        // kubelet and containerd's shims hard-code these.
+    for dir in ["/var/log/pods", "/var/log/containers", "/run/containerd", "/var/lib/kubelet/device-plugins"] {
+        // kubelet (its device-plugin socket directory ignores --root-dir) and containerd's
+        // runc shims hard-code these.
         super::host::create_dir(Path::new(dir))?;
     }
     let config = work("kubelet.yaml");
