@@ -1,13 +1,19 @@
-//! `cargo xtask kube`: kube-apiserver and kubectl for the real-API-server tests, built offline
-//! from Debian's `kubernetes` source package (the upstream tree with `vendor/`) and cached
-//! outside the repository, keyed by version: the first run builds (about 5 minutes on two
+//! `cargo xtask kube`: the Kubernetes v1.20.2 binaries, built offline from Debian's
+//! `kubernetes` source package (the upstream tree with `vendor/`) and cached outside the
+//! repository, keyed by version: kube-apiserver and kubectl for the real-API-server tests, the
+//! rest of a node (kubelet, kube-scheduler, kube-controller-manager, kube-proxy) for
+//! `cargo xtask kube-node`, and the upstream e2e suite (e2e.test, ginkgo, agnhost) plus a static
+//! `pause` for `cargo xtask kube-e2e`. The first run builds everything (about 20 minutes on two
 //! cores), later runs reuse. etcd comes from the `etcd-server` package.
 //!
 //! The recipe: `apt-get source kubernetes` through a private deb-src list (the machine's apt
 //! configuration is not touched), the vendored `github.com/modern-go/reflect2` v1.0.1 (which
 //! crashes under Go 1.18 and later) replaced by v1.0.2 from
-//! `golang-github-modern-go-reflect2-dev`, then `make WHAT="cmd/kube-apiserver cmd/kubectl"`
-//! with Go 1.19, `GOFLAGS=-mod=vendor GOPROXY=off CGO_ENABLED=0`.
+//! `golang-github-modern-go-reflect2-dev`, then three `make WHAT=...` runs (the node's
+//! commands; agnhost and ginkgo; e2e.test) with Go 1.19, `GOFLAGS=-mod=vendor GOPROXY=off
+//! CGO_ENABLED=0`. agnhost goes through `make` too: a plain `go build` of it fails under
+//! `-mod=vendor`. The pause container's `build/pause/linux/pause.c` is compiled with
+//! `gcc -static` before the tree goes.
 
 use std::{
     path::{Path, PathBuf},
@@ -24,7 +30,18 @@ const DEBIAN_UPSTREAM: &str = "1.20.5+really1.20.2";
 pub const BIN_ENV: &str = "POLICY_KUBE_BIN";
 /// Written last into the binary directory: a directory without it (or with another recipe)
 /// is rebuilt. Change it when the recipe changes.
-const STAMP: &str = "kubernetes v1.20.2 from Debian source 1.20.5+really1.20.2, go 1.19, reflect2 v1.0.2, CGO_ENABLED=0\n";
+const STAMP: &str = "kubernetes v1.20.2 from Debian source 1.20.5+really1.20.2, go 1.19, reflect2 v1.0.2, CGO_ENABLED=0; \
+                     node, e2e.test, ginkgo, agnhost, static pause\n";
+/// The `make WHAT=...` runs, in order, and what each leaves in `_output/bin`.
+const MAKE_TARGETS: &[&str] = &[
+    "cmd/kubelet cmd/kube-scheduler cmd/kube-controller-manager cmd/kube-apiserver cmd/kubectl cmd/kube-proxy",
+    "test/images/agnhost vendor/github.com/onsi/ginkgo/ginkgo",
+    "test/e2e/e2e.test",
+];
+/// Everything cached; the first six answer `--version` with the release.
+pub const BINARIES: &[&str] =
+    &["kube-apiserver", "kubectl", "kubelet", "kube-scheduler", "kube-controller-manager", "kube-proxy", "agnhost", "ginkgo", "e2e.test", "pause"];
+const VERSIONED: usize = 6;
 const GO: &str = "/usr/lib/go-1.19/bin/go";
 const REFLECT2: &str = "/usr/share/gocode/src/github.com/modern-go/reflect2";
 
@@ -39,6 +56,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("dpkg-dev", "dpkg-source"),
     ("xz-utils", "xz"),
     ("openssl", "openssl"),
+    ("gcc", "gcc"),
+    ("libc6-dev", "/usr/lib/x86_64-linux-gnu/libc.a"),
 ];
 
 /// `~/.cache/policy-enforcer/kubernetes-v1.20.2` (or under `$XDG_CACHE_HOME`).
@@ -49,8 +68,8 @@ pub fn cache_dir() -> PathBuf {
     base.join("policy-enforcer").join(format!("kubernetes-{KUBE_VERSION}"))
 }
 
-/// Ensures the packages and the binaries; returns the directory holding `kube-apiserver` and
-/// `kubectl`.
+/// Ensures the packages and the binaries; returns the directory holding them (`kube-apiserver`
+/// and `kubectl` for the kube suite, all of [`BINARIES`] for the node).
 pub fn ensure() -> Result<PathBuf> {
     crate::setup::ensure_debian_packages(PACKAGES)?;
     let cache = cache_dir();
@@ -60,7 +79,7 @@ pub fn ensure() -> Result<PathBuf> {
         return Ok(bin);
     }
     let started = std::time::Instant::now();
-    eprintln!("kube: building kube-apiserver and kubectl {KUBE_VERSION} from Debian's source package (about 5 minutes)");
+    eprintln!("kube: building Kubernetes {KUBE_VERSION} (node, e2e suite) from Debian's source package (about 20 minutes)");
     let work = cache.join(format!("build-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
@@ -74,7 +93,8 @@ pub fn ensure() -> Result<PathBuf> {
 
 fn cached(bin: &Path) -> bool {
     std::fs::read_to_string(bin.join(".stamp")).is_ok_and(|s| s == STAMP)
-        && ["kube-apiserver", "kubectl"].iter().all(|b| version_ok(&bin.join(b)))
+        && BINARIES[..VERSIONED].iter().all(|b| version_ok(&bin.join(b)))
+        && BINARIES[VERSIONED..].iter().all(|b| bin.join(b).is_file())
 }
 
 fn version_ok(binary: &Path) -> bool {
@@ -92,27 +112,34 @@ fn build(work: &Path, cache: &Path, bin: &Path) -> Result<()> {
     let tree = fetch_source(work)?;
     replace_reflect2(&tree)?;
     let path = format!("{}:{}", Path::new(GO).parent().expect("go dir").display(), std::env::var("PATH").unwrap_or_default());
-    let status = Command::new("nice")
-        .args(["make", "WHAT=cmd/kube-apiserver cmd/kubectl"])
-        .current_dir(&tree)
-        .env("PATH", path)
-        .env("GOFLAGS", "-mod=vendor")
-        .env("GOPROXY", "off")
-        .env("GOTOOLCHAIN", "local")
-        .env("CGO_ENABLED", "0")
-        .env("GOCACHE", work.join("go-build"))
-        .env("GOPATH", work.join("gopath"))
-        .status()
-        .context("spawn make")?;
-    ensure!(status.success(), "building kube-apiserver and kubectl failed: {status}");
+    for what in MAKE_TARGETS {
+        let started = std::time::Instant::now();
+        let status = Command::new("nice")
+            .args(["make", &format!("WHAT={what}")])
+            .current_dir(&tree)
+            .env("PATH", &path)
+            .env("GOFLAGS", "-mod=vendor")
+            .env("GOPROXY", "off")
+            .env("GOTOOLCHAIN", "local")
+            .env("CGO_ENABLED", "0")
+            .env("GOCACHE", work.join("go-build"))
+            .env("GOPATH", work.join("gopath"))
+            .status()
+            .context("spawn make")?;
+        ensure!(status.success(), "make WHAT=\"{what}\" failed: {status}");
+        eprintln!("kube: make WHAT=\"{what}\" took {:.0?}", started.elapsed());
+    }
+    // The pause container's init: static, so that it runs in an image holding nothing else.
+    let pause = tree.join("_output/bin/pause");
+    run_in(Command::new("gcc").args(["-static", "-O2", "-o"]).arg(&pause).arg("build/pause/linux/pause.c"), &tree)?;
     // Into a fresh directory, stamped last, then renamed: a half-built cache never counts.
     let staging = cache.join(format!("bin-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging)?;
-    for name in ["kube-apiserver", "kubectl"] {
+    for (i, name) in BINARIES.iter().enumerate() {
         let from = tree.join("_output/bin").join(name);
         std::fs::copy(&from, staging.join(name)).with_context(|| format!("copy {}", from.display()))?;
-        ensure!(version_ok(&staging.join(name)), "{name} does not report {KUBE_VERSION}");
+        ensure!(i >= VERSIONED || version_ok(&staging.join(name)), "{name} does not report {KUBE_VERSION}");
     }
     std::fs::write(staging.join(".stamp"), STAMP)?;
     let _ = std::fs::remove_dir_all(bin);

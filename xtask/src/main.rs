@@ -1,6 +1,7 @@
-//! Developer and CI tasks: `cargo xtask <setup|build-and-load|test|demo|bench|kube>`.
+//! Developer and CI tasks: `cargo xtask <setup|build-and-load|test|demo|bench|kube|kube-node|kube-e2e>`.
 
 mod kube;
+mod kube_node;
 mod setup;
 
 use std::{
@@ -37,9 +38,30 @@ enum Task {
     },
     /// Build everything and run the three-tier demo in network namespaces.
     Demo,
-    /// Build (first run, about 5 minutes) or reuse kube-apiserver and kubectl v1.20.2 for the
-    /// real-API-server suite; prints their directory (the suite reads it from POLICY_KUBE_BIN).
+    /// Build (first run, about 20 minutes) or reuse the Kubernetes v1.20.2 binaries (control
+    /// plane, node, e2e suite); prints their directory (the kube suite reads it from POLICY_KUBE_BIN).
     Kube,
+    /// A real single-node Kubernetes v1.20.2 cluster on this machine, offline (root): `up`
+    /// (cleans up first, waits for a Ready node and a running pod), `down` (undoes everything
+    /// `up` did, also after a killed `up`), `status`, `deploy` (the agent's image and
+    /// `kubectl apply -f manifests/install/`).
+    KubeNode {
+        #[arg(value_enum)]
+        action: KubeNodeAction,
+    },
+    /// Kubernetes' own NetworkPolicy e2e suite (v1.20.2, 29 cases) against the node of
+    /// `kube-node up` (root); junit under target/kube-e2e/LABEL/.
+    KubeE2e {
+        /// Parallel ginkgo processes.
+        #[arg(long, default_value_t = 4)]
+        nodes: u32,
+        /// Name of the report directory.
+        #[arg(long, default_value = "latest")]
+        label: String,
+        /// Only the cases matching this regexp too.
+        #[arg(long)]
+        focus: Option<String>,
+    },
     /// Measure the datapath and the control plane next to iptables, ipset and nftables; write
     /// bench/REPORT.md, bench/summary.json (medians), SVG plots and the raw samples in
     /// target/bench/results.json (root).
@@ -67,6 +89,14 @@ enum Task {
         /// Only run tests whose name contains this (passed to the test binaries).
         filter: Option<String>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KubeNodeAction {
+    Up,
+    Down,
+    Status,
+    Deploy,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,6 +133,13 @@ fn main() -> Result<()> {
             println!("{}", kube::ensure()?.display());
             Ok(())
         }
+        Task::KubeNode { action } => match action {
+            KubeNodeAction::Up => kube_node::up(),
+            KubeNodeAction::Down => kube_node::down(),
+            KubeNodeAction::Status => kube_node::status(),
+            KubeNodeAction::Deploy => kube_node::deploy(),
+        },
+        Task::KubeE2e { nodes, label, focus } => kube_node::e2e(&kube_node::E2eOptions { nodes, label, focus }).map(drop),
         Task::Test { filter } => test(filter.as_deref()),
         Task::Bench { quick, only } => bench(quick, only.as_deref()),
         Task::Fuzz { frames, seed } => fuzz(frames, seed.as_deref()),
@@ -201,6 +238,10 @@ fn test(filter: Option<&str>) -> Result<()> {
     if filter.is_empty() {
         // The README's first command, checked.
         demo(true)?;
+    }
+    // ---- The real node (issue 10): kube-node up, deploy, Kubernetes' NetworkPolicy suite, down.
+    if filter.is_empty() && std::env::var_os(kube_node::SKIP_ENV).is_none_or(|v| v != "1") {
+        kube_node::real_node_suite()?;
     }
     Ok(())
 }
