@@ -513,10 +513,16 @@ fn install_and_example_manifests_apply_and_the_cluster_role_is_minimal() {
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert!(container["volumeMounts"].as_array().is_some_and(|m| m.iter().any(|m| m["mountPath"] == "/sys/fs/bpf")), "{container}");
     let caps = &container["securityContext"]["capabilities"]["add"];
-    assert!(container["securityContext"]["privileged"] == true || caps.as_array().is_some_and(|c| c.len() == 4), "{container}");
+    assert!(container["securityContext"]["privileged"] == true || caps.as_array().is_some_and(|c| c.len() == 3), "{container}");
     assert_eq!(container["ports"][0]["name"], "metrics");
+    // The CNI plugin's init container, and the socket it talks to the agent over.
+    let init = &pod["initContainers"][0];
+    assert_eq!(init["args"][0], "cni-install", "{init}");
+    assert!(init["securityContext"]["capabilities"]["add"].is_null(), "the installer needs no capability: {init}");
+    assert!(container["args"].as_array().is_some_and(|a| a.iter().any(|a| a == "--cni-socket=/run/policy-enforcer/cni.sock")), "{container}");
 
-    // The ClusterRole grants get/list/watch on exactly pods, namespaces, networkpolicies.
+    // The ClusterRole grants get/list/watch on exactly pods, namespaces, networkpolicies and
+    // services.
     let role: serde_json::Value = serde_json::from_str(&api.kubectl_ok(&["get", "clusterrole", "policy-agent", "-o", "json"])).expect("role JSON");
     let mut granted = Vec::new();
     for rule in role["rules"].as_array().expect("rules") {
@@ -530,7 +536,7 @@ fn install_and_example_manifests_apply_and_the_cluster_role_is_minimal() {
         }
     }
     granted.sort();
-    let mut wanted: Vec<String> = [("", "namespaces"), ("", "pods"), ("networking.k8s.io", "networkpolicies")]
+    let mut wanted: Vec<String> = [("", "namespaces"), ("", "pods"), ("", "services"), ("networking.k8s.io", "networkpolicies")]
         .iter()
         .flat_map(|(g, r)| ["get", "list", "watch"].map(|v| format!("{g}/{r}/{v}")))
         .collect();
@@ -547,7 +553,7 @@ fn install_and_example_manifests_apply_and_the_cluster_role_is_minimal() {
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
     };
     for verb in ["get", "list", "watch"] {
-        for resource in ["pods", "namespaces", "networkpolicies.networking.k8s.io"] {
+        for resource in ["pods", "namespaces", "services", "networkpolicies.networking.k8s.io"] {
             assert!(can(&[verb, resource, "--all-namespaces"]), "the agent can {verb} {resource}");
         }
     }

@@ -2,6 +2,7 @@
 
 mod kube;
 mod kube_node;
+mod node_checks;
 mod setup;
 
 use std::{
@@ -97,6 +98,8 @@ enum KubeNodeAction {
     Down,
     Status,
     Deploy,
+    /// With the agent deployed: first-packet enforcement and a SIGKILLed agent's restart.
+    Check,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -138,6 +141,7 @@ fn main() -> Result<()> {
             KubeNodeAction::Down => kube_node::down(),
             KubeNodeAction::Status => kube_node::status(),
             KubeNodeAction::Deploy => kube_node::deploy(),
+            KubeNodeAction::Check => kube_node::checks(),
         },
         Task::KubeE2e { nodes, label, focus } => kube_node::e2e(&kube_node::E2eOptions { nodes, label, focus }).map(drop),
         Task::Test { filter } => test(filter.as_deref()),

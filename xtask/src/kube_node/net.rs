@@ -1,7 +1,7 @@
 //! The host's network for the node: the uplink guard, the node's address, forwarding, the
 //! CNI configuration and plugin directory, bpffs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 
@@ -112,6 +112,12 @@ fn cni() -> Result<()> {
     record(Entry::File(CNI_CONFLIST.into()))?;
     std::fs::write(CNI_CONFLIST, conflist())?;
     host::create_dir(Path::new(CNI_BIN_DIR))?;
+    // What the DaemonSet's init container and agent will create on the host.
+    for made in [Path::new(CNI_BIN_DIR).join("policy-enforcer"), PathBuf::from("/run/policy-enforcer")] {
+        if !made.exists() {
+            record(if made.starts_with("/run") { Entry::Dir(made) } else { Entry::File(made) })?;
+        }
+    }
     for plugin in std::fs::read_dir(DEBIAN_CNI).with_context(|| format!("read {DEBIAN_CNI}"))?.flatten() {
         let link = Path::new(CNI_BIN_DIR).join(plugin.file_name());
         if !link.exists() {
