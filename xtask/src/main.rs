@@ -44,7 +44,8 @@ enum Task {
     /// A real single-node Kubernetes v1.20.2 cluster on this machine, offline (root): `up`
     /// (cleans up first, waits for a Ready node and a running pod), `down` (undoes everything
     /// `up` did, also after a killed `up`), `status`, `deploy` (the agent's image and
-    /// `kubectl apply -f manifests/install/`).
+    /// `kubectl apply -f manifests/install/`), `suite` (`cargo xtask test`'s real-node step: up,
+    /// deploy, the upstream NetworkPolicy suite, down).
     KubeNode {
         #[arg(value_enum)]
         action: KubeNodeAction,
@@ -97,6 +98,7 @@ enum KubeNodeAction {
     Down,
     Status,
     Deploy,
+    Suite,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -138,6 +140,7 @@ fn main() -> Result<()> {
             KubeNodeAction::Down => kube_node::down(),
             KubeNodeAction::Status => kube_node::status(),
             KubeNodeAction::Deploy => kube_node::deploy(),
+            KubeNodeAction::Suite => kube_node::real_node_suite(),
         },
         Task::KubeE2e { nodes, label, focus } => kube_node::e2e(&kube_node::E2eOptions { nodes, label, focus }).map(drop),
         Task::Test { filter } => test(filter.as_deref()),
