@@ -38,7 +38,7 @@ enum Task {
     },
     /// Build everything and run the three-tier demo in network namespaces.
     Demo,
-    /// Build (first run, about 20 minutes) or reuse the Kubernetes v1.20.2 binaries (control
+    /// Build (first run, about 15 minutes) or reuse the Kubernetes v1.20.2 binaries (control
     /// plane, node, e2e suite); prints their directory (the kube suite reads it from POLICY_KUBE_BIN).
     Kube,
     /// A real single-node Kubernetes v1.20.2 cluster on this machine, offline (root): `up`
