@@ -3,7 +3,7 @@
 //! repository, keyed by version: kube-apiserver and kubectl for the real-API-server tests, the
 //! rest of a node (kubelet, kube-scheduler, kube-controller-manager, kube-proxy) for
 //! `cargo xtask kube-node`, and the upstream e2e suite (e2e.test, ginkgo, agnhost) plus a static
-//! `pause` for `cargo xtask kube-e2e`. The first run builds everything (about 20 minutes on two
+//! `pause` for `cargo xtask kube-e2e`. The first run builds everything (about 15 minutes on two
 //! cores), later runs reuse. etcd comes from the `etcd-server` package.
 //!
 //! The recipe: `apt-get source kubernetes` through a private deb-src list (the machine's apt
@@ -79,7 +79,7 @@ pub fn ensure() -> Result<PathBuf> {
         return Ok(bin);
     }
     let started = std::time::Instant::now();
-    eprintln!("kube: building Kubernetes {KUBE_VERSION} (node, e2e suite) from Debian's source package (about 20 minutes)");
+    eprintln!("kube: building Kubernetes {KUBE_VERSION} (node, e2e suite) from Debian's source package (about 15 minutes)");
     let work = cache.join(format!("build-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;

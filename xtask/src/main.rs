@@ -39,13 +39,14 @@ enum Task {
     },
     /// Build everything and run the three-tier demo in network namespaces.
     Demo,
-    /// Build (first run, about 20 minutes) or reuse the Kubernetes v1.20.2 binaries (control
+    /// Build (first run, about 15 minutes) or reuse the Kubernetes v1.20.2 binaries (control
     /// plane, node, e2e suite); prints their directory (the kube suite reads it from POLICY_KUBE_BIN).
     Kube,
     /// A real single-node Kubernetes v1.20.2 cluster on this machine, offline (root): `up`
     /// (cleans up first, waits for a Ready node and a running pod), `down` (undoes everything
     /// `up` did, also after a killed `up`), `status`, `deploy` (the agent's image and
-    /// `kubectl apply -f manifests/install/`).
+    /// `kubectl apply -f manifests/install/`), `suite` (`cargo xtask test`'s real-node step: up,
+    /// deploy, the upstream NetworkPolicy suite, down).
     KubeNode {
         #[arg(value_enum)]
         action: KubeNodeAction,
@@ -100,6 +101,8 @@ enum KubeNodeAction {
     Deploy,
     /// With the agent deployed: first-packet enforcement and a SIGKILLed agent's restart.
     Check,
+    /// Up, deploy, the upstream suite, the checks, and always down (the step of `test`).
+    Suite,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -142,6 +145,7 @@ fn main() -> Result<()> {
             KubeNodeAction::Status => kube_node::status(),
             KubeNodeAction::Deploy => kube_node::deploy(),
             KubeNodeAction::Check => kube_node::checks(),
+            KubeNodeAction::Suite => kube_node::real_node_suite(),
         },
         Task::KubeE2e { nodes, label, focus } => kube_node::e2e(&kube_node::E2eOptions { nodes, label, focus }).map(drop),
         Task::Test { filter } => test(filter.as_deref()),
