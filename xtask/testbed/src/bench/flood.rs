@@ -35,8 +35,12 @@ use serde::{Deserialize, Serialize};
 use super::{CpuTicks, log, median, thread_cpu_ns};
 use policy_agent::{
     compile::MapOp,
-    datapath::{Maps, PinLayout},
+    datapath::{Datapath, MapSizes, Maps, PinLayout},
 };
+
+/// Address and policy map capacity of the policy-ebpf flood variant: 100,000 fillers in each
+/// family plus the allowed port blocks.
+const FLOOD_MAP_ENTRIES: u32 = 262_144;
 
 use crate::{Bpffs, Netns, Node};
 
@@ -271,6 +275,10 @@ impl Topology {
         let mut topo = Self { variant, node, bpffs: None, maps: None, next_flow: 0, scratch, timed_out: [false; 2] };
         if variant == Variant::Bpf {
             let bpffs = Bpffs::new(&suffix);
+            // Maps sized for 100k+ rules in both families, pinned before `attach` reuses them
+            // (the agent's defaults hold fewer addresses).
+            let sizes = MapSizes { addresses: Some(FLOOD_MAP_ENTRIES), policy: Some(FLOOD_MAP_ENTRIES), conntrack: None };
+            drop(Datapath::load_with_sizes(PinLayout::new(&bpffs.path), sizes).expect("load the classifier with flood map sizes"));
             for pod in &topo.node.pods {
                 let out = topo.node.ns.exec(&[agent.to_str().expect("utf-8"), "attach", "--iface", &pod.host_if, "--bpffs", bpffs.path.to_str().expect("utf-8")]);
                 let text = String::from_utf8_lossy(&out.stdout);
@@ -353,10 +361,16 @@ impl Topology {
                 for i in 0..fillers {
                     let id = 5000 + i as u32;
                     let key = if v6 { IpcacheKey::v6(filler_peer6(i).octets()) } else { IpcacheKey::v4(filler_peer(i).octets()) };
-                    maps.write(&MapOp::IpcacheUpsert { prefix_len: IpcacheKey::lpm_prefix_len(plen), key, value: IpcacheValue { identity: id } })
-                        .expect("ipcache");
+                    let address = MapOp::IpcacheUpsert { prefix_len: IpcacheKey::lpm_prefix_len(plen), key, value: IpcacheValue { identity: id } };
                     let key = PolicyKey::new(B_EP, id, Direction::Ingress, proto::UDP, filler_port(i));
-                    maps.write(&MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: 18 } }).expect("policy");
+                    let allow = MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: 18 } };
+                    for op in [address, allow] {
+                        if let Err(e) = maps.write(&op) {
+                            // Reported like a timeout (skipped from here on), with the reason in the log.
+                            log(format!("flood: policy-ebpf install of {rules} rules failed at entry {i}: {e:?}"));
+                            return false;
+                        }
+                    }
                 }
                 left() > 0.0
             }
