@@ -37,11 +37,11 @@ use policy_agent::{
 use crate::packet::{ACK, Frame, SYN};
 
 /// BPF_PROG_TEST_RUN runs on the loopback device: the endpoint entry is keyed by ifindex 1.
-const LO: u32 = 1;
+pub(super) const LO: u32 = 1;
 const ENDPOINT_SPREAD: usize = 64;
 /// A pass hands the packet to the next program of the TCX chain (TCX_NEXT, -1).
-const TC_ACT_OK: u32 = u32::MAX;
-const TC_ACT_SHOT: u32 = 2;
+pub(super) const TC_ACT_OK: u32 = u32::MAX;
+pub(super) const TC_ACT_SHOT: u32 = 2;
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -86,7 +86,7 @@ impl Results {
 }
 
 /// An empty SCHED_CLS program (`r0 = 0; exit`) loaded through the raw bpf(2) syscall.
-struct EmptyProgram {
+pub(super) struct EmptyProgram {
     fd: OwnedFd,
 }
 
@@ -113,7 +113,7 @@ fn bpf(cmd: i64, attr: &mut Attr) -> std::io::Result<i64> {
 }
 
 impl EmptyProgram {
-    fn load() -> std::io::Result<Self> {
+    pub(super) fn load() -> std::io::Result<Self> {
         const BPF_PROG_LOAD: i64 = 5;
         const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
         let insns: [u8; 16] = [0xb7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
@@ -130,7 +130,7 @@ impl EmptyProgram {
     }
 
     /// ns per run, as the kernel reports it.
-    fn run(&self, data: &[u8], repeat: u32) -> f64 {
+    pub(super) fn run(&self, data: &[u8], repeat: u32) -> f64 {
         const BPF_PROG_TEST_RUN: i64 = 10;
         let mut attr = Attr([0; 128]);
         attr.put_u32(0, self.fd.as_raw_fd() as u32);
@@ -142,33 +142,33 @@ impl EmptyProgram {
     }
 }
 
-fn run_prog(prog: &SchedClassifier, data: &[u8], repeat: u32, expect: u32) -> f64 {
+pub(super) fn run_prog(prog: &SchedClassifier, data: &[u8], repeat: u32, expect: u32) -> f64 {
     let opts = TestRunOptions { data_in: Some(data), repeat, ..TestRunOptions::default() };
     let result = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
     assert_eq!(result.return_value, expect, "unexpected verdict in the benchmark setup");
     result.duration.as_nanos() as f64
 }
 
-fn peer_v4(i: usize) -> Ipv4Addr {
+pub(super) fn peer_v4(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + 256 + i as u32)
 }
 fn peer_v6(i: usize) -> Ipv6Addr {
     Ipv6Addr::from(u128::from(Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0)) + 256 + i as u128)
 }
-const POD_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 10);
+pub(super) const POD_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 10);
 const POD_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0xffff, 0, 0, 0, 0x10);
-fn identity(i: usize) -> u32 {
+pub(super) fn identity(i: usize) -> u32 {
     256 + i as u32
 }
 fn endpoint_of(i: usize) -> u32 {
     1 + (i % ENDPOINT_SPREAD) as u32
 }
-fn port_of(i: usize) -> u16 {
+pub(super) fn port_of(i: usize) -> u16 {
     1000 + (i % 1000) as u16
 }
-const DENIED_PORT: u16 = 7;
+pub(super) const DENIED_PORT: u16 = 7;
 
-fn addr16(a: IpAddr) -> [u8; 16] {
+pub(super) fn addr16(a: IpAddr) -> [u8; 16] {
     match a {
         IpAddr::V4(a) => {
             let mut out = [0; 16];
@@ -276,7 +276,7 @@ impl Target {
     }
 }
 
-fn set_endpoint(maps: &mut Maps, endpoint: u32, flags: u32) {
+pub(super) fn set_endpoint(maps: &mut Maps, endpoint: u32, flags: u32) {
     // As the compiler writes it for a pod with exact-port rules plus the node's any-protocol
     // entry: two lookups for a denied flow.
     let mut lookups = [0; 2];

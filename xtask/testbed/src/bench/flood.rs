@@ -35,8 +35,12 @@ use serde::{Deserialize, Serialize};
 use super::{CpuTicks, log, median, thread_cpu_ns};
 use policy_agent::{
     compile::MapOp,
-    datapath::{Maps, PinLayout},
+    datapath::{Datapath, MapSizes, Maps, PinLayout},
 };
+
+/// Address and policy map capacity of the policy-ebpf flood variant: 100,000 fillers in each
+/// family plus the allowed port blocks.
+const FLOOD_MAP_ENTRIES: u32 = 262_144;
 
 use crate::{Bpffs, Netns, Node};
 
@@ -51,6 +55,8 @@ const ALLOWED_FIRST: u16 = 10000;
 const ALLOWED_LAST: u16 = 10999;
 const DENIED_PORT: u16 = 5002;
 const IPERF_PORT: u16 = 5201;
+/// The TCP port of the connection-rate and request-response server in `b` (one rule, after the UDP one).
+pub const CRR_PORT: u16 = 7000;
 /// UDP payload making 64-byte Ethernet frames (14 + 20 + 8 + 22).
 const PAYLOAD: usize = 22;
 const BATCH: usize = 64;
@@ -62,10 +68,11 @@ pub enum Variant {
     Iptables,
     Ipset,
     Nftables,
+    NftLinear,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 5] = [Variant::None, Variant::Bpf, Variant::Iptables, Variant::Ipset, Variant::Nftables];
+    pub const ALL: [Variant; 6] = [Variant::None, Variant::Bpf, Variant::Iptables, Variant::Ipset, Variant::Nftables, Variant::NftLinear];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -74,6 +81,7 @@ impl Variant {
             Variant::Iptables => "iptables, one rule per peer and port",
             Variant::Ipset => "iptables + ipset hash:ip,port",
             Variant::Nftables => "nftables set (ip . port)",
+            Variant::NftLinear => "nftables, one rule per peer and port",
         }
     }
 
@@ -84,6 +92,7 @@ impl Variant {
             Variant::Iptables => "iptables",
             Variant::Ipset => "ipset",
             Variant::Nftables => "nftables",
+            Variant::NftLinear => "nft-linear",
         }
     }
 }
@@ -113,6 +122,9 @@ impl Kind {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Run {
     pub variant: Variant,
+    /// An IPv6 flood (pods' IPv6 addresses, ip6tables, inet6 sets).
+    #[serde(default)]
+    pub v6: bool,
     pub rules: usize,
     pub kind: Kind,
     pub round: usize,
@@ -131,6 +143,8 @@ pub struct Run {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
     pub variant: Variant,
+    #[serde(default)]
+    pub v6: bool,
     pub rules: usize,
     pub kind: Kind,
     /// Packets per second handled: delivered for allowed floods, dropped for denied ones
@@ -170,15 +184,52 @@ pub struct Results {
     pub tcp: Vec<TcpSummary>,
     pub iptables_binary: String,
     pub nf_conntrack_max: u64,
+    /// IPv6 flood rule counts (their summaries have `v6` set).
+    #[serde(default)]
+    pub rules6: Vec<usize>,
+    /// Seconds a variant may take to install one rule count before it is reported as timed out.
+    #[serde(default)]
+    pub budget_secs: f64,
+    /// Every install: how long it took, or that it ran out of the budget.
+    #[serde(default)]
+    pub installs: Vec<Install>,
+    /// TCP connection and request-response rates (`crr` part).
+    #[serde(default)]
+    pub rates: Option<super::crr::Results>,
+}
+
+impl Results {
+    /// The variant ran out of its install budget at or below `rules` in this family.
+    pub fn timed_out(&self, v: Variant, rules: usize, v6: bool) -> bool {
+        self.installs.iter().any(|i| i.variant == v && i.v6 == v6 && i.timed_out && i.rules <= rules)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Install {
+    pub variant: Variant,
+    pub rules: usize,
+    pub v6: bool,
+    pub secs: f64,
+    pub timed_out: bool,
 }
 
 #[derive(Clone, Debug)]
 pub struct Settings {
+    /// IPv4 flood rule counts (empty: no IPv4 floods).
     pub rules: Vec<usize>,
+    /// IPv6 flood rule counts (empty: no IPv6 floods).
+    pub rules6: Vec<usize>,
     pub rounds: usize,
     pub seconds: f64,
+    /// iperf3 throughput (none vs policy-ebpf).
+    pub iperf: bool,
     pub tcp_rounds: usize,
     pub tcp_seconds: u32,
+    /// Install budget per variant and rule count.
+    pub budget_secs: f64,
+    /// Connection and request-response rates, at `rates.rules` IPv4 rules.
+    pub rates: Option<super::crr::Settings>,
 }
 
 /// One variant's node and pods.
@@ -190,10 +241,16 @@ struct Topology {
     /// Where the next "new flows" flood starts, so 5-tuples never repeat within a run.
     next_flow: u64,
     scratch: PathBuf,
+    /// Ran out of the install budget (IPv4, IPv6): larger rule counts are skipped.
+    timed_out: [bool; 2],
 }
 
+/// Peers that send nothing: 198.18.64.1 upwards stays inside 198.18.0.0/15 for 100k+ rules.
 fn filler_peer(i: usize) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + 1 + i as u32)
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 64, 0)) + 1 + i as u32)
+}
+fn filler_peer6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(Ipv6Addr::new(0x2001, 2, 0, 0x41, 0, 0, 0, 0)) + 1 + i as u128)
 }
 fn filler_port(i: usize) -> u16 {
     6000 + (i % 100) as u16
@@ -207,6 +264,7 @@ impl Topology {
             Variant::Iptables => "fi",
             Variant::Ipset => "fs",
             Variant::Nftables => "ft",
+            Variant::NftLinear => "fl",
         }
         .to_owned();
         let mut node = Node::new(&suffix);
@@ -214,9 +272,13 @@ impl Topology {
         node.add_pod("b", B4, B6);
         let scratch = std::env::temp_dir().join(format!("{}-{suffix}", crate::run_prefix()));
         std::fs::create_dir_all(&scratch).expect("scratch dir");
-        let mut topo = Self { variant, node, bpffs: None, maps: None, next_flow: 0, scratch };
+        let mut topo = Self { variant, node, bpffs: None, maps: None, next_flow: 0, scratch, timed_out: [false; 2] };
         if variant == Variant::Bpf {
             let bpffs = Bpffs::new(&suffix);
+            // Maps sized for 100k+ rules in both families, pinned before `attach` reuses them
+            // (the agent's defaults hold fewer addresses).
+            let sizes = MapSizes { addresses: Some(FLOOD_MAP_ENTRIES), policy: Some(FLOOD_MAP_ENTRIES), conntrack: None };
+            drop(Datapath::load_with_sizes(PinLayout::new(&bpffs.path), sizes).expect("load the classifier with flood map sizes"));
             for pod in &topo.node.pods {
                 let out = topo.node.ns.exec(&[agent.to_str().expect("utf-8"), "attach", "--iface", &pod.host_if, "--bpffs", bpffs.path.to_str().expect("utf-8")]);
                 let text = String::from_utf8_lossy(&out.stdout);
@@ -250,8 +312,10 @@ impl Topology {
                 let key = PolicyKey::new(B_EP, A_ID, Direction::Ingress, proto::UDP, block.port);
                 maps.write(&MapOp::PolicyUpsert { prefix_len: block.lpm_prefix_len(), key, value: PolicyValue { cookie: 16 } }).expect("policy");
             }
-            let key = PolicyKey::new(B_EP, A_ID, Direction::Ingress, proto::TCP, IPERF_PORT);
-            maps.write(&MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: 17 } }).expect("policy");
+            for port in [IPERF_PORT, CRR_PORT] {
+                let key = PolicyKey::new(B_EP, A_ID, Direction::Ingress, proto::TCP, port);
+                maps.write(&MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: 17 } }).expect("policy");
+            }
             topo.bpffs = Some(bpffs);
             topo.maps = Some(maps);
         }
@@ -262,65 +326,125 @@ impl Topology {
         self.node.pod(short).host_if.clone()
     }
 
-    fn exec_file(&self, args: &[&str], name: &str, text: &str) {
+    /// Runs `args FILE` (FILE holding `text`) in the node namespace, killed after `budget`
+    /// seconds; false if it ran out of time.
+    fn exec_file(&self, args: &[&str], name: &str, text: &str, budget: f64) -> bool {
         let path = self.scratch.join(name);
         std::fs::write(&path, text).expect("write rules file");
-        let mut full: Vec<&str> = args.to_vec();
-        let p = path.to_str().expect("utf-8").to_owned();
-        full.push(&p);
-        self.node.ns.exec(&full);
+        let secs = format!("{:.0}", budget.max(1.0).ceil());
+        let out = Command::new("timeout")
+            .args(["-k", "5", &secs, "ip", "netns", "exec", &self.node.ns.name])
+            .args(args)
+            .arg(&path)
+            .output()
+            .expect("spawn timeout");
+        if matches!(out.status.code(), Some(124 | 137) | None) {
+            return false;
+        }
+        assert!(out.status.success(), "{args:?} {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        true
     }
 
-    /// Makes `b` accept `rules` (peer, port) pairs in this variant's mechanism.
-    fn install(&mut self, rules: usize) {
+    /// Makes `b` accept `rules` (peer, port) pairs in this variant's mechanism, for one
+    /// family; false if that took longer than `budget` seconds.
+    fn install(&mut self, rules: usize, v6: bool, budget: f64) -> bool {
         let fillers = rules.saturating_sub(1);
+        let started = Instant::now();
+        let left = move || budget - started.elapsed().as_secs_f64();
         let b_if = self.host_if("b");
+        let (a, plen) = if v6 { (IpAddr::V6(A6), 128) } else { (IpAddr::V4(A4), 32) };
+        let peer = |i: usize| if v6 { IpAddr::V6(filler_peer6(i)) } else { IpAddr::V4(filler_peer(i)) };
         match self.variant {
-            Variant::None => {}
+            Variant::None => true,
             Variant::Bpf => {
                 let maps = self.maps.as_mut().expect("maps");
                 for i in 0..fillers {
                     let id = 5000 + i as u32;
-                    let peer = IpcacheKey::v4(filler_peer(i).octets());
-                    maps.write(&MapOp::IpcacheUpsert { prefix_len: IpcacheKey::lpm_prefix_len(32), key: peer, value: IpcacheValue { identity: id } })
-                        .expect("ipcache");
+                    let key = if v6 { IpcacheKey::v6(filler_peer6(i).octets()) } else { IpcacheKey::v4(filler_peer(i).octets()) };
+                    let address = MapOp::IpcacheUpsert { prefix_len: IpcacheKey::lpm_prefix_len(plen), key, value: IpcacheValue { identity: id } };
                     let key = PolicyKey::new(B_EP, id, Direction::Ingress, proto::UDP, filler_port(i));
-                    maps.write(&MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: 18 } }).expect("policy");
+                    let allow = MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: 18 } };
+                    for op in [address, allow] {
+                        if let Err(e) = maps.write(&op) {
+                            // Reported like a timeout (skipped from here on), with the reason in the log.
+                            log(format!("flood: policy-ebpf install of {rules} rules failed at entry {i}: {e:?}"));
+                            return false;
+                        }
+                    }
                 }
+                left() > 0.0
             }
             Variant::Iptables | Variant::Ipset => {
+                let set = if v6 { "pod-b-in6" } else { "pod-b-in" };
                 let mut r = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POD-B-IN - [0:0]\n");
                 r += &format!("-A FORWARD -o {b_if} -j POD-B-IN\n");
                 r += "-A POD-B-IN -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n";
                 if self.variant == Variant::Iptables {
                     for i in 0..fillers {
-                        r += &format!("-A POD-B-IN -s {}/32 -p udp -m udp --dport {} -j ACCEPT\n", filler_peer(i), filler_port(i));
+                        r += &format!("-A POD-B-IN -s {}/{plen} -p udp -m udp --dport {} -j ACCEPT\n", peer(i), filler_port(i));
                     }
-                    r += &format!("-A POD-B-IN -s {A4}/32 -p udp -m udp --dport {ALLOWED_FIRST}:{ALLOWED_LAST} -j ACCEPT\n");
+                    r += &format!("-A POD-B-IN -s {a}/{plen} -p udp -m udp --dport {ALLOWED_FIRST}:{ALLOWED_LAST} -j ACCEPT\n");
+                    r += &format!("-A POD-B-IN -s {a}/{plen} -p tcp -m tcp --dport {CRR_PORT} -j ACCEPT\n");
                 } else {
-                    let mut s = String::from("create pod-b-in hash:ip,port family inet hashsize 4096 maxelem 262144\nflush pod-b-in\n");
+                    let family = if v6 { "inet6" } else { "inet" };
+                    let mut s = format!("create {set} hash:ip,port family {family} hashsize 4096 maxelem 262144\nflush {set}\n");
                     for i in 0..fillers {
-                        s += &format!("add pod-b-in {},udp:{}\n", filler_peer(i), filler_port(i));
+                        s += &format!("add {set} {},udp:{}\n", peer(i), filler_port(i));
                     }
-                    s += &format!("add pod-b-in {A4},udp:{ALLOWED_FIRST}-{ALLOWED_LAST}\n");
-                    self.exec_file(&["ipset", "-exist", "restore", "-file"], "ipset.txt", &s);
-                    r += "-A POD-B-IN -m set --match-set pod-b-in src,dst -j ACCEPT\n";
+                    s += &format!("add {set} {a},udp:{ALLOWED_FIRST}-{ALLOWED_LAST}\nadd {set} {a},tcp:{CRR_PORT}\n");
+                    if !self.exec_file(&["ipset", "-exist", "restore", "-file"], "ipset.txt", &s, left()) {
+                        return false;
+                    }
+                    r += &format!("-A POD-B-IN -m set --match-set {set} src,dst -j ACCEPT\n");
                 }
                 r += "-A POD-B-IN -j DROP\nCOMMIT\n";
-                self.exec_file(&[IPTABLES_RESTORE], "iptables.txt", &r);
+                self.exec_file(&[if v6 { IP6TABLES_RESTORE } else { IPTABLES_RESTORE }], "iptables.txt", &r, left())
             }
-            Variant::Nftables => {
-                let mut elements: Vec<String> = (0..fillers).map(|i| format!("{} . {}", filler_peer(i), filler_port(i))).collect();
-                elements.extend((ALLOWED_FIRST..=ALLOWED_LAST).map(|p| format!("{A4} . {p}")));
-                let text = format!(
-                    "table inet bench {{}}\ndelete table inet bench\ntable inet bench {{\n  set pod_b_in {{\n    type ipv4_addr . inet_service\n    size 262144\n    elements = {{ {} }}\n  }}\n  chain pod_b_ingress {{\n    ct state established,related accept\n    ip saddr . udp dport @pod_b_in accept\n    drop\n  }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    oifname \"{b_if}\" jump pod_b_ingress\n  }}\n}}\n",
-                    elements.join(", ")
-                );
-                self.exec_file(&["nft", "-f"], "nft.txt", &text);
+            Variant::Nftables | Variant::NftLinear => {
+                let text = self.nft_ruleset(fillers, v6, &b_if, &peer);
+                self.exec_file(&["nft", "-f"], "nft.txt", &text, left())
             }
         }
     }
 
+    /// One table per family (`inet bench4` / `inet bench6`): a forward hook for that family
+    /// jumping to b's ingress chain (a set lookup, or one rule per pair).
+    fn nft_ruleset(&self, fillers: usize, v6: bool, b_if: &str, peer: &dyn Fn(usize) -> IpAddr) -> String {
+        let (table, fam, addr_type, saddr, a) =
+            if v6 { ("bench6", "ipv6", "ipv6_addr", "ip6 saddr", IpAddr::V6(A6)) } else { ("bench4", "ipv4", "ipv4_addr", "ip saddr", IpAddr::V4(A4)) };
+        let mut chain = String::from("    ct state established,related accept\n");
+        let mut set = String::new();
+        if self.variant == Variant::Nftables {
+            let mut elements: Vec<String> = (0..fillers).map(|i| format!("{} . {}", peer(i), filler_port(i))).collect();
+            elements.extend((ALLOWED_FIRST..=ALLOWED_LAST).chain([CRR_PORT]).map(|p| format!("{a} . {p}")));
+            set = format!("  set pod_b_in {{\n    type {addr_type} . inet_service\n    size 262144\n    elements = {{ {} }}\n  }}\n", elements.join(", "));
+            chain += &format!("    {saddr} . udp dport @pod_b_in accept\n    {saddr} . tcp dport @pod_b_in accept\n");
+        } else {
+            for i in 0..fillers {
+                chain += &format!("    {saddr} {} udp dport {} accept\n", peer(i), filler_port(i));
+            }
+            chain += &format!("    {saddr} {a} udp dport {ALLOWED_FIRST}-{ALLOWED_LAST} accept\n    {saddr} {a} tcp dport {CRR_PORT} accept\n");
+        }
+        format!(
+            "table inet {table} {{}}\ndelete table inet {table}\ntable inet {table} {{\n{set}  chain pod_b_ingress {{\n{chain}    drop\n  }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    meta nfproto {fam} oifname \"{b_if}\" jump pod_b_ingress\n  }}\n}}\n"
+        )
+    }
+
+    /// Removes this variant's IPv4 rules (before the IPv6 floods, so they do not slow them).
+    fn clear_v4(&self) {
+        match self.variant {
+            Variant::None | Variant::Bpf => {}
+            Variant::Iptables | Variant::Ipset => {
+                self.exec_file(&[IPTABLES_RESTORE], "iptables.txt", "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n", 60.0);
+                if self.variant == Variant::Ipset {
+                    self.node.ns.exec(&["ipset", "destroy", "pod-b-in"]);
+                }
+            }
+            Variant::Nftables | Variant::NftLinear => {
+                self.exec_file(&["nft", "-f"], "nft.txt", "table inet bench4 {}\ndelete table inet bench4\n", 60.0);
+            }
+        }
+    }
     fn tx_packets(&self, ifname: &str) -> u64 {
         let out = self.node.ns.exec(&["cat", &format!("/sys/class/net/{ifname}/statistics/tx_packets")]);
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
@@ -330,6 +454,7 @@ impl Topology {
 /// iptables with the x_tables backend (the classic one kube-router-style chains use); the
 /// nft-backed `iptables` compiles every rule to nftables bytecode, as the nft rows show.
 pub const IPTABLES_RESTORE: &str = "iptables-legacy-restore";
+pub const IP6TABLES_RESTORE: &str = "ip6tables-legacy-restore";
 
 /// UDP sockets bound in `b` on every port a flood targets, with tiny receive buffers: what
 /// arrives is delivered to a socket and dropped when the buffer is full, without ICMP.
@@ -346,7 +471,8 @@ impl Sink {
         let handle = ns.spawn(move || {
             let mut sockets = Vec::new();
             for port in (ALLOWED_FIRST..=ALLOWED_LAST).chain([DENIED_PORT]) {
-                let sock = std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)).expect("bind sink");
+                // [::] without IPV6_V6ONLY: one socket for the IPv4 and the IPv6 floods.
+                let sock = std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)).expect("bind sink");
                 let size: libc::c_int = 2048;
                 // SAFETY: a valid socket and option buffer.
                 unsafe { libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, (&raw const size).cast(), 4) };
@@ -372,17 +498,26 @@ impl Drop for Sink {
     }
 }
 
-/// Sends 64-byte UDP frames from `ns` to `dst` with sendmmsg on a raw socket (we write the
-/// UDP header, so ports can change per packet) for `secs`. Returns (sent, seconds, sender
-/// thread CPU ns).
-fn send_flood(ns: &Netns, dst: Ipv4Addr, kind: Kind, first_flow: u64, secs: f64) -> (u64, f64, f64) {
+/// Sends UDP frames (64 bytes for IPv4, 84 for IPv6) from `ns` to `dst` with sendmmsg on a
+/// raw socket (we write the UDP header, so ports can change per packet) for `secs`; the
+/// deadline is checked after every batch, so slow rule sets stay bounded. Returns (sent,
+/// seconds, sender thread CPU ns).
+fn send_flood(ns: &Netns, dst: IpAddr, kind: Kind, first_flow: u64, secs: f64) -> (u64, f64, f64) {
     ns.run(move || {
+        let af = if dst.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET };
         // SAFETY: a fresh raw socket we own.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_UDP) };
+        let fd = unsafe { libc::socket(af, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_UDP) };
         assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
         // SAFETY: we own fd.
         let _owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        let (addr, addr_len) = crate::probe::sockaddr(&SocketAddr::new(IpAddr::V4(dst), 0));
+        if dst.is_ipv6() {
+            // IPv6 has no "no checksum": let the kernel fill it in at offset 6.
+            const IPV6_CHECKSUM: libc::c_int = 7;
+            let offset: libc::c_int = 6;
+            // SAFETY: a valid socket and option buffer.
+            unsafe { libc::setsockopt(fd, libc::IPPROTO_IPV6, IPV6_CHECKSUM, (&raw const offset).cast(), 4) };
+        }
+        let (addr, addr_len) = crate::probe::sockaddr(&SocketAddr::new(dst, 0));
         let mut bufs = vec![[0u8; 8 + PAYLOAD]; BATCH];
         let fixed_dport = if kind == Kind::Denied { DENIED_PORT } else { ALLOWED_FIRST };
         for b in &mut bufs {
@@ -414,15 +549,10 @@ fn send_flood(ns: &Netns, dst: Ipv4Addr, kind: Kind, first_flow: u64, secs: f64)
                     flow += 1;
                 }
             }
-            for _ in 0..16 {
-                // SAFETY: msgs point at live buffers, iovecs and the address for this call.
-                let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), BATCH as u32, 0) };
-                if n > 0 {
-                    sent += n as u64;
-                }
-                if kind == Kind::AllowedNewFlows {
-                    break;
-                }
+            // SAFETY: msgs point at live buffers, iovecs and the address for this call.
+            let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), BATCH as u32, 0) };
+            if n > 0 {
+                sent += n as u64;
             }
         }
         let elapsed = start.elapsed().as_secs_f64();
@@ -430,12 +560,13 @@ fn send_flood(ns: &Netns, dst: Ipv4Addr, kind: Kind, first_flow: u64, secs: f64)
     })
 }
 
-fn flood_once(topo: &mut Topology, rules: usize, kind: Kind, round: usize, secs: f64) -> Run {
+fn flood_once(topo: &mut Topology, rules: usize, v6: bool, kind: Kind, round: usize, secs: f64) -> Run {
     let b_if = topo.host_if("b");
     let before = topo.tx_packets(&b_if);
     let cpu0 = CpuTicks::now();
     let first = topo.next_flow;
-    let (sent, elapsed, sender_cpu) = send_flood(&topo.node.pod("a").ns, B4, kind, first, secs);
+    let dst = if v6 { IpAddr::V6(B6) } else { IpAddr::V4(B4) };
+    let (sent, elapsed, sender_cpu) = send_flood(&topo.node.pod("a").ns, dst, kind, first, secs);
     let cpu1 = CpuTicks::now();
     if kind == Kind::AllowedNewFlows {
         topo.next_flow += sent + BATCH as u64;
@@ -447,6 +578,7 @@ fn flood_once(topo: &mut Topology, rules: usize, kind: Kind, round: usize, secs:
     let delivered_pps = delivered as f64 / elapsed;
     Run {
         variant: topo.variant,
+        v6,
         rules,
         kind,
         round,
@@ -502,6 +634,8 @@ pub fn run(settings: &Settings, agent: &Path) -> Results {
         seconds_per_run: settings.seconds,
         rounds: settings.rounds,
         rules: settings.rules.clone(),
+        rules6: settings.rules6.clone(),
+        budget_secs: settings.budget_secs,
         tcp_seconds: settings.tcp_seconds,
         iptables_binary: IPTABLES_RESTORE.to_owned(),
         nf_conntrack_max: std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0),
@@ -510,22 +644,32 @@ pub fn run(settings: &Settings, agent: &Path) -> Results {
     log("flood: building one node with two pods per variant");
     let mut topos: Vec<Topology> = Variant::ALL.iter().map(|&v| Topology::new(v, agent)).collect();
     let _sinks: Vec<Sink> = topos.iter().map(|t| Sink::start(&t.node.pod("b").ns)).collect();
-    for &rules in &settings.rules {
-        for t in &mut topos {
-            t.install(rules);
+    let mut counts: Vec<usize> = settings.rules.iter().copied().chain(settings.rates.as_ref().map(|r| r.rules)).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    for &rules in &counts {
+        install_all(&mut topos, rules, false, settings.budget_secs, &mut results.installs);
+        if settings.rules.contains(&rules) {
+            flood_rounds(&mut topos, rules, false, settings, &mut results);
         }
-        for round in 0..settings.rounds {
-            for t in &mut topos {
-                for kind in Kind::ALL {
-                    let run = flood_once(t, rules, kind, round, settings.seconds);
-                    results.runs.push(run);
-                }
-            }
-            log(format!("flood: {rules} rules, round {} of {} done", round + 1, settings.rounds));
+        if let Some(rates) = settings.rates.as_ref().filter(|r| r.rules == rules) {
+            let pods: Vec<(Variant, &Netns, &Netns)> =
+                topos.iter().filter(|t| !t.timed_out[0]).map(|t| (t.variant, &t.node.pod("a").ns, &t.node.pod("b").ns)).collect();
+            results.rates = Some(super::crr::run(rates, &pods));
         }
-        results.summary.extend(summarize(&results.runs, rules));
     }
-    results.tcp = tcp_throughput(&topos, settings);
+    if settings.iperf {
+        results.tcp = tcp_throughput(&topos, settings);
+    }
+    if !settings.rules6.is_empty() {
+        for t in &topos {
+            t.clear_v4();
+        }
+        for &rules in &settings.rules6 {
+            install_all(&mut topos, rules, true, settings.budget_secs, &mut results.installs);
+            flood_rounds(&mut topos, rules, true, settings, &mut results);
+        }
+    }
     for t in &topos {
         let _ = std::fs::remove_dir_all(&t.scratch);
         if let Some(b) = &t.bpffs {
@@ -537,19 +681,54 @@ pub fn run(settings: &Settings, agent: &Path) -> Results {
     results
 }
 
+/// Installs `rules` in every variant that has not yet run out of its budget in this family.
+fn install_all(topos: &mut [Topology], rules: usize, v6: bool, budget: f64, installs: &mut Vec<Install>) {
+    for t in topos.iter_mut().filter(|t| !t.timed_out[usize::from(v6)]) {
+        let started = Instant::now();
+        let ok = t.install(rules, v6, budget);
+        let secs = started.elapsed().as_secs_f64();
+        t.timed_out[usize::from(v6)] = !ok;
+        installs.push(Install { variant: t.variant, rules, v6, secs, timed_out: !ok });
+        log(format!(
+            "flood: {} {} rules installed in {secs:.1} s{}",
+            t.variant.short(),
+            rules,
+            if ok { String::new() } else { format!(" - TIMED OUT (budget {budget:.0} s), skipped from here on") }
+        ));
+    }
+}
+
+/// `settings.rounds` rounds of every flood kind over every variant still in, interleaved.
+fn flood_rounds(topos: &mut [Topology], rules: usize, v6: bool, settings: &Settings, results: &mut Results) {
+    for round in 0..settings.rounds {
+        for t in topos.iter_mut().filter(|t| !t.timed_out[usize::from(v6)]) {
+            for kind in Kind::ALL {
+                let run = flood_once(t, rules, v6, kind, round, settings.seconds);
+                results.runs.push(run);
+            }
+        }
+        log(format!("flood{}: {rules} rules, round {} of {} done", if v6 { " IPv6" } else { "" }, round + 1, settings.rounds));
+    }
+    results.summary.extend(summarize(&results.runs, rules, v6));
+}
+
 /// Per variant and kind of flood, the medians of the rounds run with `rules` rules.
-fn summarize(runs: &[Run], rules: usize) -> Vec<Summary> {
+fn summarize(runs: &[Run], rules: usize, v6: bool) -> Vec<Summary> {
     let mut summaries = Vec::new();
     for kind in Kind::ALL {
-        let pick = |v: Variant| -> Vec<&Run> { runs.iter().filter(|r| r.variant == v && r.rules == rules && r.kind == kind).collect() };
+        let pick = |v: Variant| -> Vec<&Run> { runs.iter().filter(|r| r.variant == v && r.v6 == v6 && r.rules == rules && r.kind == kind).collect() };
         let none = pick(Variant::None);
         let base_of = |round: usize| none.iter().find(|r| r.round == round).map_or(f64::NAN, |r| handled_pps(r));
         for v in Variant::ALL {
             let runs = pick(v);
+            if runs.is_empty() {
+                continue;
+            }
             let med = |f: &dyn Fn(&Run) -> f64| median(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
             // Paired with the no-enforcement run of the same round, then the median.
             let summary = Summary {
                 variant: v,
+                v6,
                 rules,
                 kind,
                 pps: med(&handled_pps),
@@ -562,7 +741,8 @@ fn summarize(runs: &[Run], rules: usize) -> Vec<Summary> {
                 rounds: runs.len(),
             };
             log(format!(
-                "flood {rules:>5} rules, {:<29} {:<38} {:>9.0} pps ({:.2}x), delivered {:>5.1}%, {:.0} ns CPU/packet",
+                "flood{} {rules:>6} rules, {:<29} {:<38} {:>9.0} pps ({:.2}x), delivered {:>5.1}%, {:.0} ns CPU/packet",
+                if v6 { "6" } else { "" },
                 kind.label(),
                 v.label(),
                 summary.pps,

@@ -4,9 +4,11 @@
 
 pub mod attach;
 pub mod control;
+pub mod crr;
 pub mod datapath;
 pub mod flood;
 pub mod report;
+pub mod scale;
 
 use serde::{Deserialize, Serialize};
 

@@ -4,13 +4,16 @@
 //! agent memory). Writes REPORT.md, summary.json (medians) and SVG plots to `--out`, and
 //! every raw sample to `--raw`/results.json. Root only.
 //!
-//! Usage: bench --agent PATH [--quick] [--out DIR] [--raw DIR] [--only datapath,flood,control,attach]
+//! Usage: bench --agent PATH [--quick] [--out DIR] [--raw DIR] [--only datapath,scale,flood,flood6,crr,control,attach]
 //!        bench report RESULTS_JSON DIR             (rewrite the report in DIR from raw results)
 //!        bench compile-child PODS POLICIES RUNS   (internal: one compile in a child)
 
 use std::{path::PathBuf, process::ExitCode, time::{Duration, Instant}};
 
-use testbed::bench::{self, attach, control, datapath, flood, log, report};
+use testbed::bench::{self, attach, control, crr, datapath, flood, log, report, scale};
+
+/// The parts `--only` accepts.
+const PARTS: [&str; 7] = ["datapath", "scale", "flood", "flood6", "crr", "control", "attach"];
 
 struct Args {
     agent: PathBuf,
@@ -44,6 +47,9 @@ fn parse_args() -> Result<Args, String> {
     };
     if !agent.is_file() {
         return Err(format!("agent binary {} not found (--agent PATH)", agent.display()));
+    }
+    if let Some(unknown) = only.iter().flatten().find(|p: &&String| !PARTS.contains(&p.as_str())) {
+        return Err(format!("--only: unknown part {unknown} (parts: {})", PARTS.join(",")));
     }
     Ok(Args { agent, quick, out, raw, only })
 }
@@ -96,13 +102,34 @@ fn main() -> ExitCode {
         };
         results.datapath = guarded(&mut results.failures, "datapath", || datapath::run(&settings, &bpffs.path));
     }
-    if wants("flood") {
+    if wants("scale") {
+        let bpffs = testbed::Bpffs::new("sc");
+        let settings = scale::Settings {
+            sizes: if q { vec![10, 100_000] } else { vec![10, 1_000, 100_000, 1_000_000] },
+            // Two pools (random, hot) x passes x pool new flows must stay below 58,976 source ports.
+            pool: if q { 2_048 } else { 4_096 },
+            passes: if q { 3 } else { 5 },
+        };
+        results.scale = guarded(&mut results.failures, "scale", || scale::run(&settings, &bpffs.path));
+    }
+    if wants("flood") || wants("flood6") || wants("crr") {
         let settings = flood::Settings {
-            rules: vec![10, 1_000],
-            rounds: if q { 2 } else { 5 },
-            seconds: if q { 0.4 } else { 2.0 },
+            rules: if !wants("flood") { vec![] } else if q { vec![10, 1_000, 10_000] } else { vec![10, 1_000, 10_000, 100_000] },
+            rules6: if !wants("flood6") { vec![] } else if q { vec![10] } else { vec![10, 1_000, 10_000] },
+            rounds: if q { 2 } else { 3 },
+            seconds: if q { 0.3 } else { 1.0 },
+            iperf: wants("flood"),
             tcp_rounds: if q { 2 } else { 5 },
-            tcp_seconds: if q { 1 } else { 5 },
+            tcp_seconds: if q { 1 } else { 3 },
+            budget_secs: if q { 20.0 } else { 60.0 },
+            rates: wants("crr").then(|| crr::Settings {
+                rules: 1_000,
+                rounds: if q { 1 } else { 3 },
+                secs: if q { 0.5 } else { 1.0 },
+                warmup_secs: if q { 0.1 } else { 0.2 },
+                crr_clients: 8,
+                rr_connections: 8,
+            }),
         };
         results.flood = guarded(&mut results.failures, "flood", || flood::run(&settings, &args.agent));
     }
