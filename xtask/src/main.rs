@@ -68,10 +68,10 @@ enum Task {
     /// bench/REPORT.md, bench/summary.json (medians), SVG plots and the raw samples in
     /// target/bench/results.json (root).
     Bench {
-        /// Fewer, shorter runs (under two minutes).
+        /// Fewer, shorter runs (about two minutes).
         #[arg(long)]
         quick: bool,
-        /// Only these parts (comma-separated: datapath, flood, control, attach); the partial
+        /// Only these parts (comma-separated: datapath, scale, flood, flood6, crr, control, attach); the partial
         /// report goes to target/bench/only/, never over bench/REPORT.md.
         #[arg(long, value_name = "PARTS")]
         only: Option<String>,
