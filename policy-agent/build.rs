@@ -26,6 +26,9 @@ fn main() -> anyhow::Result<()> {
             std::fs::write(&object, b"").context("write placeholder eBPF object")?;
         }
     }
+    // The classifier is built from policy-common too; aya-build watches only policy-ebpf.
+    let common = std::path::Path::new(&root_dir).join("../policy-common/src");
+    println!("cargo:rerun-if-changed={}", common.display());
     aya_build::build_ebpf(
         [Package { name: "policy-ebpf", root_dir: &root_dir, ..Default::default() }],
         Toolchain::default(),
