@@ -17,13 +17,19 @@ use crate::{
     parse::Packet,
 };
 
+/// The ipcache key of a whole address, with its address bits (32 or 128).
 #[inline(always)]
-pub fn identity_of(addr_family: u8, addr: &[u8; 16]) -> u32 {
-    let (key, bits) = if addr_family == family::IPV4 {
+pub fn address_key(addr_family: u8, addr: &[u8; 16]) -> (IpcacheKey, u8) {
+    if addr_family == family::IPV4 {
         (IpcacheKey::v4([addr[0], addr[1], addr[2], addr[3]]), 32)
     } else {
         (IpcacheKey::v6(*addr), 128)
-    };
+    }
+}
+
+#[inline(always)]
+pub fn identity_of(addr_family: u8, addr: &[u8; 16]) -> u32 {
+    let (key, bits) = address_key(addr_family, addr);
     if let Some(value) = ADDRESSES.get_ptr(&key) {
         // SAFETY: a value pointer from a successful lookup, read once.
         return unsafe { (*value).identity };

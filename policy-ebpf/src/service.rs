@@ -5,7 +5,6 @@
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use policy_common::{
     endpoint::EndpointInfo,
-    family,
     ipcache::IpcacheKey,
     service::{self, MARK_MASK},
 };
@@ -15,11 +14,7 @@ use crate::maps::{ENDPOINT_IDS, ENDPOINTS, SERVICE_NETS};
 /// Whether `addr` lies in a Service range.
 #[inline(always)]
 pub fn covers(addr_family: u8, addr: &[u8; 16]) -> bool {
-    let (key, bits) = if addr_family == family::IPV4 {
-        (IpcacheKey::v4([addr[0], addr[1], addr[2], addr[3]]), 32)
-    } else {
-        (IpcacheKey::v6(*addr), 128)
-    };
+    let (key, bits) = crate::lookup::address_key(addr_family, addr);
     SERVICE_NETS.get(Key::new(IpcacheKey::lpm_prefix_len(bits), key)).is_some()
 }
 
