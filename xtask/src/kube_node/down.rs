@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 
 use super::{
-    CONTAINERD_SOCK, IPTABLES_CHAIN, STATE_FILE,
+    CONTAINERD_SOCK, IPTABLES_CHAIN, POD_CIDR, STATE_FILE,
     host::{Entry, journal, mount_roots, mounts_under, quiet, sh, stop_pid},
 };
 
@@ -17,11 +17,16 @@ const STOP_ORDER: &[&str] = &["kube-proxy", "kubelet", "kube-scheduler", "kube-c
 pub fn down() -> Result<()> {
     let entries = journal();
     if entries.is_empty() && !Path::new(STATE_FILE).exists() {
+        // Even without a journal: a pod network namespace an earlier run left behind still
+        // holds its veth and its address's route, and the next run's IPAM hands that address
+        // out again.
+        delete_leftover_pod_netns();
         eprintln!("kube-node: nothing to tear down ({STATE_FILE} does not exist)");
         return Ok(());
     }
     stop_processes(&entries);
     delete_netns(&entries);
+    delete_leftover_pod_netns();
     unmount(&entries);
     remove_kubepods_cgroups();
     if entries.contains(&Entry::Iptables) {
@@ -129,6 +134,24 @@ fn delete_netns(entries: &[Entry]) {
     for ns in list.flatten() {
         let name = ns.file_name().to_string_lossy().into_owned();
         if name.starts_with("cni-") && !before.contains(&&name) && entries.iter().any(|e| matches!(e, Entry::NetnsBefore(_))) {
+            quiet("ip", &["netns", "delete", &name]);
+        }
+    }
+}
+
+/// containerd's `cni-*` namespaces holding an address of our pod range: pods of an earlier
+/// run of ours (a namespace that existed before `up` but holds one is ours all the same).
+fn delete_leftover_pod_netns() {
+    let Ok(list) = std::fs::read_dir("/run/netns") else { return };
+    let prefix = POD_CIDR.rsplit_once('.').map_or(POD_CIDR, |(net, _)| net);
+    for ns in list.flatten() {
+        let name = ns.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("cni-") {
+            continue;
+        }
+        let addrs = std::process::Command::new("ip").args(["-n", &name, "-o", "-4", "addr", "show"]).output();
+        if addrs.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {prefix}."))) {
+            eprintln!("kube-node: removing {name}, a pod network namespace of an earlier run");
             quiet("ip", &["netns", "delete", &name]);
         }
     }
