@@ -9,7 +9,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, ensure};
 
 use super::KUBECONFIG;
 
@@ -57,19 +57,17 @@ pub fn e2e(options: &E2eOptions) -> Result<Outcome> {
         .context("spawn ginkgo")?;
     let log_path = report.join("ginkgo.log");
     let mut log = std::fs::File::create(&log_path)?;
-    let mut summary = None;
     for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
         let line = line?;
         writeln!(log, "{line}")?;
         println!("{line}");
-        if line.contains(" Passed | ") {
-            summary = Some(line);
-        }
     }
     let status = child.wait()?;
-    let mut outcome = parse_summary(summary.as_deref()).with_context(|| format!("no ginkgo summary ({status}); see {}", log_path.display()))?;
+    // The junit files, not the console: with -succinct and parallel nodes, ginkgo prints the
+    // counts only when something failed.
+    let mut outcome = junit_outcome(&report);
+    ensure!(outcome.passed + outcome.failed > 0, "no case ran ({status}); see {}", log_path.display());
     outcome.seconds = started.elapsed().as_secs();
-    outcome.failures = failed_cases(&report);
     println!(
         "kube-e2e [{}]: {} passed, {} failed, {} skipped (not selected) in {} s; junit in {}",
         options.label,
@@ -106,30 +104,42 @@ fn e2e_args(focus: &str, report: &std::path::Path, bin: &std::path::Path) -> Vec
     ]
 }
 
-/// `SUCCESS! -- 29 Passed | 0 Failed | 0 Pending | 5000 Skipped` (or `FAIL! -- ...`).
-fn parse_summary(line: Option<&str>) -> Result<Outcome> {
-    let Some(line) = line else { bail!("ginkgo printed no summary") };
-    let count = |label: &str| -> u32 {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        words.windows(2).find(|w| w[1] == label).and_then(|w| w[0].parse().ok()).unwrap_or(0)
-    };
-    Ok(Outcome { passed: count("Passed"), failed: count("Failed"), skipped: count("Skipped"), ..Outcome::default() })
-}
-
-/// The names of the failed test cases in the junit files.
-fn failed_cases(report: &std::path::Path) -> Vec<String> {
-    let mut failed = Vec::new();
+/// Counts and the names of the failed cases, from every junit file (one per ginkgo node):
+/// a case is skipped (not selected), failed, or passed.
+fn junit_outcome(report: &std::path::Path) -> Outcome {
+    let mut outcome = Outcome::default();
     for file in std::fs::read_dir(report).into_iter().flatten().flatten() {
         let Ok(xml) = std::fs::read_to_string(file.path()) else { continue };
         for case in xml.split("<testcase ").skip(1) {
             let body = case.split("</testcase>").next().unwrap_or_default();
-            if body.contains("<failure") {
+            if body.contains("<skipped") {
+                outcome.skipped += 1;
+            } else if body.contains("<failure") {
+                outcome.failed += 1;
                 let name = case.split("name=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?");
-                failed.push(name.replace("&#39;", "'").replace("&quot;", "\"").replace("&amp;", "&"));
+                outcome.failures.push(name.replace("&#39;", "'").replace("&quot;", "\"").replace("&amp;", "&"));
+            } else {
+                outcome.passed += 1;
             }
         }
     }
-    failed.sort();
-    failed.dedup();
-    failed
+    outcome.failures.sort();
+    outcome.failures.dedup();
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn junit_counts_passed_failed_and_skipped_cases() {
+        let dir = std::env::temp_dir().join(format!("junit-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let xml = r#"<testsuite><testcase name="a passes" time="1"></testcase><testcase name="b &#39;fails&#39;"><failure>x</failure></testcase><testcase name="c"><skipped></skipped></testcase></testsuite>"#;
+        std::fs::write(dir.join("junit_01.xml"), xml).expect("write");
+        std::fs::write(dir.join("junit_02.xml"), r#"<testsuite><testcase name="d"></testcase></testsuite>"#).expect("write");
+        let outcome = super::junit_outcome(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!((outcome.passed, outcome.failed, outcome.skipped), (2, 1, 1));
+        assert_eq!(outcome.failures, ["b 'fails'"]);
+    }
 }
