@@ -24,7 +24,7 @@ pub fn deploy() -> Result<()> {
     let bin = crate::kube::cache_dir().join("bin");
     let agent = build_release_agent()?;
     images::import_agent_image(&agent)?;
-    let manifests = substituted_manifests(&agent)?;
+    let manifests = substituted_manifests()?;
     let existed = kubectl_ok(&bin, &["get", "daemonset/policy-agent", "-n", NAMESPACE]).is_ok();
     kubectl_ok(&bin, &["apply", "-f", &manifests.display().to_string()])?;
     if existed {
@@ -47,23 +47,14 @@ fn build_release_agent() -> Result<PathBuf> {
 }
 
 /// manifests/install/*.yaml copied to the work directory with this node's `--service-cidr`.
-/// An agent without that flag (older than the Service support) gets the line dropped.
-fn substituted_manifests(agent: &Path) -> Result<PathBuf> {
+fn substituted_manifests() -> Result<PathBuf> {
     let dir = work("manifests");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let help = super::host::sh(&agent.display().to_string(), &["run", "--help"])?;
-    let knows_service_cidr = help.contains("--service-cidr");
     let source = crate::workspace_root().join("manifests/install");
     for file in std::fs::read_dir(&source)?.flatten().filter(|f| f.path().extension().is_some_and(|e| e == "yaml")) {
         let text = std::fs::read_to_string(file.path())?;
-        let text = if knows_service_cidr {
-            text.replace(MANIFEST_SERVICE_CIDR, &format!("--service-cidr={SERVICE_CIDR}"))
-        } else {
-            eprintln!("kube-node: this agent has no --service-cidr; dropping it from the DaemonSet");
-            text.lines().filter(|l| !l.contains(MANIFEST_SERVICE_CIDR)).map(|l| format!("{l}\n")).collect()
-        };
-        std::fs::write(dir.join(file.file_name()), text)?;
+        std::fs::write(dir.join(file.file_name()), text.replace(MANIFEST_SERVICE_CIDR, &format!("--service-cidr={SERVICE_CIDR}")))?;
     }
     Ok(dir)
 }
