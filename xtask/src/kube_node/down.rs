@@ -200,10 +200,10 @@ fn remove_chains(tool: &str) {
                 cmd.extend(args.iter().map(String::as_str));
                 quiet(tool, &cmd);
             }
-        } else if let Some(chain) = line.strip_prefix(':').and_then(|c| c.split_whitespace().next()) {
-            if ours(chain) {
-                chains.push((table.clone(), chain.to_owned()));
-            }
+        } else if let Some(chain) = line.strip_prefix(':').and_then(|c| c.split_whitespace().next())
+            && ours(chain)
+        {
+            chains.push((table.clone(), chain.to_owned()));
         }
     }
     for (table, chain) in &chains {
