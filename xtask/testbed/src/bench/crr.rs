@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 use super::{flood::{B4, CRR_PORT, Variant}, log, median};
 use crate::Netns;
 
+/// One client step on its (re)used connection: whether it succeeded.
+type ClientOp = fn(&SocketAddr, &mut Option<TcpStream>) -> bool;
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// IPv4 rules installed while the rates are measured.
@@ -215,7 +218,7 @@ pub fn run(settings: &Settings, pods: &[(Variant, &Netns, &Netns)]) -> Results {
     for round in 0..settings.rounds {
         for (v, a, _) in pods {
             for test in Test::ALL {
-                let (threads, op): (usize, fn(&SocketAddr, &mut Option<TcpStream>) -> bool) = match test {
+                let (threads, op): (usize, ClientOp) = match test {
                     Test::ConnectRate => (settings.crr_clients, crr_op),
                     Test::RequestResponse => (1, rr_op),
                     Test::RequestResponseMany => (settings.rr_connections, rr_op),

@@ -122,7 +122,7 @@ fn main() -> ExitCode {
             tcp_rounds: if q { 2 } else { 5 },
             tcp_seconds: if q { 1 } else { 3 },
             budget_secs: if q { 20.0 } else { 60.0 },
-            rates: wants("crr").then(|| crr::Settings {
+            rates: wants("crr").then_some(crr::Settings {
                 rules: 1_000,
                 rounds: if q { 1 } else { 3 },
                 secs: if q { 0.5 } else { 1.0 },
