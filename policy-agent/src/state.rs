@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::AgentError;
+use crate::crd::ClusterNetworkPolicy;
 
 /// The label every namespace carries (API servers since 1.21 set it; we derive it).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -76,6 +77,7 @@ pub enum Object {
     NetworkPolicy(Arc<NetworkPolicy>),
     /// Read only for the addresses kube-proxy translates (see `crate::services`).
     Service(Arc<Service>),
+    ClusterNetworkPolicy(Arc<ClusterNetworkPolicy>),
 }
 
 impl Object {
@@ -85,6 +87,7 @@ impl Object {
             Object::Pod(_) => "Pod",
             Object::NetworkPolicy(_) => "NetworkPolicy",
             Object::Service(_) => "Service",
+            Object::ClusterNetworkPolicy(_) => "ClusterNetworkPolicy",
         }
     }
 
@@ -95,6 +98,7 @@ impl Object {
             Object::Pod(pod) => format!("Pod {}", pod_ref(pod)),
             Object::NetworkPolicy(policy) => format!("NetworkPolicy {}", policy_ref(policy)),
             Object::Service(service) => format!("Service {}", service_ref(service)),
+            Object::ClusterNetworkPolicy(policy) => format!("ClusterNetworkPolicy {}", cluster_policy_name(policy)),
         }
     }
 }
@@ -122,6 +126,10 @@ pub fn service_ref(service: &Service) -> NamespacedName {
     NamespacedName::new(namespace_or_default(service.metadata.namespace.as_ref()), service.metadata.name.clone().unwrap_or_default())
 }
 
+pub fn cluster_policy_name(policy: &ClusterNetworkPolicy) -> String {
+    policy.metadata.name.clone().unwrap_or_default()
+}
+
 /// Everything the compiler needs to know about the cluster.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterState {
@@ -129,6 +137,8 @@ pub struct ClusterState {
     pub pods: BTreeMap<PodRef, Arc<Pod>>,
     pub policies: BTreeMap<NamespacedName, Arc<NetworkPolicy>>,
     pub services: BTreeMap<NamespacedName, Arc<Service>>,
+    /// ClusterNetworkPolicies by name (they are cluster-scoped).
+    pub cluster_policies: BTreeMap<String, Arc<ClusterNetworkPolicy>>,
 }
 
 impl ClusterState {
@@ -152,6 +162,9 @@ impl ClusterState {
             Object::Pod(pod) => self.pods.insert(pod_ref(&pod), pod).is_some(),
             Object::NetworkPolicy(policy) => self.policies.insert(policy_ref(&policy), policy).is_some(),
             Object::Service(service) => self.services.insert(service_ref(&service), service).is_some(),
+            Object::ClusterNetworkPolicy(policy) => {
+                self.cluster_policies.insert(cluster_policy_name(&policy), policy).is_some()
+            }
         }
     }
 
@@ -192,6 +205,7 @@ pub fn load_manifest_dir(dir: &Path) -> Result<(ClusterState, Vec<Problem>), Age
                 Object::Pod(o) => o.metadata.name.is_none(),
                 Object::NetworkPolicy(o) => o.metadata.name.is_none(),
                 Object::Service(o) => o.metadata.name.is_none(),
+                Object::ClusterNetworkPolicy(o) => o.metadata.name.is_none(),
             };
             if unnamed {
                 problems.push(Problem::new(
@@ -315,6 +329,9 @@ fn decode_document(
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             decode::<NetworkPolicy>(&described, value, problems).map(|p| Object::NetworkPolicy(Arc::new(p)))
         }
+        ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy") => {
+            decode::<ClusterNetworkPolicy>(&described, value, problems).map(|p| Object::ClusterNetworkPolicy(Arc::new(p)))
+        }
         (_, list) if list.ends_with("List") => {
             let item_kind = list.strip_suffix("List").filter(|k| !k.is_empty()).map(|k| (api_version.as_str(), k));
             match map.remove("items") {
@@ -404,6 +421,18 @@ mod tests {
         assert_eq!(bad.object, "test.yaml document 2 (NetworkPolicy x/bad)");
         assert_eq!(bad.field, "spec.ingress[0].ports[0].endPort");
         assert!(problems[1].message.contains("unsupported kind apps/v1 Deployment"), "{}", problems[1]);
+    }
+
+    #[test]
+    fn cluster_network_policies_load() {
+        let (objects, problems) = parse_yaml(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guard}\nspec:\n  tier: Admin\n  priority: 5\n  subject: {namespaces: {}}\n  ingress: [{action: Deny, from: [{namespaces: {}}]}]\n---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: bad}\nspec: {tier: Admin, priority: high, subject: {}}\n",
+        );
+        assert_eq!(objects.iter().map(Object::describe).collect::<Vec<_>>(), ["ClusterNetworkPolicy guard"]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "spec.priority");
+        let state = ClusterState::from_objects(objects);
+        assert_eq!(state.cluster_policies["guard"].spec.priority, 5);
     }
 
     #[test]

@@ -203,7 +203,7 @@ mod tests {
         let info = EndpointInfo { id, flags: policy_common::endpoint::FLAG_INGRESS_ISOLATED, ..bytemuck::Zeroable::zeroed() };
         contents.endpoints.insert(ifindex, info);
         let key = PolicyKey::new(id, 300, Direction::Ingress, 0, 0);
-        contents.policy.insert((PREFIX_ANY_PROTOCOL, key), PolicyValue { cookie: 9 });
+        contents.policy.insert((PREFIX_ANY_PROTOCOL, key), PolicyValue::allow(9));
         contents
     }
 

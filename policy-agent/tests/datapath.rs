@@ -113,7 +113,7 @@ impl Fixture {
 
     /// Writes an allow entry the way the agent does (through `Maps::write`).
     fn entry(&mut self, prefix_len: u32, key: PolicyKey) {
-        self.maps.write(&MapOp::PolicyUpsert { prefix_len, key, value: PolicyValue { cookie: COOKIE } }).expect("policy entry");
+        self.maps.write(&MapOp::PolicyUpsert { prefix_len, key, value: PolicyValue::allow(COOKIE) }).expect("policy entry");
         let direction = key.direction().expect("direction");
         self.lookups[direction as usize] |= lookup::bit(prefix_len, key.identity());
         self.endpoint(self.flags);
@@ -591,7 +591,7 @@ impl Cluster {
     fn allow(&mut self, pod: &'static str, peer: u32, direction: Direction, protocol: u8, port: u16) {
         let (id, flags, mut lookups) = self.endpoints[pod];
         let key = PolicyKey::new(id, peer, direction, protocol, port);
-        self.maps.write(&MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: COOKIE } }).expect("policy");
+        self.maps.write(&MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue::allow(COOKIE) }).expect("policy");
         lookups[direction as usize] |= lookup::bit(PREFIX_FULL, peer);
         self.endpoints.insert(pod, (id, flags, lookups));
         self.endpoint(pod, id, flags);

@@ -354,7 +354,7 @@ fn load_case(name: &str, text: &str) -> Case {
             }
             "policy" => {
                 let key = PolicyKey::new(num(2) as u32, num(3) as u32, parse_dir(t[4]), num(5) as u8, num(6) as u16);
-                c.maps.policy.insert((num(1) as u32, key), PolicyValue { cookie: num(7) as u32 });
+                c.maps.policy.insert((num(1) as u32, key), PolicyValue::allow(num(7) as u32));
             }
             "ct" => {
                 let key = CtKey::new(num(1) as u32, num(2) as u8, num(3) as u8, bytes16(ip(4)), num(5) as u16, bytes16(ip(6)), num(7) as u16);
@@ -715,7 +715,7 @@ mod model_checks {
     }
 
     fn allow(m: &mut Model, dir: Direction, protocol: u8, port: u16) {
-        m.maps.policy.insert((PREFIX_FULL, PolicyKey::new(7, ALLOWED_ID, dir, protocol, port)), PolicyValue { cookie: 16 });
+        m.maps.policy.insert((PREFIX_FULL, PolicyKey::new(7, ALLOWED_ID, dir, protocol, port)), PolicyValue::allow(16));
         let mut info = m.maps.endpoints[&IFINDEX];
         info.lookups = frames::mask(&m.maps, 7);
         m.maps.endpoints.insert(IFINDEX, info);

@@ -42,6 +42,8 @@ pub enum Reason {
     PassDeferred = 13,
     /// A deferred packet whose marked endpoint is no longer on the node.
     DropStale = 14,
+    /// A new flow that an entry denies (a ClusterNetworkPolicy Deny rule decided).
+    DropDeny = 15,
 }
 
 /// Slots reserved per endpoint (room to add reasons without a layout change).
@@ -49,7 +51,7 @@ pub const REASON_SLOTS: u32 = 16;
 pub const MAX_ENTRIES: u32 = endpoint::MAX_ENTRIES * 2 * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::PassNotIsolated,
         Reason::PassNonIp,
         Reason::PassEstablished,
@@ -65,6 +67,7 @@ impl Reason {
         Reason::DropFrame,
         Reason::PassDeferred,
         Reason::DropStale,
+        Reason::DropDeny,
     ];
 
     pub const fn from_u32(value: u32) -> Option<Self> {
@@ -72,7 +75,7 @@ impl Reason {
     }
 
     pub const fn is_drop(self) -> bool {
-        matches!(self, Reason::DropPolicy | Reason::DropMalformed | Reason::DropFragment | Reason::DropSpoofed | Reason::DropFrame | Reason::DropStale)
+        matches!(self, Reason::DropPolicy | Reason::DropMalformed | Reason::DropFragment | Reason::DropSpoofed | Reason::DropFrame | Reason::DropStale | Reason::DropDeny)
     }
 
     /// The `snake_case` name used in metrics and flow logs.
@@ -93,6 +96,7 @@ impl Reason {
             Reason::DropFrame => "drop_frame",
             Reason::PassDeferred => "deferred",
             Reason::DropStale => "drop_stale",
+            Reason::DropDeny => "drop_deny",
         }
     }
 

@@ -115,17 +115,45 @@ pub mod lookup {
     }
 }
 
-/// What an allow entry carries: the cookie of the rule that produced it.
+/// The action of an entry that lets the flow through.
+pub const ACTION_ALLOW: u32 = 0;
+/// The action of an entry that drops the flow (a ClusterNetworkPolicy Deny that wins over
+/// any allow). Any other value drops too: the kernel fails closed on values it does not know.
+pub const ACTION_DENY: u32 = 1;
+
+/// What an entry carries: the agent's precomputed verdict and the rule that produced it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct PolicyValue {
-    /// Names the policy rule that allowed the traffic; the agent maps it back to a name.
+    /// Names the policy rule that decided; the agent maps it back to a name.
     pub cookie: u32,
+    /// [`ACTION_ALLOW`] or [`ACTION_DENY`].
+    pub action: u32,
 }
-const _: () = assert!(core::mem::size_of::<PolicyValue>() == 4);
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+
+impl PolicyValue {
+    pub const fn allow(cookie: u32) -> Self {
+        Self { cookie, action: ACTION_ALLOW }
+    }
+
+    pub const fn deny(cookie: u32) -> Self {
+        Self { cookie, action: ACTION_DENY }
+    }
+
+    pub const fn allows(&self) -> bool {
+        self.action == ACTION_ALLOW
+    }
+}
 
 /// Cookie of the entries that let the node reach its pods (kubelet probes).
 pub const COOKIE_NODE: u32 = 1;
+/// Cookie of the entries that allow what no policy decided (a direction that only
+/// ClusterNetworkPolicies select, for peers none of their rules matched).
+pub const COOKIE_DEFAULT_ALLOW: u32 = 2;
+/// Cookie of the deny entries that keep NetworkPolicy isolation where a less specific
+/// entry (a ClusterNetworkPolicy's) would otherwise match: no NetworkPolicy rule allows.
+pub const COOKIE_ISOLATED: u32 = 3;
 /// Cookies at or above this name a (policy, direction, rule) of the cluster.
 pub const FIRST_RULE_COOKIE: u32 = 16;
 

@@ -88,7 +88,7 @@ pub fn render(compiled: &Compiled, slots: &BTreeMap<PodRef, EndpointSlot>, audit
                 (Some(protocol), Some(block)) => (block.lpm_prefix_len(), protocol, block.first()),
             };
             let key = PolicyKey::new(slot.id, rule.peer, rule.direction, protocol, port);
-            contents.policy.insert((len, key), PolicyValue { cookie: *cookie });
+            contents.policy.insert((len, key), PolicyValue::allow(*cookie));
             // Tell the classifier which kinds of lookups can hit for this endpoint.
             lookups[rule.direction as usize] |= lookup::bit(len, rule.peer);
         }

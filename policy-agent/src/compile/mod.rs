@@ -4,8 +4,10 @@
 //! into ordered updates, and [`verdict`] models the classifier's lookup for `explain` and the
 //! tests.
 
+mod cluster_policy;
 mod maps;
 mod policy;
+mod tiers;
 
 #[cfg(test)]
 mod tests;
@@ -17,11 +19,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use k8s_openapi::api::core::v1::Pod;
 use policy_common::Direction;
 use policy_common::identity;
-use policy_common::policy::{COOKIE_NODE, FIRST_RULE_COOKIE, PortPrefix, PortRangePrefixes};
+use policy_common::policy::{COOKIE_DEFAULT_ALLOW, COOKIE_ISOLATED, COOKIE_NODE, FIRST_RULE_COOKIE, PortPrefix, PortRangePrefixes};
 
 pub use maps::{
     EndpointSlot, MapContents, MapOp, MapUpdates, Verdict, diff, ipcache_lookup, ipcache_prefix, isolated, lookup, render, verdict,
 };
+pub use cluster_policy::{RuleAction, Tier};
 use policy::{ParsedPeer, ParsedPolicy, ParsedPort, ParsedRule, parse_policy};
 
 use crate::resolve::{
@@ -65,6 +68,13 @@ pub struct EndpointPolicy {
     pub egress_policies: Vec<NamespacedName>,
     /// Allow entries, each with the cookie of the rule that produced it.
     pub rules: BTreeMap<RuleKey, u32>,
+    /// Deny entries (a ClusterNetworkPolicy Deny won, or NetworkPolicy isolation denies
+    /// where a less specific entry would otherwise allow), with the deciding cookie.
+    pub denies: BTreeMap<RuleKey, u32>,
+    /// The ClusterNetworkPolicies whose subject is the pod, per direction with rules, sorted
+    /// by tier and precedence.
+    pub ingress_cluster_policies: Vec<String>,
+    pub egress_cluster_policies: Vec<String>,
 }
 
 impl EndpointPolicy {
@@ -81,16 +91,49 @@ impl EndpointPolicy {
             Direction::Egress => &self.egress_policies,
         }
     }
+
+    pub fn cluster_policies(&self, direction: Direction) -> &[String] {
+        match direction {
+            Direction::Ingress => &self.ingress_cluster_policies,
+            Direction::Egress => &self.egress_cluster_policies,
+        }
+    }
+
+    /// Whether the classifier judges this direction: a NetworkPolicy isolates it or a
+    /// ClusterNetworkPolicy applies to it (then its entries decide, a miss drops).
+    pub fn judged(&self, direction: Direction) -> bool {
+        self.isolated(direction) || !self.cluster_policies(direction).is_empty()
+    }
 }
 
 /// Names one rule of one policy: what a cookie stands for.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RuleRef {
+    /// Empty for a ClusterNetworkPolicy.
     pub namespace: String,
     pub policy: String,
     pub direction: Direction,
     /// Index in `spec.ingress` or `spec.egress`.
     pub index: usize,
+    /// `Some` for a ClusterNetworkPolicy rule.
+    pub tier: Option<TierRule>,
+}
+
+/// What makes a ClusterNetworkPolicy rule's cookie explainable.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TierRule {
+    pub tier: Tier,
+    pub priority: i32,
+    pub action: RuleAction,
+    /// The rule's `name`, if it has one.
+    pub name: Option<String>,
+}
+
+impl RuleRef {
+    /// The action of the rule: NetworkPolicy rules only allow.
+    pub fn action(&self) -> RuleAction {
+        self.tier.as_ref().map_or(RuleAction::Accept, |t| t.action)
+    }
 }
 
 impl fmt::Display for RuleRef {
@@ -99,7 +142,16 @@ impl fmt::Display for RuleRef {
             Direction::Ingress => "ingress",
             Direction::Egress => "egress",
         };
-        write!(f, "{}/{} spec.{list}[{}]", self.namespace, self.policy, self.index)
+        match &self.tier {
+            None => write!(f, "{}/{} spec.{list}[{}]", self.namespace, self.policy, self.index),
+            Some(tier) => {
+                write!(f, "ClusterNetworkPolicy/{} ({}, priority {}, {list} rule {}", self.policy, tier.tier, tier.priority, self.index)?;
+                if let Some(name) = &tier.name {
+                    write!(f, " {name:?}")?;
+                }
+                write!(f, ": {})", tier.action)
+            }
+        }
     }
 }
 
@@ -122,6 +174,10 @@ impl Compiled {
     pub fn describe_cookie(&self, cookie: u32) -> String {
         if cookie == COOKIE_NODE {
             "node traffic (always allowed)".to_owned()
+        } else if cookie == COOKIE_DEFAULT_ALLOW {
+            "no policy decided (default allow)".to_owned()
+        } else if cookie == COOKIE_ISOLATED {
+            "isolated by NetworkPolicy: no rule allows".to_owned()
         } else if let Some(rule) = self.cookies.get(&cookie) {
             rule.to_string()
         } else {
@@ -221,7 +277,7 @@ impl PolicyInputs {
 }
 
 fn rule_ref(policy: &ParsedPolicy, direction: Direction, rule: &ParsedRule) -> RuleRef {
-    RuleRef { namespace: policy.name.namespace.clone(), policy: policy.name.name.clone(), direction, index: rule.index }
+    RuleRef { namespace: policy.name.namespace.clone(), policy: policy.name.name.clone(), direction, index: rule.index, tier: None }
 }
 
 /// A cookie for every rule of every valid policy, stable across runs (a hash of the rule's name).

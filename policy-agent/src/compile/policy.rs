@@ -270,7 +270,7 @@ fn parse_port(reporter: &mut Reporter<'_>, field: &str, port: &NetworkPolicyPort
 }
 
 /// Checks a name against `IANA_SVC_NAME` (what the API server accepts for named ports).
-fn port_name_error(name: &str) -> Option<&'static str> {
+pub(crate) fn port_name_error(name: &str) -> Option<&'static str> {
     if name.is_empty() || name.len() > 15 {
         Some("must be 1 to 15 characters")
     } else if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {

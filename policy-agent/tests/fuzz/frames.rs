@@ -1044,7 +1044,7 @@ impl Gen {
                     r.pick(&PORTS[..10])
                 };
                 if port != 0 {
-                    m.policy.insert((PREFIX_FULL, PolicyKey::new(endpoint, peer, dir, protocol, port)), PolicyValue { cookie });
+                    m.policy.insert((PREFIX_FULL, PolicyKey::new(endpoint, peer, dir, protocol, port)), PolicyValue::allow(cookie));
                 }
                 self.hints.push((dir, peer, protocol, port));
             }
@@ -1053,16 +1053,16 @@ impl Gen {
                 for block in PortRangePrefixes::new(first, last) {
                     let len = block.lpm_prefix_len();
                     let len = if len == PREFIX_PROTOCOL { PREFIX_PROTOCOL } else { len };
-                    m.policy.insert((len, PolicyKey::new(endpoint, peer, dir, protocol, block.port)), PolicyValue { cookie });
+                    m.policy.insert((len, PolicyKey::new(endpoint, peer, dir, protocol, block.port)), PolicyValue::allow(cookie));
                 }
                 self.hints.push((dir, peer, protocol, hint_port(first, last)));
             }
             6 => {
-                m.policy.insert((PREFIX_PROTOCOL, PolicyKey::new(endpoint, peer, dir, protocol, 0)), PolicyValue { cookie });
+                m.policy.insert((PREFIX_PROTOCOL, PolicyKey::new(endpoint, peer, dir, protocol, 0)), PolicyValue::allow(cookie));
                 self.hints.push((dir, peer, protocol, 0));
             }
             _ => {
-                m.policy.insert((PREFIX_ANY_PROTOCOL, PolicyKey::new(endpoint, peer, dir, 0, 0)), PolicyValue { cookie });
+                m.policy.insert((PREFIX_ANY_PROTOCOL, PolicyKey::new(endpoint, peer, dir, 0, 0)), PolicyValue::allow(cookie));
                 self.hints.push((dir, peer, 0, 0));
             }
         }

@@ -188,7 +188,7 @@ fn fill(maps: &mut Maps, from: usize, to: usize) {
         let v4 = MapOp::IpcacheUpsert { prefix_len: IpcacheKey::lpm_prefix_len(32), key: IpcacheKey::v4(peer_v4(i).octets()), value: id };
         let v6 = MapOp::IpcacheUpsert { prefix_len: IpcacheKey::lpm_prefix_len(128), key: IpcacheKey::v6(peer_v6(i).octets()), value: id };
         let key = PolicyKey::new(endpoint_of(i), identity(i), Direction::Ingress, proto::TCP, port_of(i));
-        let allow = MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: 16 + i as u32 } };
+        let allow = MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue::allow(16 + i as u32) };
         for op in [v4, v6, allow] {
             maps.write(&op).expect("map write");
         }

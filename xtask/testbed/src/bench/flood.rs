@@ -310,11 +310,11 @@ impl Topology {
             maps.config.set(0, Config { flags: 0, events_per_sec: 0, ct_budget: u32::MAX, _pad: 0 }, 0).expect("config");
             for block in PortRangePrefixes::new(ALLOWED_FIRST, ALLOWED_LAST) {
                 let key = PolicyKey::new(B_EP, A_ID, Direction::Ingress, proto::UDP, block.port);
-                maps.write(&MapOp::PolicyUpsert { prefix_len: block.lpm_prefix_len(), key, value: PolicyValue { cookie: 16 } }).expect("policy");
+                maps.write(&MapOp::PolicyUpsert { prefix_len: block.lpm_prefix_len(), key, value: PolicyValue::allow(16) }).expect("policy");
             }
             for port in [IPERF_PORT, CRR_PORT] {
                 let key = PolicyKey::new(B_EP, A_ID, Direction::Ingress, proto::TCP, port);
-                maps.write(&MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: 17 } }).expect("policy");
+                maps.write(&MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue::allow(17) }).expect("policy");
             }
             topo.bpffs = Some(bpffs);
             topo.maps = Some(maps);
@@ -363,7 +363,7 @@ impl Topology {
                     let key = if v6 { IpcacheKey::v6(filler_peer6(i).octets()) } else { IpcacheKey::v4(filler_peer(i).octets()) };
                     let address = MapOp::IpcacheUpsert { prefix_len: IpcacheKey::lpm_prefix_len(plen), key, value: IpcacheValue { identity: id } };
                     let key = PolicyKey::new(B_EP, id, Direction::Ingress, proto::UDP, filler_port(i));
-                    let allow = MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: 18 } };
+                    let allow = MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue::allow(18) };
                     for op in [address, allow] {
                         if let Err(e) = maps.write(&op) {
                             // Reported like a timeout (skipped from here on), with the reason in the log.

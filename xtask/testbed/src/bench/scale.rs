@@ -76,7 +76,7 @@ fn fill(maps: &mut Maps, from: usize, to: usize) {
         let id = IpcacheValue { identity: identity(i) };
         let v4 = MapOp::IpcacheUpsert { prefix_len: IpcacheKey::lpm_prefix_len(32), key: IpcacheKey::v4(peer_v4(i).octets()), value: id };
         let key = PolicyKey::new(ENDPOINT, identity(i), Direction::Ingress, proto::TCP, port_of(i));
-        let allow = MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue { cookie: 16 } };
+        let allow = MapOp::PolicyUpsert { prefix_len: PREFIX_FULL, key, value: PolicyValue::allow(16) };
         for op in [v4, allow] {
             maps.write(&op).expect("map write");
         }
