@@ -7,6 +7,7 @@ pub mod agent;
 pub mod cni;
 pub mod compile;
 pub mod conntrack;
+pub mod crd;
 pub mod coverage;
 pub mod datapath;
 pub mod error;

@@ -25,6 +25,7 @@ pub use maps::{
     EndpointSlot, MapContents, MapOp, MapUpdates, Verdict, diff, ipcache_lookup, ipcache_prefix, isolated, lookup, render, verdict,
 };
 pub use cluster_policy::{RuleAction, Tier};
+use cluster_policy::{ParsedClusterPolicy, parse_cluster_policy};
 use policy::{ParsedPeer, ParsedPolicy, ParsedPort, ParsedRule, parse_policy};
 
 use crate::resolve::{
@@ -208,7 +209,8 @@ pub fn compile_with(state: &ClusterState, node: &NodeContext, allocator: &mut Id
     allocator.set_time(now);
     let mut problems = Vec::new();
     let policies: Vec<ParsedPolicy> = state.policies.values().map(|p| parse_policy(p, &mut problems)).collect();
-    let inputs = PolicyInputs::collect(&policies);
+    let cluster_policies = parse_cluster_policies(state, &mut problems);
+    let inputs = PolicyInputs::collect(&policies, &cluster_policies);
     let table = resolve::resolve_identities(
         state,
         &node.name,
@@ -217,18 +219,21 @@ pub fn compile_with(state: &ClusterState, node: &NodeContext, allocator: &mut Id
         allocator,
         &mut problems,
     );
-    let cookies = allocate_cookies(&policies);
+    let cookies = allocate_cookies(&policies, &cluster_policies);
     let endpoints = {
         let sources = RuleSources {
             policies: &policies,
             by_namespace: policies_by_namespace(&policies),
             peer_sets: resolve_all_peers(&policies, &table),
+            cluster_policies: &cluster_policies,
+            cluster_peer_sets: resolve_cluster_peers(&cluster_policies, &table),
             cookies: &cookies,
             table: &table,
             ingress_named_ports: &inputs.ingress_named_ports,
         };
         compile_endpoints(state, node, &sources)
     };
+    report_equal_priorities(&cluster_policies, &endpoints, &mut problems);
     problems.sort();
     problems.dedup();
     Compiled {
@@ -251,24 +256,27 @@ struct PolicyInputs {
 }
 
 impl PolicyInputs {
-    fn collect(policies: &[ParsedPolicy]) -> Self {
+    fn collect(policies: &[ParsedPolicy], cluster_policies: &[ParsedClusterPolicy]) -> Self {
         let mut blocks = BTreeSet::new();
         let mut egress_named_ports = BTreeSet::new();
         let mut ingress_named_ports = BTreeSet::new();
-        for policy in policies {
-            for (direction, rules) in [(Direction::Ingress, &policy.ingress), (Direction::Egress, &policy.egress)] {
-                for rule in rules.iter().flatten() {
-                    for peer in rule.peers.iter().flatten() {
-                        if let ParsedPeer::Block(block) = peer {
-                            blocks.insert(block.clone());
-                        }
-                    }
-                    let named = if direction == Direction::Egress { &mut egress_named_ports } else { &mut ingress_named_ports };
-                    for port in rule.ports.iter().flatten() {
-                        if let ParsedPort::Named(protocol, name) = port {
-                            named.insert((name.clone(), *protocol));
-                        }
-                    }
+        let directions = [Direction::Ingress, Direction::Egress];
+        let network_rules = policies.iter().flat_map(|policy| {
+            directions.into_iter().flat_map(move |d| policy.rules(d).into_iter().flatten().map(move |r| (d, &r.peers, &r.ports)))
+        });
+        let cluster_rules = cluster_policies
+            .iter()
+            .flat_map(|policy| directions.into_iter().flat_map(move |d| policy.rules(d).iter().map(move |r| (d, &r.peers, &r.ports))));
+        for (direction, peers, ports) in network_rules.chain(cluster_rules) {
+            for peer in peers.iter().flatten() {
+                if let ParsedPeer::Block(block) = peer {
+                    blocks.insert(block.clone());
+                }
+            }
+            let named = if direction == Direction::Egress { &mut egress_named_ports } else { &mut ingress_named_ports };
+            for port in ports.iter().flatten() {
+                if let ParsedPort::Named(protocol, name) = port {
+                    named.insert((name.clone(), *protocol));
                 }
             }
         }
@@ -276,24 +284,75 @@ impl PolicyInputs {
     }
 }
 
+/// The valid ClusterNetworkPolicies in evaluation order: tier, then priority, then name
+/// (the documented tie-break for equal priorities).
+fn parse_cluster_policies(state: &ClusterState, problems: &mut Vec<Problem>) -> Vec<ParsedClusterPolicy> {
+    let mut parsed: Vec<ParsedClusterPolicy> = state.cluster_policies.values().map(|p| parse_cluster_policy(p, problems)).collect();
+    parsed.sort_by(|a, b| (a.tier, a.priority, &a.name).cmp(&(b.tier, b.priority, &b.name)));
+    parsed
+}
+
+/// Warns about ClusterNetworkPolicies of the same tier and priority that apply to the same
+/// pod in the same direction: the name order decides between them.
+fn report_equal_priorities(cluster_policies: &[ParsedClusterPolicy], endpoints: &BTreeMap<PodRef, EndpointPolicy>, problems: &mut Vec<Problem>) {
+    let by_name: BTreeMap<&str, &ParsedClusterPolicy> = cluster_policies.iter().map(|p| (p.name.as_str(), p)).collect();
+    let mut overlaps: BTreeMap<(&str, &str), &PodRef> = BTreeMap::new();
+    for (pod, endpoint) in endpoints {
+        for direction in [Direction::Ingress, Direction::Egress] {
+            for pair in endpoint.cluster_policies(direction).windows(2) {
+                let (Some(a), Some(b)) = (by_name.get(pair[0].as_str()), by_name.get(pair[1].as_str())) else { continue };
+                if (a.tier, a.priority) == (b.tier, b.priority) {
+                    overlaps.entry((a.name.as_str(), b.name.as_str())).or_insert(pod);
+                }
+            }
+        }
+    }
+    for ((first, second), pod) in overlaps {
+        let policy = by_name[first];
+        problems.push(Problem::new(
+            format!("ClusterNetworkPolicy {first}"),
+            "spec.priority",
+            format!(
+                "same tier ({}) and priority ({}) as ClusterNetworkPolicy {second}, and both apply to pod {pod} (and maybe others): {first} is evaluated first (name order)",
+                policy.tier, policy.priority
+            ),
+        ));
+    }
+}
+
 fn rule_ref(policy: &ParsedPolicy, direction: Direction, rule: &ParsedRule) -> RuleRef {
     RuleRef { namespace: policy.name.namespace.clone(), policy: policy.name.name.clone(), direction, index: rule.index, tier: None }
 }
 
+fn cluster_rule_ref(policy: &ParsedClusterPolicy, direction: Direction, rule: &cluster_policy::ParsedClusterRule) -> RuleRef {
+    RuleRef {
+        namespace: String::new(),
+        policy: policy.name.clone(),
+        direction,
+        index: rule.index,
+        tier: Some(TierRule { tier: policy.tier, priority: policy.priority, action: rule.action, name: rule.name.clone() }),
+    }
+}
+
 /// A cookie for every rule of every valid policy, stable across runs (a hash of the rule's name).
-fn allocate_cookies(policies: &[ParsedPolicy]) -> BTreeMap<RuleRef, u32> {
-    let rule_refs: BTreeSet<RuleRef> = policies
+fn allocate_cookies(policies: &[ParsedPolicy], cluster_policies: &[ParsedClusterPolicy]) -> BTreeMap<RuleRef, u32> {
+    let directions = [Direction::Ingress, Direction::Egress];
+    let mut rule_refs: BTreeSet<RuleRef> = policies
         .iter()
         .flat_map(|policy| {
-            [Direction::Ingress, Direction::Egress].into_iter().flat_map(move |direction| {
+            directions.into_iter().flat_map(move |direction| {
                 policy.rules(direction).into_iter().flatten().map(move |rule| rule_ref(policy, direction, rule))
             })
         })
         .collect();
+    rule_refs.extend(cluster_policies.iter().flat_map(|policy| {
+        directions.into_iter().flat_map(move |d| policy.rules(d).iter().map(move |rule| cluster_rule_ref(policy, d, rule)))
+    }));
     let numbers = resolve::allocate(
         rule_refs.iter(),
         |rule| {
-            fnv1a64(format!("{}\0{}\0{}\0{}", rule.namespace, rule.policy, rule.direction as u8, rule.index).as_bytes())
+            let kind = if rule.tier.is_some() { "ClusterNetworkPolicy\0" } else { "" };
+            fnv1a64(format!("{kind}{}\0{}\0{}\0{}", rule.namespace, rule.policy, rule.direction as u8, rule.index).as_bytes())
         },
         FIRST_RULE_COOKIE,
         1 << 32,
@@ -311,10 +370,25 @@ fn resolve_all_peers(policies: &[ParsedPolicy], table: &IdentityTable) -> Vec<BT
             let mut sets = BTreeMap::new();
             for direction in [Direction::Ingress, Direction::Egress] {
                 for rule in policy.rules(direction).into_iter().flatten() {
-                    sets.insert((direction, rule.index), resolve_peers(policy, rule, table, namespace_labels));
+                    let peers = resolve_peers(&policy.name.namespace, rule.peers.as_deref(), table, namespace_labels);
+                    sets.insert((direction, rule.index), peers);
                 }
             }
             sets
+        })
+        .collect()
+}
+
+/// [`resolve_all_peers`] for ClusterNetworkPolicies (their peers always name namespaces).
+fn resolve_cluster_peers(policies: &[ParsedClusterPolicy], table: &IdentityTable) -> Vec<BTreeMap<(Direction, usize), PeerSet>> {
+    policies
+        .iter()
+        .map(|policy| {
+            [Direction::Ingress, Direction::Egress]
+                .into_iter()
+                .flat_map(|d| policy.rules(d).iter().map(move |rule| (d, rule)))
+                .map(|(d, rule)| ((d, rule.index), resolve_peers("", rule.peers.as_deref(), table, &table.namespace_labels)))
+                .collect()
         })
         .collect()
 }
@@ -333,6 +407,9 @@ struct RuleSources<'a> {
     policies: &'a [ParsedPolicy],
     by_namespace: BTreeMap<&'a str, Vec<usize>>,
     peer_sets: Vec<BTreeMap<(Direction, usize), PeerSet>>,
+    /// In evaluation order.
+    cluster_policies: &'a [ParsedClusterPolicy],
+    cluster_peer_sets: Vec<BTreeMap<(Direction, usize), PeerSet>>,
     cookies: &'a BTreeMap<RuleRef, u32>,
     table: &'a IdentityTable,
     ingress_named_ports: &'a BTreeSet<(String, u8)>,
@@ -407,18 +484,69 @@ fn endpoint_rules(sources: &RuleSources<'_>, (namespace, labels, own_ports): &En
             for rule in rules {
                 let Some(peers) = sources.peer_sets[index].get(&(direction, rule.index)) else { continue };
                 let cookie = sources.cookies.get(&rule_ref(policy, direction, rule)).copied().unwrap_or(COOKIE_NODE);
-                emit_rule(&mut endpoint.rules, direction, rule, peers, own_ports, sources.table, cookie);
+                emit_rule(&mut endpoint.rules, direction, rule.ports.as_deref(), peers, own_ports, sources.table, cookie);
             }
         }
     }
-    if endpoint.ingress_isolated {
+    let namespace_labels = sources.table.namespace_labels.get(namespace.as_str()).cloned().unwrap_or_else(|| {
+        Labels::from([(crate::state::NAMESPACE_NAME_LABEL.to_owned(), namespace.clone())])
+    });
+    let applying: Vec<usize> =
+        (0..sources.cluster_policies.len()).filter(|&i| sources.cluster_policies[i].selects(&namespace_labels, labels)).collect();
+    for direction in [Direction::Ingress, Direction::Egress] {
+        let names = applying.iter().map(|&i| &sources.cluster_policies[i]).filter(|p| !p.rules(direction).is_empty()).map(|p| p.name.clone());
+        match direction {
+            Direction::Ingress => endpoint.ingress_cluster_policies = names.collect(),
+            Direction::Egress => endpoint.egress_cluster_policies = names.collect(),
+        }
+    }
+    if endpoint.judged(Direction::Ingress) {
         // The node reaches its pods for probes whatever the policies say.
         for &host in &sources.table.host_identities {
             let key = RuleKey { direction: Direction::Ingress, peer: host, protocol: None, port: None };
             endpoint.rules.insert(key, COOKIE_NODE);
         }
     }
+    for direction in [Direction::Ingress, Direction::Egress] {
+        if !endpoint.cluster_policies(direction).is_empty() {
+            apply_tiers(&mut endpoint, direction, &applying, sources, own_ports);
+        }
+    }
     endpoint
+}
+
+/// Replaces one direction's NetworkPolicy entries by the tiers' verdicts: node and
+/// NetworkPolicy entries plus the rules of the ClusterNetworkPolicies (`applying`, indices
+/// in evaluation order) that apply to the endpoint.
+fn apply_tiers(
+    endpoint: &mut EndpointPolicy,
+    direction: Direction,
+    applying: &[usize],
+    sources: &RuleSources<'_>,
+    own_ports: &BTreeMap<(String, u8), u16>,
+) {
+    let mut atoms: Vec<tiers::Atom> = Vec::new();
+    for (key, cookie) in endpoint.rules.iter().filter(|(k, _)| k.direction == direction) {
+        let stage = if *cookie == COOKIE_NODE { tiers::Stage::Node } else { tiers::Stage::NetworkPolicy };
+        atoms.push(tiers::Atom { stage, action: RuleAction::Accept, cookie: *cookie, key: *key });
+    }
+    for &index in applying {
+        let policy = &sources.cluster_policies[index];
+        for rule in policy.rules(direction) {
+            let Some(peers) = sources.cluster_peer_sets[index].get(&(direction, rule.index)) else { continue };
+            let Some(&cookie) = sources.cookies.get(&cluster_rule_ref(policy, direction, rule)) else { continue };
+            let mut keys = BTreeMap::new();
+            emit_rule(&mut keys, direction, rule.ports.as_deref(), peers, own_ports, sources.table, cookie);
+            let stage = tiers::Stage::from(policy.tier);
+            atoms.extend(keys.into_keys().map(|key| tiers::Atom { stage, action: rule.action, cookie, key }));
+        }
+    }
+    // Stable: precedence order within a stage is kept.
+    atoms.sort_by_key(|atom| atom.stage);
+    let (allows, denies) = tiers::resolve(direction, &atoms, endpoint.isolated(direction));
+    endpoint.rules.retain(|key, _| key.direction != direction);
+    endpoint.rules.extend(allows);
+    endpoint.denies.extend(denies);
 }
 
 /// What an endpoint's rules depend on: namespace, labels and its ingress named ports.
@@ -432,13 +560,14 @@ struct PeerSet {
     identities: BTreeSet<u32>,
 }
 
+/// `policy_namespace`: where a peer without a namespace selector looks for pods.
 fn resolve_peers(
-    policy: &ParsedPolicy,
-    rule: &ParsedRule,
+    policy_namespace: &str,
+    peers: Option<&[ParsedPeer]>,
     table: &IdentityTable,
     namespace_labels: &BTreeMap<String, Labels>,
 ) -> PeerSet {
-    let Some(peers) = &rule.peers else {
+    let Some(peers) = peers else {
         return PeerSet { any: true, identities: BTreeSet::new() };
     };
     let mut identities = BTreeSet::new();
@@ -450,7 +579,7 @@ fn resolve_peers(
                 }
             }
             ParsedPeer::Pods { namespaces: None, pods } => {
-                for group in table.groups.get(&policy.name.namespace).into_iter().flatten() {
+                for group in table.groups.get(policy_namespace).into_iter().flatten() {
                     if pods.matches(&group.pod_labels) {
                         identities.extend(group.identities.iter().copied());
                     }
@@ -478,7 +607,7 @@ fn resolve_peers(
 fn emit_rule(
     rules: &mut BTreeMap<RuleKey, u32>,
     direction: Direction,
-    rule: &ParsedRule,
+    ports: Option<&[ParsedPort]>,
     peers: &PeerSet,
     own_ports: &BTreeMap<(String, u8), u16>,
     table: &IdentityTable,
@@ -488,7 +617,7 @@ fn emit_rule(
     let mut add = |peer: u32, protocol: Option<u8>, port: Option<PortPrefix>| {
         rules.entry(RuleKey { direction, peer, protocol, port }).or_insert(cookie);
     };
-    let Some(ports) = &rule.ports else {
+    let Some(ports) = ports else {
         for &peer in &peer_ids {
             add(peer, None, None);
         }

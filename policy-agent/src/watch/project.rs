@@ -240,6 +240,7 @@ mod tests {
             Object::Pod(pod) => Object::Pod(std::sync::Arc::new(project_pod(pod))),
             Object::NetworkPolicy(policy) => Object::NetworkPolicy(std::sync::Arc::new(project_policy(policy))),
             Object::Service(service) => Object::Service(std::sync::Arc::new(project_service(service))),
+            Object::ClusterNetworkPolicy(policy) => Object::ClusterNetworkPolicy(policy.clone()),
         }
     }
 
@@ -298,6 +299,7 @@ mod tests {
             Object::Pod(pod) => serde_json::to_string(&**pod),
             Object::NetworkPolicy(policy) => serde_json::to_string(&**policy),
             Object::Service(service) => serde_json::to_string(&**service),
+            Object::ClusterNetworkPolicy(policy) => serde_json::to_string(&**policy),
         }
         .expect("json")
     }
