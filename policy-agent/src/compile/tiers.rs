@@ -167,3 +167,151 @@ fn decide(key: &RuleKey, atoms: &[Atom], isolated: bool) -> Decision {
 fn specificity(key: &RuleKey) -> (bool, bool, u8) {
     (key.peer != identity::ANY, key.protocol.is_some(), key.port.map_or(0, |p| p.bits))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use policy_common::proto;
+
+    const PEERS: [u32; 3] = [100, 101, 102];
+
+    fn key(peer: u32, protocol: Option<u8>, port: Option<(u16, u8)>) -> RuleKey {
+        RuleKey { direction: Direction::Ingress, peer, protocol, port: port.map(|(port, bits)| PortPrefix { port, bits }) }
+    }
+
+    fn atom(stage: Stage, action: RuleAction, cookie: u32, key: RuleKey) -> Atom {
+        Atom { stage, action, cookie, key }
+    }
+
+    /// The classifier's lookup: the peer, then the wildcard; exact, longest block,
+    /// protocol, any protocol. `None`: a miss (dropped, the direction is judged).
+    fn first_hit(allows: &BTreeMap<RuleKey, u32>, denies: &BTreeMap<RuleKey, u32>, peer: u32, protocol: u8, port: u16) -> Option<(bool, u32)> {
+        for peer in [peer, identity::ANY] {
+            let blocks = (1..=16u8).rev().map(|bits| Some((port & !(u16::MAX.checked_shr(u32::from(bits)).unwrap_or(0)), bits)));
+            for candidate in blocks.map(|p| key(peer, Some(protocol), p)).chain([key(peer, Some(protocol), None), key(peer, None, None)]) {
+                if let Some(cookie) = allows.get(&candidate) {
+                    return Some((true, *cookie));
+                }
+                if let Some(cookie) = denies.get(&candidate) {
+                    return Some((false, *cookie));
+                }
+            }
+        }
+        None
+    }
+
+    /// The API's evaluation of one packet, rule by rule.
+    fn evaluate(atoms: &[Atom], isolated: bool, peer: u32, protocol: u8, port: u16) -> bool {
+        let packet = key(peer, Some(protocol), Some((port, 16)));
+        let matching: Vec<&Atom> = atoms.iter().filter(|a| contains(&a.key, &packet)).collect();
+        if matching.iter().any(|a| a.stage == Stage::Node) {
+            return true;
+        }
+        if let Some(admin) = matching.iter().find(|a| a.stage == Stage::Admin) {
+            match admin.action {
+                RuleAction::Accept => return true,
+                RuleAction::Deny => return false,
+                RuleAction::Pass => {}
+            }
+        }
+        if isolated {
+            return matching.iter().any(|a| a.stage == Stage::NetworkPolicy);
+        }
+        matching.iter().find(|a| a.stage == Stage::Baseline).is_none_or(|a| a.action != RuleAction::Deny)
+    }
+
+    #[test]
+    fn a_peer_specific_deny_on_one_port_beats_a_wildcard_allow_only_there() {
+        let atoms = [
+            atom(Stage::Admin, RuleAction::Deny, 20, key(100, Some(proto::TCP), Some((80, 16)))),
+            atom(Stage::NetworkPolicy, RuleAction::Accept, 21, key(identity::ANY, None, None)),
+        ];
+        let (allows, denies) = resolve(Direction::Ingress, &atoms, true);
+        assert_eq!(first_hit(&allows, &denies, 100, proto::TCP, 80), Some((false, 20)));
+        assert_eq!(first_hit(&allows, &denies, 100, proto::TCP, 81), Some((true, 21)));
+        assert_eq!(first_hit(&allows, &denies, 101, proto::TCP, 80), Some((true, 21)));
+    }
+
+    #[test]
+    fn isolation_keeps_denying_under_a_less_specific_baseline_accept() {
+        // Admin passes TCP from 100 on to NetworkPolicy, which isolates and allows only
+        // port 443: port 80 must not reach the Admin accept of the wildcard behind it.
+        let atoms = [
+            atom(Stage::Admin, RuleAction::Pass, 20, key(100, Some(proto::TCP), None)),
+            atom(Stage::Admin, RuleAction::Accept, 22, key(identity::ANY, None, None)),
+            atom(Stage::NetworkPolicy, RuleAction::Accept, 21, key(100, Some(proto::TCP), Some((443, 16)))),
+        ];
+        let (allows, denies) = resolve(Direction::Ingress, &atoms, true);
+        assert_eq!(first_hit(&allows, &denies, 100, proto::TCP, 443), Some((true, 21)));
+        assert_eq!(first_hit(&allows, &denies, 100, proto::TCP, 80), Some((false, COOKIE_ISOLATED)));
+        assert_eq!(first_hit(&allows, &denies, 100, proto::UDP, 80), Some((true, 22)));
+    }
+
+    #[test]
+    fn what_no_rule_decides_is_allowed_by_default_unless_isolated() {
+        let atoms = [atom(Stage::Baseline, RuleAction::Deny, 20, key(100, None, None))];
+        let (allows, denies) = resolve(Direction::Ingress, &atoms, false);
+        assert_eq!(first_hit(&allows, &denies, 101, proto::UDP, 53), Some((true, COOKIE_DEFAULT_ALLOW)));
+        assert_eq!(first_hit(&allows, &denies, 100, proto::UDP, 53), Some((false, 20)));
+    }
+
+    /// A small deterministic generator (no dependency for one test).
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    fn random_key(rng: &mut Rng) -> RuleKey {
+        let peer = if rng.below(3) == 0 { identity::ANY } else { PEERS[rng.below(3) as usize] };
+        let protocol = [None, Some(proto::TCP), Some(proto::UDP)][rng.below(3) as usize];
+        let port = match protocol {
+            Some(_) if rng.below(2) == 0 => {
+                let bits = [16, 16, 15, 14, 12][rng.below(5) as usize];
+                let port = 78 + rng.below(6) as u16;
+                Some((port & !u16::MAX.checked_shr(u32::from(bits)).unwrap_or(0), bits))
+            }
+            _ => None,
+        };
+        key(peer, protocol, port)
+    }
+
+    fn random_atoms(rng: &mut Rng) -> Vec<Atom> {
+        let stages = [Stage::Node, Stage::Admin, Stage::Admin, Stage::NetworkPolicy, Stage::NetworkPolicy, Stage::Baseline];
+        let actions = [RuleAction::Accept, RuleAction::Deny, RuleAction::Pass];
+        let mut atoms: Vec<Atom> = (0..1 + rng.below(7))
+            .map(|i| {
+                let stage = stages[rng.below(stages.len() as u64) as usize];
+                let action = if matches!(stage, Stage::Admin | Stage::Baseline) { actions[rng.below(3) as usize] } else { RuleAction::Accept };
+                atom(stage, action, 16 + i as u32, random_key(rng))
+            })
+            .collect();
+        atoms.sort_by_key(|a| a.stage);
+        atoms
+    }
+
+    #[test]
+    fn the_first_hit_gives_the_api_verdict_for_every_packet() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for case in 0..1000 {
+            let atoms = random_atoms(&mut rng);
+            let isolated = rng.below(2) == 0;
+            let (allows, denies) = resolve(Direction::Ingress, &atoms, isolated);
+            assert!(allows.keys().all(|k| !denies.contains_key(k)), "case {case}");
+            for peer in PEERS.into_iter().chain([7]) {
+                for protocol in [proto::TCP, proto::UDP, proto::SCTP] {
+                    for port in 76..86 {
+                        let want = evaluate(&atoms, isolated, peer, protocol, port);
+                        let have = first_hit(&allows, &denies, peer, protocol, port).is_some_and(|(allowed, _)| allowed);
+                        assert_eq!(have, want, "case {case}: peer {peer} proto {protocol} port {port}, isolated {isolated}\n{atoms:#?}\nallows {allows:?}\ndenies {denies:?}");
+                    }
+                }
+            }
+        }
+    }
+}
