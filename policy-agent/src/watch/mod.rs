@@ -626,6 +626,21 @@ mod tests {
         assert_eq!(done(&mut filter, &mut writer, vec![]), Some(false), "still nothing");
     }
 
+    #[test]
+    fn only_a_404_list_means_the_kind_is_not_served() {
+        let api_error = |code: u16| kube::Error::Api(kube::core::Status::failure("the server could not find the requested resource", "NotFound").with_code(code).boxed());
+        assert!(is_not_served(&watcher::Error::InitialListFailed(api_error(404))));
+        for error in [
+            watcher::Error::InitialListFailed(api_error(403)),
+            watcher::Error::InitialListFailed(api_error(503)),
+            // A watch that stops finding the kind keeps the last list (see `spawn_reflector`).
+            watcher::Error::WatchFailed(api_error(404)),
+            watcher::Error::WatchStartFailed(api_error(404)),
+        ] {
+            assert!(!is_not_served(&error), "{error}");
+        }
+    }
+
     #[tokio::test]
     async fn created_renamed_and_removed_files_wake_the_source() {
         let dir = scratch("events");
