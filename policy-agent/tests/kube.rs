@@ -534,7 +534,7 @@ fn the_cluster_network_policy_crd_is_accepted_and_validates_on_a_1_20_server() {
     assert!(create("baseline", baseline).status.success());
     // The printer columns, under the short name.
     let listed = api.kubectl_ok(&["get", "cnp"]);
-    assert!(listed.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()[..3] == ["valid", "Admin", "1000"]), "{listed}");
+    assert!(listed.lines().any(|l| l.split_whitespace().take(3).eq(["valid", "Admin", "1000"])), "{listed}");
 
     let with = |pointer: &str, value: serde_json::Value| {
         let mut spec = valid.clone();
