@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
     kind = "ClusterNetworkPolicy",
     plural = "clusternetworkpolicies",
     shortname = "cnp",
+    // An API server refuses a CRD in a *.k8s.io group without an approval; this is the
+    // approved upstream API (the review the upstream CRD names), not a new one.
+    annotation("api-approved.kubernetes.io", "https://github.com/kubernetes-sigs/network-policy-api/pull/347"),
     derive = "PartialEq",
     derive = "Default",
     printcolumn = r#"{"name":"Tier","type":"string","jsonPath":".spec.tier"}"#,

@@ -514,6 +514,8 @@ fn the_cluster_network_policy_crd_is_accepted_and_validates_on_a_1_20_server() {
     let crd: serde_json::Value = serde_json::from_str(&api.kubectl_ok(&["get", "crd", CNP_CRD, "-o", "json"])).expect("CRD JSON");
     let conditions: Vec<&str> = crd["status"]["conditions"].as_array().expect("conditions").iter().filter(|c| c["status"] == "True").filter_map(|c| c["type"].as_str()).collect();
     assert!(conditions.contains(&"Established") && !conditions.contains(&"NonStructuralSchema"), "{conditions:?}");
+    // A *.k8s.io group needs an approved API (the annotation), else the server refuses the CRD.
+    assert!(conditions.contains(&"KubernetesAPIApprovalPolicyConformant"), "{conditions:?}");
     assert_eq!(crd["spec"]["scope"], "Cluster");
 
     let dir = api.scratch("cnp");
