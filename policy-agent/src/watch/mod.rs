@@ -460,11 +460,16 @@ where
         let mut filter = ChangeFilter::default();
         // Whether the last list was a 404 (logged once, not every retry).
         let mut not_served = false;
+        // The stream's own backoff restarts with every `Init` the watcher emits before each
+        // list, so lists that keep failing would be retried every 0.2 s: this one only
+        // restarts once a list succeeds.
+        let mut not_served_delay = WatchBackoff::default();
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => {
-                    if std::mem::take(&mut not_served) {
+                    if matches!(event, watcher::Event::InitDone) && std::mem::take(&mut not_served) {
                         tracing::info!(kind = %kind, "the API server serves the kind now; watching it");
+                        not_served_delay = WatchBackoff::default();
                     }
                     // Judged against the store before the event is applied.
                     let changed = filter.changes(&reader, &event);
@@ -480,6 +485,7 @@ where
                     if let Some(optional) = &optional {
                         optional.not_served.notify_one();
                     }
+                    tokio::time::sleep(not_served_delay.next().unwrap_or(WATCH_RETRY_MAX)).await;
                 }
                 // The backoff retries; the store keeps the last state meanwhile.
                 Err(e) => tracing::warn!(kind = %kind, error = %e, "watch failed; keeping the last state and retrying"),
