@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
     kind = "ClusterNetworkPolicy",
     plural = "clusternetworkpolicies",
     shortname = "cnp",
+    // An API server refuses a CRD in a *.k8s.io group without an approval; this is the
+    // approved upstream API (the review the upstream CRD names), not a new one.
+    annotation("api-approved.kubernetes.io", "https://github.com/kubernetes-sigs/network-policy-api/pull/347"),
     derive = "PartialEq",
     derive = "Default",
     printcolumn = r#"{"name":"Tier","type":"string","jsonPath":".spec.tier"}"#,
@@ -62,6 +65,7 @@ pub struct NamespacedPod {
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = require_from)]
 pub struct IngressRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 100))]
@@ -69,6 +73,8 @@ pub struct IngressRule {
     /// `Accept`, `Deny` or `Pass`.
     #[schemars(schema_with = "action_schema")]
     pub action: String,
+    /// Required by the API (see [`require_peers`]), yet decoded when missing so the compiler
+    /// can report it.
     #[serde(default)]
     #[schemars(length(min = 1, max = 25))]
     pub from: Vec<IngressPeer>,
@@ -79,12 +85,15 @@ pub struct IngressRule {
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = require_to)]
 pub struct EgressRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 100))]
     pub name: Option<String>,
     #[schemars(schema_with = "action_schema")]
     pub action: String,
+    /// Required by the API (see [`require_peers`]), yet decoded when missing so the compiler
+    /// can report it.
     #[serde(default)]
     #[schemars(length(min = 1, max = 25))]
     pub to: Vec<EgressPeer>,
@@ -140,8 +149,11 @@ pub struct Protocol {
     pub destination_named_port: Option<String>,
 }
 
+/// The API requires `destinationPort` (`tcp: {}` is refused); a manifest file without it
+/// still decodes, and then means every port of the protocol.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("minProperties" = 1))]
 pub struct ProtocolPort {
     /// Missing: every port of the protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -167,6 +179,28 @@ pub struct PortRange {
     pub start: i32,
     #[schemars(range(min = 1, max = 65535))]
     pub end: i32,
+}
+
+/// Makes a rule's peer list required in the CRD and drops the empty `default` that
+/// `#[serde(default)]` puts in the schema: an API server checks a default against the schema
+/// (a 1.20 one refuses a CRD whose default its own `minItems: 1` refuses), and would
+/// otherwise fill in `[]` for a missing list.
+fn require_peers(schema: &mut schemars::Schema, field: &str) {
+    if let Some(property) = schema.get_mut("properties").and_then(|p| p.get_mut(field)).and_then(serde_json::Value::as_object_mut) {
+        property.remove("default");
+    }
+    let required = schema.ensure_object().entry("required").or_insert_with(|| serde_json::Value::Array(Vec::new()));
+    if let Some(required) = required.as_array_mut().filter(|r| !r.iter().any(|f| f == field)) {
+        required.push(field.into());
+    }
+}
+
+fn require_from(schema: &mut schemars::Schema) {
+    require_peers(schema, "from");
+}
+
+fn require_to(schema: &mut schemars::Schema) {
+    require_peers(schema, "to");
 }
 
 fn tier_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

@@ -101,6 +101,18 @@ impl Object {
             Object::ClusterNetworkPolicy(policy) => format!("ClusterNetworkPolicy {}", cluster_policy_name(policy)),
         }
     }
+
+    /// Without metadata.name: such an object has no key, and the loaders skip it.
+    pub fn is_unnamed(&self) -> bool {
+        let meta = match self {
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::NetworkPolicy(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::ClusterNetworkPolicy(o) => &o.metadata,
+        };
+        meta.name.is_none()
+    }
 }
 
 /// Objects without a namespace land in `default`, as `kubectl apply` would put them.
@@ -200,19 +212,8 @@ pub fn load_manifest_dir(dir: &Path) -> Result<(ClusterState, Vec<Problem>), Age
         problems.extend(file_problems);
         for object in objects {
             let described = object.describe();
-            let unnamed = match &object {
-                Object::Namespace(o) => o.metadata.name.is_none(),
-                Object::Pod(o) => o.metadata.name.is_none(),
-                Object::NetworkPolicy(o) => o.metadata.name.is_none(),
-                Object::Service(o) => o.metadata.name.is_none(),
-                Object::ClusterNetworkPolicy(o) => o.metadata.name.is_none(),
-            };
-            if unnamed {
-                problems.push(Problem::new(
-                    format!("{} in {}", object.kind(), file.display()),
-                    "metadata.name",
-                    "missing; object skipped",
-                ));
+            if object.is_unnamed() {
+                problems.push(unnamed_problem(&object, file));
                 continue;
             }
             if state.insert(object) {
@@ -227,6 +228,10 @@ pub fn load_manifest_dir(dir: &Path) -> Result<(ClusterState, Vec<Problem>), Age
     Ok((state, problems))
 }
 
+fn unnamed_problem(object: &Object, file: &Path) -> Problem {
+    Problem::new(format!("{} in {}", object.kind(), file.display()), "metadata.name", "missing; object skipped")
+}
+
 /// A file the manifest loaders read: `*.yaml`, `*.yml` or `*.json`, not a dotfile.
 pub fn is_manifest_file(path: &Path) -> bool {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return false };
@@ -239,11 +244,13 @@ fn is_json(path: &Path) -> bool {
 }
 
 /// Strict per-file loader for the agent, which keeps the last good version of a file that
-/// breaks: any document that fails to parse fails the whole file. Objects of other kinds are
-/// skipped silently.
+/// breaks: any document that fails to parse fails the whole file, and so does an object
+/// without a name (it would be stored under the empty name, where a second nameless object
+/// of its kind would silently replace it). Objects of other kinds are skipped silently.
 pub fn load_manifest_file(path: &Path) -> Result<Vec<Object>, AgentError> {
     let text = std::fs::read_to_string(path).map_err(|source| AgentError::Read { path: path.to_owned(), source })?;
-    let (objects, problems) = parse_manifest_str(&path.display().to_string(), is_json(path), &text);
+    let (objects, mut problems) = parse_manifest_str(&path.display().to_string(), is_json(path), &text);
+    problems.extend(objects.iter().filter(|o| o.is_unnamed()).map(|o| unnamed_problem(o, path)));
     let broken: Vec<String> =
         problems.iter().filter(|p| !p.message.starts_with(UNSUPPORTED_KIND)).map(ToString::to_string).collect();
     if broken.is_empty() {
@@ -433,6 +440,34 @@ mod tests {
         assert_eq!(problems[0].field, "spec.priority");
         let state = ClusterState::from_objects(objects);
         assert_eq!(state.cluster_policies["guard"].spec.priority, 5);
+    }
+
+    const NAMELESS_CNP: &str = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {labels: {a: b}}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}}\n";
+    const NAMED_CNP: &str = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guard}\nspec: {tier: Baseline, priority: 1, subject: {namespaces: {}}}\n";
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("state-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    #[test]
+    fn a_nameless_cluster_policy_is_reported_by_metadata_name_and_skipped() {
+        let dir = scratch_dir("nameless");
+        std::fs::write(dir.join("a.yaml"), format!("{NAMELESS_CNP}---\n{NAMED_CNP}")).expect("write");
+        let (state, problems) = load_manifest_dir(&dir).expect("loads");
+        assert_eq!(state.cluster_policies.keys().collect::<Vec<_>>(), ["guard"]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!((problems[0].field.as_str(), problems[0].message.as_str()), ("metadata.name", "missing; object skipped"));
+        assert!(problems[0].object.starts_with("ClusterNetworkPolicy in "), "{}", problems[0]);
+        // The agent's strict loader fails the whole file (its last good version stays applied).
+        let error = load_manifest_file(&dir.join("a.yaml")).expect_err("a nameless object fails the file").to_string();
+        assert!(error.contains("metadata.name") && error.contains("ClusterNetworkPolicy"), "{error}");
+        std::fs::write(dir.join("a.yaml"), NAMED_CNP).expect("write");
+        let objects = load_manifest_file(&dir.join("a.yaml")).expect("a named one loads");
+        assert_eq!(objects.iter().map(Object::describe).collect::<Vec<_>>(), ["ClusterNetworkPolicy guard"]);
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 
     #[test]

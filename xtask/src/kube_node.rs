@@ -149,11 +149,13 @@ pub const SKIP_ENV: &str = "POLICY_SKIP_REAL_NODE";
 
 /// `cargo xtask test`'s real-node step: up, deploy, the upstream suite, and down whatever
 /// happened; fails if any case failed. Prints each phase's time.
-/// `kube-node check`: pods enforced from their first packet, and no verdict changed while
-/// kubelet restarts a SIGKILLed agent (the node up, the agent deployed).
+/// `kube-node check`: pods enforced from their first packet, a ClusterNetworkPolicy made
+/// through the API server enforced and then lifted, and no verdict changed while kubelet
+/// restarts a SIGKILLed agent (the node up, the agent deployed).
 pub fn checks() -> Result<()> {
     let kubectl = crate::node_checks::Kubectl { binary: crate::kube::cache_dir().join("bin/kubectl"), kubeconfig: KUBECONFIG.into() };
     crate::node_checks::first_packet(&kubectl)?;
+    crate::node_checks::cluster_policy(&kubectl)?;
     crate::node_checks::restart(&kubectl)
 }
 
@@ -172,7 +174,7 @@ pub fn real_node_suite() -> Result<()> {
         phase("the NetworkPolicy suite", t);
         let t = std::time::Instant::now();
         let checks = checks();
-        phase("the first-packet and restart checks", t);
+        phase("the first-packet, ClusterNetworkPolicy and restart checks", t);
         anyhow::ensure!(outcome.failed == 0 && outcome.passed > 0, "upstream NetworkPolicy suite: {} passed, {} failed", outcome.passed, outcome.failed);
         checks
     })();

@@ -1,6 +1,7 @@
 //! Checks on the real node (`cargo xtask kube-node`), with the agent deployed by its
-//! DaemonSet: pods are enforced from their first packet, and a SIGKILLed agent changes no
-//! verdict while kubelet restarts it.
+//! DaemonSet: pods are enforced from their first packet, a SIGKILLed agent changes no
+//! verdict while kubelet restarts it, and a ClusterNetworkPolicy made through the API server
+//! denies what no NetworkPolicy does until it is deleted.
 //!
 //! Every probe is a pod whose shell loop starts at its first instruction and counts bounded
 //! `agnhost connect` attempts; the counts come back through `kubectl logs`.
@@ -129,7 +130,8 @@ spec:
     ports: [{port: 8080}]
 ";
 
-/// A namespace with the target server and the policies; deleted on drop.
+/// A namespace with the target server and `policies` (YAML, `NS` standing for the
+/// namespace; empty for none); deleted on drop.
 struct Scene<'k> {
     kubectl: &'k Kubectl,
     ns: String,
@@ -137,11 +139,13 @@ struct Scene<'k> {
 }
 
 impl<'k> Scene<'k> {
-    fn new(kubectl: &'k Kubectl, name: &str) -> Result<Self> {
+    fn new(kubectl: &'k Kubectl, name: &str, policies: &str) -> Result<Self> {
         let ns = format!("pe-{name}-{}", std::process::id());
         kubectl.run(&["create", "namespace", &ns])?;
         let mut scene = Self { kubectl, ns, target_ip: String::new() };
-        kubectl.apply(&POLICIES.replace("NS", &scene.ns))?;
+        if !policies.trim().is_empty() {
+            kubectl.apply(&policies.replace("NS", &scene.ns))?;
+        }
         let target = pod_yaml(&scene.ns, "target", "target", &format!("exec /agnhost netexec --http-port={PORT}"))
             .replace("restartPolicy: Never", "restartPolicy: Always");
         kubectl.apply(&target)?;
@@ -166,7 +170,7 @@ impl Drop for Scene<'_> {
 /// connect on their first attempt (their identities are known to the target's ingress before
 /// they run).
 pub fn first_packet(kubectl: &Kubectl) -> Result<()> {
-    let scene = Scene::new(kubectl, "first")?;
+    let scene = Scene::new(kubectl, "first", POLICIES)?;
     let target = scene.target_ip.clone();
     scene.probe("isolated", "isolated", &connect_loop(&target, 60, "0", true))?;
     scene.probe("allowed", "allowed", &connect_loop(&target, 5, "0", false))?;
@@ -189,7 +193,7 @@ pub fn first_packet(kubectl: &Kubectl) -> Result<()> {
 /// SIGKILLs the agent (kubelet restarts its container) while an allowed and a denied probe
 /// loop run: no denied connection passes, no allowed one fails.
 pub fn restart(kubectl: &Kubectl) -> Result<()> {
-    let scene = Scene::new(kubectl, "restart")?;
+    let scene = Scene::new(kubectl, "restart", POLICIES)?;
     let target = scene.target_ip.clone();
     // 20 s of probes, one connection per 100 ms each.
     scene.probe("allowed", "allowed", &connect_loop(&target, 200, "0.1", false))?;
@@ -209,6 +213,76 @@ pub fn restart(kubectl: &Kubectl) -> Result<()> {
     ensure!(count(&allowed, "failures")? == 0, "{} allowed connections failed across the restart", count(&allowed, "failures")?);
     ensure!(count(&isolated, "successes")? == 0, "{} denied connections passed across the restart", count(&isolated, "successes")?);
     kubectl.run(&["-n", "policy-enforcer", "rollout", "status", "daemonset/policy-agent", "--timeout=120s"])?;
+    Ok(())
+}
+
+/// An Admin-tier Deny of ingress to the scene's target from its `role: client` pods. `NAME`
+/// and `NS` are substituted.
+const ADMIN_DENY: &str = "
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: NAME}
+spec:
+  tier: Admin
+  priority: 10
+  subject:
+    pods:
+      namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: NS}}
+      podSelector: {matchLabels: {role: target}}
+  ingress:
+  - name: no-clients
+    action: Deny
+    from:
+    - pods:
+        namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: NS}}
+        podSelector: {matchLabels: {role: client}}
+";
+
+/// A cluster-scoped ClusterNetworkPolicy, deleted on drop (a failed check must not leave a
+/// Deny behind for the next one).
+struct ClusterPolicy<'k> {
+    kubectl: &'k Kubectl,
+    name: String,
+}
+
+impl Drop for ClusterPolicy<'_> {
+    fn drop(&mut self) {
+        let _ = self.kubectl.run(&["delete", "clusternetworkpolicy", &self.name, "--ignore-not-found"]);
+    }
+}
+
+/// How long the checks give the agent to apply a ClusterNetworkPolicy change before probing
+/// (it takes milliseconds; the probes cannot wait for it otherwise).
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// A ClusterNetworkPolicy made through the real API server is enforced: with no
+/// NetworkPolicy in the namespace a client reaches the target; an Admin Deny from clients
+/// stops every connection of a client (and not of another pod) until it is deleted, after
+/// which a client connects on its first attempt again.
+pub fn cluster_policy(kubectl: &Kubectl) -> Result<()> {
+    let scene = Scene::new(kubectl, "cnp", "")?;
+    let target = scene.target_ip.clone();
+    scene.probe("before", "client", &connect_loop(&target, 5, "0.2", false))?;
+    let before = kubectl.probe_result(&scene.ns, "before", Duration::from_secs(120))?;
+    ensure!(count(&before, "first_success")? == 1, "without any policy a client's first connection failed: {before:?}");
+
+    let policy = ClusterPolicy { kubectl, name: scene.ns.clone() };
+    kubectl.apply(&ADMIN_DENY.replace("NAME", &policy.name).replace("NS", &scene.ns))?;
+    std::thread::sleep(SETTLE);
+    scene.probe("denied", "client", &connect_loop(&target, 20, "0.1", false))?;
+    scene.probe("other", "other", &connect_loop(&target, 5, "0.2", false))?;
+    let denied = kubectl.probe_result(&scene.ns, "denied", Duration::from_secs(120))?;
+    let other = kubectl.probe_result(&scene.ns, "other", Duration::from_secs(120))?;
+    println!("cluster policy: before {before:?}; client under the Admin Deny {denied:?}; another pod {other:?}");
+    ensure!(count(&denied, "successes")? == 0, "{} connections passed an Admin Deny", count(&denied, "successes")?);
+    ensure!(count(&other, "first_success")? == 1, "a pod the Deny does not name was cut off: {other:?}");
+
+    kubectl.run(&["delete", "clusternetworkpolicy", &policy.name])?;
+    std::thread::sleep(SETTLE);
+    scene.probe("after", "client", &connect_loop(&target, 5, "0.2", false))?;
+    let after = kubectl.probe_result(&scene.ns, "after", Duration::from_secs(120))?;
+    println!("cluster policy: after its deletion {after:?}");
+    ensure!(count(&after, "first_success")? == 1, "the client is still denied after the policy's deletion: {after:?}");
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! Where cluster state comes from: a Kubernetes API server (reflector stores of Pods,
-//! Namespaces and NetworkPolicies, projected on ingest to what the compiler reads: see
+//! Namespaces, NetworkPolicies, Services and ClusterNetworkPolicies, projected on ingest to
+//! what the compiler reads: see
 //! [`project`]) or a manifest directory. Both hand out full snapshots;
 //! the agent recomputes from a snapshot, never from individual delete events.
 
@@ -27,9 +28,10 @@ use kube::{
 };
 use tokio::sync::Notify;
 
-pub use self::project::{Project, project_namespace, project_pod, project_policy};
+pub use self::project::{Project, project_cluster_policy, project_namespace, project_pod, project_policy};
 use crate::{
     AgentError,
+    crd::ClusterNetworkPolicy,
     state::{ClusterState, Object, is_manifest_file, load_manifest_file},
 };
 
@@ -279,7 +281,7 @@ fn watch_dir(dir: &Path, wake: Arc<Notify>) -> notify::Result<notify::Recommende
     Ok(watcher)
 }
 
-/// Reflector stores of the four kinds (Services only for their addresses), holding projections ([`project`]): the generation
+/// Reflector stores of the five kinds (Services only for their addresses), holding projections ([`project`]): the generation
 /// moves only when a projection changes, so status-only updates (readiness, conditions),
 /// annotation changes and resourceVersion bumps cost a comparison, not a recompile. The
 /// stores keep their last state while the API server is away, so enforcement goes on; the
@@ -289,31 +291,40 @@ pub struct KubeSource {
     namespaces: reflector::Store<Namespace>,
     policies: reflector::Store<NetworkPolicy>,
     services: reflector::Store<Service>,
+    /// Empty while the ClusterNetworkPolicy CRD is not installed (see [`Optional`]).
+    cluster_policies: reflector::Store<ClusterNetworkPolicy>,
     notify: Arc<Notify>,
     changed_at: Arc<Mutex<SystemTime>>,
     generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl KubeSource {
-    /// Connects to `cluster` and starts the watchers. Returns once every store has its first full list.
+    /// Connects to `cluster` and starts the watchers. Returns once every store has its first
+    /// full list, or, for ClusterNetworkPolicies, once the API server said it serves none.
     pub async fn start(cluster: &ClusterArgs) -> Result<Self, AgentError> {
         let client = client(cluster).await?;
         let notify = Arc::new(Notify::new());
         let changed_at = Arc::new(Mutex::new(SystemTime::now()));
         let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let changes = Changes { notify: notify.clone(), changed_at: changed_at.clone(), generation: generation.clone() };
-        let pods = spawn_reflector(Api::<Pod>::all(client.clone()), &changes);
-        let namespaces = spawn_reflector(Api::<Namespace>::all(client.clone()), &changes);
-        let policies = spawn_reflector(Api::<NetworkPolicy>::all(client.clone()), &changes);
-        let services = spawn_reflector(Api::<Service>::all(client), &changes);
+        let pods = spawn_reflector(Api::<Pod>::all(client.clone()), &changes, None);
+        let namespaces = spawn_reflector(Api::<Namespace>::all(client.clone()), &changes, None);
+        let policies = spawn_reflector(Api::<NetworkPolicy>::all(client.clone()), &changes, None);
+        let services = spawn_reflector(Api::<Service>::all(client.clone()), &changes, None);
+        let not_served = Arc::new(Notify::new());
+        let cluster_policies = spawn_reflector(Api::<ClusterNetworkPolicy>::all(client), &changes, Some(Optional { not_served: not_served.clone() }));
         let ready = async {
             pods.wait_until_ready().await?;
             namespaces.wait_until_ready().await?;
             policies.wait_until_ready().await?;
-            services.wait_until_ready().await
+            services.wait_until_ready().await?;
+            tokio::select! {
+                ready = cluster_policies.wait_until_ready() => ready,
+                () = not_served.notified() => Ok(()),
+            }
         };
         ready.await.map_err(|e| AgentError::Kube { what: "waiting for the first list".into(), source: Box::new(e) })?;
-        Ok(Self { pods, namespaces, policies, services, notify, changed_at, generation })
+        Ok(Self { pods, namespaces, policies, services, cluster_policies, notify, changed_at, generation })
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -324,7 +335,8 @@ impl KubeSource {
             .map(Object::Namespace)
             .chain(self.pods.state().into_iter().map(Object::Pod))
             .chain(self.policies.state().into_iter().map(Object::NetworkPolicy))
-            .chain(self.services.state().into_iter().map(Object::Service));
+            .chain(self.services.state().into_iter().map(Object::Service))
+            .chain(self.cluster_policies.state().into_iter().map(Object::ClusterNetworkPolicy));
         let changed_at = *self.changed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Snapshot { state: ClusterState::from_objects(objects), changed_at, errors: Vec::new() }
     }
@@ -414,10 +426,26 @@ impl Changes {
 /// 90 MiB at rest, debug build) for a few more requests per re-list.
 const LIST_PAGE_SIZE: u32 = 100;
 
+/// A kind that a cluster may not serve at all: a CRD that is not installed (yet). Its lists
+/// fail with 404 until it is; the watcher keeps retrying with [`WatchBackoff`] (at most 5 s
+/// apart), so a CRD installed later is picked up within seconds, without a restart.
+struct Optional {
+    /// Notified on every 404 of a list, so the first sync need not wait for the kind.
+    not_served: Arc<Notify>,
+}
+
+/// Whether a watch error says the API server does not serve the kind at all.
+fn is_not_served(error: &watcher::Error) -> bool {
+    matches!(error, watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.code == 404)
+}
+
 /// Watches `api`, projects every object on arrival (the full object is dropped there), and
 /// applies the events to a store of projections; only an event that changes the store
-/// counts as a change.
-fn spawn_reflector<K>(api: Api<K>, changes: &Changes) -> reflector::Store<K>
+/// counts as a change. An `optional` kind's 404s are reported to it, not held against the
+/// first sync; the store then stays as it is (empty before the first list): a 404 after
+/// the kind was served may be an API server that has not loaded its CRDs yet, and dropping
+/// its policies then would open what they deny.
+fn spawn_reflector<K>(api: Api<K>, changes: &Changes, optional: Option<Optional>) -> reflector::Store<K>
 where
     K: Project + kube::Resource<DynamicType = ()> + Clone + PartialEq + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
@@ -430,15 +458,34 @@ where
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut filter = ChangeFilter::default();
+        // Whether the last list was a 404 (logged once, not every retry).
+        let mut not_served = false;
+        // The stream's own backoff restarts with every `Init` the watcher emits before each
+        // list, so lists that keep failing would be retried every 0.2 s: this one only
+        // restarts once a list succeeds.
+        let mut not_served_delay = WatchBackoff::default();
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => {
+                    if matches!(event, watcher::Event::InitDone) && std::mem::take(&mut not_served) {
+                        tracing::info!(kind = %kind, "the API server serves the kind now; watching it");
+                        not_served_delay = WatchBackoff::default();
+                    }
                     // Judged against the store before the event is applied.
                     let changed = filter.changes(&reader, &event);
                     writer.apply_watcher_event(&event);
                     if changed {
                         changes.record();
                     }
+                }
+                Err(e) if is_not_served(&e) && optional.is_some() => {
+                    if !std::mem::replace(&mut not_served, true) {
+                        tracing::warn!(kind = %kind, error = %e, "the API server does not serve the kind (is its CRD installed?); keeping what was listed (none before a first list) and retrying");
+                    }
+                    if let Some(optional) = &optional {
+                        optional.not_served.notify_one();
+                    }
+                    tokio::time::sleep(not_served_delay.next().unwrap_or(WATCH_RETRY_MAX)).await;
                 }
                 // The backoff retries; the store keeps the last state meanwhile.
                 Err(e) => tracing::warn!(kind = %kind, error = %e, "watch failed; keeping the last state and retrying"),
@@ -583,6 +630,21 @@ mod tests {
         assert_eq!(done(&mut filter, &mut writer, vec![a.clone(), b]), Some(true), "b is back");
         assert_eq!(done(&mut filter, &mut writer, vec![]), Some(true), "everything gone");
         assert_eq!(done(&mut filter, &mut writer, vec![]), Some(false), "still nothing");
+    }
+
+    #[test]
+    fn only_a_404_list_means_the_kind_is_not_served() {
+        let api_error = |code: u16| kube::Error::Api(kube::core::Status::failure("the server could not find the requested resource", "NotFound").with_code(code).boxed());
+        assert!(is_not_served(&watcher::Error::InitialListFailed(api_error(404))));
+        for error in [
+            watcher::Error::InitialListFailed(api_error(403)),
+            watcher::Error::InitialListFailed(api_error(503)),
+            // A watch that stops finding the kind keeps the last list (see `spawn_reflector`).
+            watcher::Error::WatchFailed(api_error(404)),
+            watcher::Error::WatchStartFailed(api_error(404)),
+        ] {
+            assert!(!is_not_served(&error), "{error}");
+        }
     }
 
     #[tokio::test]

@@ -18,6 +18,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
+use crate::crd::ClusterNetworkPolicy;
+
 /// An object kind the Kubernetes source projects before storing it.
 pub trait Project {
     /// The object with only what the compiler reads.
@@ -45,6 +47,12 @@ impl Project for NetworkPolicy {
 impl Project for Service {
     fn project(&self) -> Self {
         project_service(self)
+    }
+}
+
+impl Project for ClusterNetworkPolicy {
+    fn project(&self) -> Self {
+        project_cluster_policy(self)
     }
 }
 
@@ -115,6 +123,13 @@ pub fn project_namespace(namespace: &Namespace) -> Namespace {
 /// (everything in it is policy).
 pub fn project_policy(policy: &NetworkPolicy) -> NetworkPolicy {
     NetworkPolicy { metadata: identity_meta(&policy.metadata), spec: policy.spec.clone() }
+}
+
+/// A ClusterNetworkPolicy's name (its key, the tie-break between equal priorities, cookies
+/// and messages) and its whole spec. Its status (conditions an implementation writes) is
+/// not even in the type.
+pub fn project_cluster_policy(policy: &ClusterNetworkPolicy) -> ClusterNetworkPolicy {
+    ClusterNetworkPolicy { metadata: identity_meta(&policy.metadata), spec: policy.spec.clone() }
 }
 
 /// A Service's addresses that kube-proxy translates (ClusterIPs, externalIPs, load-balancer
@@ -195,8 +210,10 @@ mod tests {
     }
 
     /// Namespaces, pods on two nodes (one hostNetwork, one terminated, one terminating that
-    /// shares an address and would win it if it were not terminating) and policies using
-    /// named ports, both selector kinds and an ipBlock.
+    /// shares an address and would win it if it were not terminating), policies using
+    /// named ports, both selector kinds and an ipBlock, and ClusterNetworkPolicies of both
+    /// tiers (as the API server has them: metadata noise and a status an implementation
+    /// wrote). The NetworkPolicy named `egress` stays last.
     fn full_state() -> Vec<Object> {
         let namespace = |name: &str, team: &str| {
             Object::Namespace(std::sync::Arc::new(
@@ -227,11 +244,28 @@ mod tests {
         };
         let mut objects = vec![namespace("x", "blue"), namespace("y", "red")];
         objects.extend(pods.into_iter().map(|p| Object::Pod(std::sync::Arc::new(pod(p)))));
+        objects.extend(full_cluster_policies());
         objects.push(policy("x", "web", json!({"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"],
             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}, {"namespaceSelector": {"matchLabels": {"team": "red"}}}], "ports": [{"port": "http"}, {"port": "dns", "protocol": "UDP"}]}]})));
         objects.push(policy("y", "egress", json!({"podSelector": {}, "policyTypes": ["Egress"],
             "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"team": "blue"}}, "podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": "metrics"}]}, {"to": [{"ipBlock": {"cidr": "198.18.0.0/16", "except": ["198.18.1.0/24"]}}]}]})));
         objects
+    }
+
+    fn full_cluster_policies() -> Vec<Object> {
+        let cnp = |name: &str, spec: Value| {
+            let value = json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+                "metadata": server_meta(name, None, json!({"owner": "platform"})), "spec": spec,
+                "status": {"conditions": [{"type": "Accepted", "status": "True", "reason": "Ok", "message": "", "lastTransitionTime": "2026-01-01T00:00:05Z"}]}});
+            Object::ClusterNetworkPolicy(std::sync::Arc::new(serde_json::from_value(value).expect("cluster policy")))
+        };
+        vec![
+            cnp("guard-web", json!({"tier": "Admin", "priority": 10, "subject": {"pods": {"namespaceSelector": {"matchLabels": {"team": "blue"}}, "podSelector": {"matchLabels": {"app": "web"}}}},
+                "ingress": [{"name": "no-red", "action": "Deny", "from": [{"namespaces": {"matchLabels": {"team": "red"}}}], "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]},
+                            {"action": "Pass", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "client"}}}}]}]})),
+            cnp("baseline", json!({"tier": "Baseline", "priority": 5, "subject": {"namespaces": {}},
+                "egress": [{"action": "Deny", "to": [{"networks": ["198.18.2.0/24"]}], "protocols": [{"destinationNamedPort": "http"}]}]})),
+        ]
     }
 
     fn projected(object: &Object) -> Object {
@@ -240,7 +274,7 @@ mod tests {
             Object::Pod(pod) => Object::Pod(std::sync::Arc::new(project_pod(pod))),
             Object::NetworkPolicy(policy) => Object::NetworkPolicy(std::sync::Arc::new(project_policy(policy))),
             Object::Service(service) => Object::Service(std::sync::Arc::new(project_service(service))),
-            Object::ClusterNetworkPolicy(policy) => Object::ClusterNetworkPolicy(policy.clone()),
+            Object::ClusterNetworkPolicy(policy) => Object::ClusterNetworkPolicy(std::sync::Arc::new(project_cluster_policy(policy))),
         }
     }
 
@@ -253,6 +287,8 @@ mod tests {
             let node = NodeContext { name: node.into(), ips: vec!["198.19.192.1".parse().expect("ip")] };
             let (from_full, from_projected) = (compile(&full, &node), compile(&projected, &node));
             assert!(!from_full.endpoints.is_empty() && from_full.cookies.len() >= 2, "{from_full:#?}");
+            let by_cluster_policies = from_full.endpoints.values().filter(|e| !e.ingress_cluster_policies.is_empty() || !e.egress_cluster_policies.is_empty());
+            assert!(by_cluster_policies.count() > 0, "the ClusterNetworkPolicies select pods of {}", node.name);
             assert_eq!(from_full, from_projected, "node {}", node.name);
             let slots = sequential_slots(&from_full);
             assert_eq!(render(&from_full, &slots, false), render(&from_projected, &slots, false));
@@ -372,5 +408,21 @@ mod tests {
             (policy.spec.as_ref(), Some("egress"), Some("y"))
         );
         assert_eq!(projected.metadata, ObjectMeta { name: Some("egress".into()), namespace: Some("y".into()), ..ObjectMeta::default() });
+    }
+
+    #[test]
+    fn cluster_policy_projection_keeps_name_and_spec_only() {
+        let Object::ClusterNetworkPolicy(policy) = &full_cluster_policies()[0] else { panic!("a cluster policy") };
+        let projected = project_cluster_policy(policy);
+        assert_eq!(projected.spec, policy.spec);
+        assert_eq!(projected.metadata, ObjectMeta { name: Some("guard-web".into()), ..ObjectMeta::default() });
+        let mut noisy = (**policy).clone();
+        noisy.metadata.resource_version = Some("99".into());
+        noisy.metadata.generation = Some(2);
+        noisy.metadata.annotations = None;
+        assert_eq!(project_cluster_policy(&noisy), projected, "metadata noise");
+        let mut reprioritised = (**policy).clone();
+        reprioritised.spec.priority = 11;
+        assert_ne!(project_cluster_policy(&reprioritised), projected);
     }
 }

@@ -2,7 +2,9 @@
 //! the release binary (manifests/install/Dockerfile needs a registry for its base images) and
 //! imported into containerd under the DaemonSet's name; then `kubectl apply -f` of
 //! manifests/install/, with one documented substitution: the DaemonSet's `--service-cidr`
-//! example value becomes this node's Service range.
+//! example value becomes this node's Service range. The ClusterNetworkPolicy CRD is applied
+//! and Established first, so the agent starts with ClusterNetworkPolicies served (it would
+//! pick them up later anyway, within its watch backoff).
 
 use std::{
     path::{Path, PathBuf},
@@ -17,6 +19,9 @@ use super::{NODE_NAME, SERVICE_CIDR, images, kubectl_ok, wait_for, work};
 /// operators set their cluster's.
 const MANIFEST_SERVICE_CIDR: &str = "--service-cidr=10.96.0.0/12";
 const NAMESPACE: &str = "policy-enforcer";
+/// manifests/install/'s CRD, and the name it defines.
+const CRD_FILE: &str = "05-crd-clusternetworkpolicies.yaml";
+const CRD: &str = "crd/clusternetworkpolicies.policy.networking.k8s.io";
 
 pub fn deploy() -> Result<()> {
     crate::require_root("kube-node deploy")?;
@@ -26,6 +31,7 @@ pub fn deploy() -> Result<()> {
     images::import_agent_image(&agent)?;
     let manifests = substituted_manifests()?;
     let existed = kubectl_ok(&bin, &["get", "daemonset/policy-agent", "-n", NAMESPACE]).is_ok();
+    apply_crd(&bin, &manifests)?;
     kubectl_ok(&bin, &["apply", "-f", &manifests.display().to_string()])?;
     if existed {
         // A new image under the same tag: make the DaemonSet take it.
@@ -35,6 +41,15 @@ pub fn deploy() -> Result<()> {
         .context("the agent's DaemonSet did not become ready (kubectl -n policy-enforcer describe pods)")?;
     let status = wait_enforcing(&bin)?;
     eprintln!("kube-node: agent deployed and enforcing in {:.0?}:\n{status}", started.elapsed());
+    Ok(())
+}
+
+/// Applies the CRD alone and waits until the API server serves its kind.
+fn apply_crd(bin: &Path, manifests: &Path) -> Result<()> {
+    let file = manifests.join(CRD_FILE);
+    anyhow::ensure!(file.is_file(), "{} is missing", file.display());
+    kubectl_ok(bin, &["apply", "-f", &file.display().to_string()])?;
+    kubectl_ok(bin, &["wait", "--for=condition=Established", CRD, "--timeout=60s"]).context("the ClusterNetworkPolicy CRD was not Established")?;
     Ok(())
 }
 
