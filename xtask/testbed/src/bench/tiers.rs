@@ -229,6 +229,40 @@ fn counts(compiled: &Compiled, contents: &MapContents, compile_ms: f64) -> Count
     }
 }
 
+/// The node compiled for: `node-1`, not the synthetic `node-0`, whose pods (every 50th,
+/// app-0, version v0) no synthetic NetworkPolicy allows anything to; node-1's pods (app-1,
+/// v1) are selected by allow rules as well as by default denies.
+fn node() -> compile::NodeContext {
+    compile::NodeContext { name: "node-1".to_owned(), ips: vec![Ipv4Addr::new(198, 18, 100, 2).into()] }
+}
+
+/// Pods on `node-1` that no NetworkPolicy selects: two in a prod and two in a staging
+/// namespace of their own (no synthetic policy lives there), so the tiers alone judge them.
+/// Addresses in 198.18.127.0/24, outside the synthetic pods' range.
+fn add_unselected_pods(state: &mut ClusterState) {
+    use k8s_openapi::{api::core::v1::{Namespace, Pod, PodIP, PodSpec, PodStatus}, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+    let labels = |pairs: &[(&str, &str)]| Some(pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect());
+    for (n, (ns, env)) in [("batch-prod", "prod"), ("batch-staging", "staging")].into_iter().enumerate() {
+        let meta = ObjectMeta { name: Some(ns.to_owned()), labels: labels(&[("env", env), ("team", "team-9")]), ..ObjectMeta::default() };
+        state.insert(Object::Namespace(Arc::new(Namespace { metadata: meta, ..Namespace::default() })));
+        for j in 0..2 {
+            let ip = Ipv4Addr::new(198, 18, 127, (10 + 2 * n + j) as u8).to_string();
+            let pod = Pod {
+                metadata: ObjectMeta { name: Some(format!("batch-{j}")), namespace: Some(ns.to_owned()), labels: labels(&[("app", "batch")]), ..ObjectMeta::default() },
+                spec: Some(PodSpec { node_name: Some("node-1".to_owned()), ..PodSpec::default() }),
+                status: Some(PodStatus {
+                    phase: Some("Running".to_owned()),
+                    host_ip: Some("198.18.100.2".to_owned()),
+                    pod_ip: Some(ip.clone()),
+                    pod_ips: Some(vec![PodIP { ip }]),
+                    ..PodStatus::default()
+                }),
+            };
+            state.insert(Object::Pod(Arc::new(pod)));
+        }
+    }
+}
+
 /// One configuration: its compile, its maps as written, and the classifier holding them.
 struct Loaded {
     compiled: Compiled,
@@ -240,7 +274,7 @@ struct Loaded {
 impl Loaded {
     fn new(state: &ClusterState, bpffs: &std::path::Path, conntrack: u32) -> (Self, Counts, usize) {
         let started = std::time::Instant::now();
-        let compiled = compile::compile(state, &crate::synthetic::synthetic_node());
+        let compiled = compile::compile(state, &node());
         let compile_ms = started.elapsed().as_secs_f64() * 1e3;
         let slots = slots(&compiled);
         let (contents, added) = render(&compiled, &slots);
@@ -440,7 +474,8 @@ fn measure(cfg: &Settings, configs: &mut [&mut Loaded; 2], floor: &EmptyProgram,
 pub fn run(cfg: &Settings, bpffs: [&std::path::Path; 2]) -> Results {
     assert!(cfg.calls <= 60_000, "source ports 1024.. must stay below the probes' 64,000");
     let policies = cluster_policies();
-    let base = crate::synthetic::synthetic_cluster(cfg.pods, cfg.policies);
+    let mut base = crate::synthetic::synthetic_cluster(cfg.pods, cfg.policies);
+    add_unselected_pods(&mut base);
     // Allowed new flows stay tracked: room for every case's calls.
     let conntrack = ((8 * cfg.calls + 4096) as u32).next_power_of_two();
     let (mut without, without_counts, _) = Loaded::new(&base, bpffs[0], conntrack);
