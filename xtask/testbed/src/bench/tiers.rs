@@ -453,7 +453,12 @@ fn measure(cfg: &Settings, configs: &mut [&mut Loaded; 2], floor: &EmptyProgram,
     let chunk = cfg.calls.div_ceil(cfg.rounds.max(1));
     for round in 0..cfg.rounds.max(1) {
         for (case, samples) in cases.iter().zip(out.iter_mut()) {
-            for (loaded, s) in configs.iter_mut().zip(samples.iter_mut()) {
+            // The two configurations swap places every round: no order effect favours one.
+            let mut pairs: Vec<_> = configs.iter_mut().zip(samples.iter_mut()).collect();
+            if round % 2 == 1 {
+                pairs.reverse();
+            }
+            for (loaded, s) in pairs {
                 loaded.measure_on(&case.pod);
                 let pod = Ipv4Addr::from(loaded.endpoint(&case.pod).ipv4);
                 let expect = expected(loaded.class(&case.pod, case.peer.into(), case.port), deny_honoured);
