@@ -588,10 +588,11 @@ fn tiers_section(s: &mut String, t: &tiers::Results) {
     if t.deny_overlay > 0 {
         let _ = writeln!(s, "`render` in this tree wrote no deny entries: the bench added the compiler's {} deny entries (with their lookup-mask bits, and the judged flag for directions only a tier applies to) itself.\n", thousands(t.deny_overlay));
     }
-    let _ = writeln!(s, "| Case | without tiers: verdict | ns | with tiers: verdict (rule) | ns | with / without |\n|---|---|---|---|---|---|");
+    let _ = writeln!(s, "The lookup mask is the endpoint's ingress `lookups` byte (bits 0-3: the peer's exact, port-block, protocol and any-protocol entries; 4-7 the same for the wildcard identity): the lookups a new flow may cost.\n");
+    let _ = writeln!(s, "| Case | without tiers: verdict | mask | ns | with tiers: verdict (rule) | mask | ns | with / without |\n|---|---|---|---|---|---|---|---|");
     for case in t.cases() {
         let (Some(a), Some(b)) = (t.get(case, tiers::WITHOUT), t.get(case, tiers::WITH)) else { continue };
-        let _ = writeln!(s, "| {case} | {} | {} | {} ({}) | {} | {} |", a.verdict, ns(a.net_ns), b.verdict, b.rule, ns(b.net_ns), ratio(b.net_ns / a.net_ns));
+        let _ = writeln!(s, "| {case} | {} | {:#04x} | {} | {} ({}) | {:#04x} | {} | {} |", a.verdict, a.lookups, ns(a.net_ns), b.verdict, b.rule, b.lookups, ns(b.net_ns), ratio(b.net_ns / a.net_ns));
     }
     let _ = writeln!(s, "\nMap entries of the node, without / with tiers:\n");
     let _ = writeln!(s, "| | without tiers | with tiers |\n|---|---|---|");

@@ -67,6 +67,9 @@ pub struct Row {
     pub verdict: String,
     /// The rule that decided, in words (the compiler's cookie description).
     pub rule: String,
+    /// The endpoint's ingress lookup mask (`policy::lookup` bits): which lookups can run.
+    #[serde(default)]
+    pub lookups: u8,
     /// Median ns per call, floor included.
     pub ns: f64,
     /// Median minus the median of the empty program's calls interleaved with it.
@@ -519,7 +522,8 @@ pub fn run(cfg: &Settings, bpffs: [&std::path::Path; 2]) -> Results {
             let ns = median(&s.ns);
             let floor_ns = median(&s.floor);
             floors.extend(s.floor);
-            results.rows.push(Row { case: case.name.into(), config: config.into(), verdict, rule, ns, net_ns: ns - floor_ns, samples: s.ns });
+            let lookups = loaded.endpoint(&case.pod).lookups[Direction::Ingress as usize];
+            results.rows.push(Row { case: case.name.into(), config: config.into(), verdict, rule, lookups, ns, net_ns: ns - floor_ns, samples: s.ns });
         }
         let r = |c: &str| results.get(case.name, c).map_or(f64::NAN, |r| r.net_ns);
         log(format!("tiers {:<34} without {:>5.0} ns, with {:>5.0} ns above the floor ({:.2}x)", case.name, r(WITHOUT), r(WITH), r(WITH) / r(WITHOUT)));
