@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod flood;
 pub mod report;
 pub mod scale;
+pub mod tiers;
 
 use serde::{Deserialize, Serialize};
 

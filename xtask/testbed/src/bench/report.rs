@@ -6,7 +6,7 @@ use std::{fmt::Write as _, path::{Path, PathBuf}};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Machine, attach, control, crr, scale,
+    Machine, attach, control, crr, scale, tiers,
     datapath::{self, PATHS},
     flood::{self, Kind, Variant},
 };
@@ -20,6 +20,9 @@ pub struct Results {
     /// TEST_RUN with random peers at up to 1M entries (`scale` part).
     #[serde(default)]
     pub scale: Option<scale::Results>,
+    /// A new flow with ClusterNetworkPolicy tiers and without (`tiers` part).
+    #[serde(default)]
+    pub tiers: Option<tiers::Results>,
     pub flood: Option<flood::Results>,
     pub compile: Vec<control::CompileResult>,
     pub latency: Option<control::LatencyResults>,
@@ -120,6 +123,9 @@ pub fn summary(results: &Results) -> Results {
     let mut s = results.clone();
     if let Some(dp) = &mut s.datapath {
         dp.rows.iter_mut().for_each(|row| row.samples.clear());
+    }
+    if let Some(t) = &mut s.tiers {
+        t.rows.iter_mut().for_each(|row| row.samples.clear());
     }
     if let Some(fl) = &mut s.flood {
         fl.runs.clear();
@@ -260,6 +266,9 @@ fn markdown(r: &Results) -> String {
     }
     if let Some(sc) = &r.scale {
         scale_section(&mut s, sc);
+    }
+    if let Some(t) = &r.tiers {
+        tiers_section(&mut s, t);
     }
     if let Some(fl) = &r.flood {
         if !fl.rules.is_empty() || !fl.rules6.is_empty() {
@@ -567,6 +576,38 @@ fn scale_section(s: &mut String, sc: &scale::Results) {
         let _ = writeln!(s, "{row}");
     }
     let _ = writeln!(s, "\nPer call, TEST_RUN's own overhead (skb setup around one run) is not all in the empty program's floor: compare with section 1's repeat figures for a hot key, and read the random - hot difference as the cost of misses.\n");
+}
+
+/// 1c. A new flow with ClusterNetworkPolicy tiers and without.
+fn tiers_section(s: &mut String, t: &tiers::Results) {
+    let _ = writeln!(s, "## 1c. ClusterNetworkPolicy tiers: a new flow with and without (BPF_PROG_TEST_RUN)\n");
+    let _ = writeln!(s, "`testbed::synthetic::synthetic_cluster({}, {})` compiled for `node-1` by `policy_agent::compile::compile` and `render` twice: with its NetworkPolicies only, and with the same plus {} ClusterNetworkPolicies ({}). Each result is loaded into a classifier of its own; both are loaded at once and timed in the same run. The measured packets are picked by the userspace model from the compiled entries, one per case, and each case sends the same packet (peer, pod, port) through both classifiers: the first TCP SYN of a flow (a new source port per call, so a conntrack miss every time; allowed ones are inserted), {} calls per case and configuration with repeat = 1, each next to the empty program on the same frame, in {} chunks in which the cases and the two configurations take turns (the two swap order every chunk). The table shows the median call minus the median of the empty program's calls interleaved with it (the per-call floor was {} ns), IPv4 `to_pod` (ingress).\n", thousands(t.pods), thousands(t.policies), t.cluster_policies.len(), t.cluster_policies.join(", "), thousands(t.calls), t.rounds, ns(t.floor_ns));
+    if !t.deny_honoured {
+        let _ = writeln!(s, "**The classifier of this run does not drop on deny entries** (it reads only the entry's cookie): the Deny cases were allowed and timed as allows (a hit and a conntrack insert). Their lookups are the ones a deny-aware classifier does; its drop skips the insert and adds the drop's event, as the NetworkPolicy drop row shows.\n");
+    }
+    if t.deny_overlay > 0 {
+        let _ = writeln!(s, "`render` in this tree wrote no deny entries: the bench added the compiler's {} deny entries (with their lookup-mask bits, and the judged flag for directions only a tier applies to) itself.\n", thousands(t.deny_overlay));
+    }
+    let _ = writeln!(s, "The lookup mask is the endpoint's ingress `lookups` byte (bits 0-3: the peer's exact, port-block, protocol and any-protocol entries; 4-7 the same for the wildcard identity): the lookups a new flow may cost.\n");
+    let _ = writeln!(s, "| Case | without tiers: verdict | mask | ns | with tiers: verdict (rule) | mask | ns | with / without |\n|---|---|---|---|---|---|---|---|");
+    for case in t.cases() {
+        let (Some(a), Some(b)) = (t.get(case, tiers::WITHOUT), t.get(case, tiers::WITH)) else { continue };
+        let _ = writeln!(s, "| {case} | {} | {:#04x} | {} | {} ({}) | {:#04x} | {} | {} |", a.verdict, a.lookups, ns(a.net_ns), b.verdict, b.rule, b.lookups, ns(b.net_ns), ratio(b.net_ns / a.net_ns));
+    }
+    let _ = writeln!(s, "\nMap entries of the node, without / with tiers:\n");
+    let _ = writeln!(s, "| | without tiers | with tiers |\n|---|---|---|");
+    let (a, b) = (&t.without, &t.with);
+    for (what, x, y) in [
+        ("policy entries, allow", a.allow, b.allow),
+        ("policy entries, deny", a.deny, b.deny),
+        ("of which port blocks (LPM trie)", a.port_blocks, b.port_blocks),
+        ("ipcache entries", a.ipcache, b.ipcache),
+        ("local endpoints", a.endpoints, b.endpoints),
+        ("endpoint directions judged", a.judged_directions, b.judged_directions),
+    ] {
+        let _ = writeln!(s, "| {what} | {} | {} |", thousands(x), thousands(y));
+    }
+    let _ = writeln!(s, "| compile | {:.1} ms | {:.1} ms |\n", a.compile_ms, b.compile_ms);
 }
 
 fn median_floor(sc: &scale::Results) -> f64 {

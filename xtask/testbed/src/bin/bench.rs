@@ -4,16 +4,16 @@
 //! agent memory). Writes REPORT.md, summary.json (medians) and SVG plots to `--out`, and
 //! every raw sample to `--raw`/results.json. Root only.
 //!
-//! Usage: bench --agent PATH [--quick] [--out DIR] [--raw DIR] [--only datapath,scale,flood,flood6,crr,control,attach]
+//! Usage: bench --agent PATH [--quick] [--out DIR] [--raw DIR] [--only datapath,scale,tiers,flood,flood6,crr,control,attach]
 //!        bench report RESULTS_JSON DIR             (rewrite the report in DIR from raw results)
 //!        bench compile-child PODS POLICIES RUNS   (internal: one compile in a child)
 
 use std::{path::PathBuf, process::ExitCode, time::{Duration, Instant}};
 
-use testbed::bench::{self, attach, control, crr, datapath, flood, log, report, scale};
+use testbed::bench::{self, attach, control, crr, datapath, flood, log, report, scale, tiers};
 
 /// The parts `--only` accepts.
-const PARTS: [&str; 7] = ["datapath", "scale", "flood", "flood6", "crr", "control", "attach"];
+const PARTS: [&str; 8] = ["datapath", "scale", "tiers", "flood", "flood6", "crr", "control", "attach"];
 
 struct Args {
     agent: PathBuf,
@@ -111,6 +111,12 @@ fn main() -> ExitCode {
             passes: if q { 3 } else { 5 },
         };
         results.scale = guarded(&mut results.failures, "scale", || scale::run(&settings, &bpffs.path));
+    }
+    if wants("tiers") {
+        // Two classifiers side by side: NetworkPolicy entries only, and with tiers.
+        let (a, b) = (testbed::Bpffs::new("ta"), testbed::Bpffs::new("tb"));
+        let settings = tiers::Settings { pods: 2_000, policies: 200, calls: if q { 4_000 } else { 20_000 }, rounds: if q { 4 } else { 10 } };
+        results.tiers = guarded(&mut results.failures, "tiers", || tiers::run(&settings, [&a.path, &b.path]));
     }
     if wants("flood") || wants("flood6") || wants("crr") {
         let settings = flood::Settings {
