@@ -143,8 +143,11 @@ fn run(args: &Args) -> Result<bool, String> {
     println!("\n== 2. A platform guard rail: an Admin ClusterNetworkPolicy denies web -> db in every namespace");
     let dropped_at = Instant::now();
     write_manifest(&manifests, PLATFORM_CNP_FILE, PLATFORM_CNP)?;
-    let latency = wait_for(|| !tcp_ok(&node.pod("web").ns, target("db"), WATCH_TIMEOUT), dropped_at)?;
-    println!("   enforced within {} ms of the file landing (a 50 ms probe timeout included)", latency.as_millis());
+    // Not fatal: the table below shows what is enforced either way.
+    match wait_for(|| !tcp_ok(&node.pod("web").ns, target("db"), WATCH_TIMEOUT), dropped_at) {
+        Ok(latency) => println!("   enforced within {} ms of the file landing (a 50 ms probe timeout included)", latency.as_millis()),
+        Err(e) => println!("   (!) {e}"),
+    }
     ok &= table(&node, |from, to| (from, to) != ("web", "db"));
     println!("\n== Why is web -> db dropped? (policy-agent explain)");
     let said = show_tool(args, &manifests, &["explain", "--from", "three-tier/web", "--to", "three-tier/db", "--port", "3306"])?;
