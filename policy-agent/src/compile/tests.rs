@@ -1344,6 +1344,18 @@ fn tier_port_and_peer_cases() -> Vec<TierCase> {
             ),
             &[("y/a", "x/a", "TCP", 80, true), ("y/a", "x/a", "TCP", 81, false), ("y/b", "x/a", "TCP", 80, true), ("y/b", "x/a", "TCP", 81, false)],
         ),
+        TierCase {
+            // The Pass key of y/a must not shadow the wildcard NetworkPolicy key on port 80:
+            // only the refined key (y/a, TCP/80) sees both.
+            name: "a peer-specific Pass, then a Deny of everything (invalid), under a NetworkPolicy allowing any peer on a port",
+            objects: format!(
+                "{}{}",
+                np("x", "web", "{podSelector: {}, ingress: [{ports: [{port: 80}]}]}"),
+                cnp("guard", "Admin", 1, NS_X, &format!("ingress: [{{action: Pass, {FROM_Y_A}}}, {{action: Deny, from: [{{namespaces: {{matchExpressions: [{{key: ns, operator: Near}}]}}}}]}}]")),
+            ),
+            probes: &[("y/a", "x/a", "TCP", 80, true), ("y/a", "x/a", "TCP", 81, false), ("y/b", "x/a", "TCP", 80, false), ("198.18.153.9", "x/a", "TCP", 80, false)],
+            problems: &["spec.ingress[1]"],
+        },
         tier_case(
             "a peer-specific Admin Pass on one port over an Admin Deny of every port",
             format!(
