@@ -1229,3 +1229,41 @@ proptest! {
         check(&cluster)?;
     }
 }
+
+/// A shape random clusters rarely hit: a Pass on a whole protocol from one peer, then a Deny
+/// of everything from it, on a pod whose NetworkPolicy allows every peer on one port. The
+/// passed packets on that port must reach the NetworkPolicy's allow (the resolver's key
+/// refinement), the rest of the protocol its isolation.
+#[test]
+fn a_pass_over_a_wildcard_network_policy_port_agrees_with_the_reference() {
+    let everything = || SelectorGen { labels: BTreeMap::new(), expressions: Vec::new() };
+    let pod = |namespace| PodGen { namespace, labels: BTreeMap::new(), node: 0, host_network: false, phase: 0, ipv6: true, ports: BTreeMap::new() };
+    let tcp_80 = PortGen { protocol: 1, kind: 1, number: 80, name: 0, end_port: None };
+    let cluster = ClusterGen {
+        namespace_labels: vec![BTreeMap::new(); 3],
+        z_exists: true,
+        pods: vec![pod(0), pod(1)],
+        policies: vec![PolicyGen {
+            namespace: 0,
+            selector: Some(everything()),
+            types: 2,
+            ingress: Some(vec![RuleGen { peers: None, ports: Some(vec![tcp_80]) }]),
+            egress: None,
+        }],
+        cluster_policies: vec![CnpGen {
+            baseline: false,
+            priority: 1,
+            subject: (everything(), None),
+            ingress: vec![
+                CnpRuleGen {
+                    action: 2,
+                    peers: vec![CnpPeerGen::Pods(everything(), everything())],
+                    protocols: Some(vec![CnpProtocolGen { kind: 0, port: 0, number: 80, end: 80, name: 0 }]),
+                },
+                CnpRuleGen { action: 1, peers: vec![CnpPeerGen::Namespaces(everything())], protocols: None },
+            ],
+            egress: Vec::new(),
+        }],
+    };
+    check(&cluster).unwrap();
+}

@@ -1357,6 +1357,15 @@ fn tier_port_and_peer_cases() -> Vec<TierCase> {
             problems: &["spec.ingress[1]"],
         },
         tier_case(
+            "a peer-specific Pass of TCP, then a Deny of everything from it, under a NetworkPolicy allowing any peer on a port",
+            format!(
+                "{}{}",
+                np("x", "web", "{podSelector: {}, ingress: [{ports: [{port: 80}]}]}"),
+                cnp("guard", "Admin", 1, NS_X, &format!("ingress: [{{action: Pass, {FROM_Y_A}, protocols: [{{tcp: {{}}}}]}}, {{action: Deny, {FROM_Y_A}}}]")),
+            ),
+            &[("y/a", "x/a", "TCP", 80, true), ("y/a", "x/a", "TCP", 81, false), ("y/a", "x/a", "UDP", 80, false), ("y/b", "x/a", "TCP", 80, true)],
+        ),
+        tier_case(
             "a peer-specific Admin Pass on one port over an Admin Deny of every port",
             format!(
                 "{}{}",
