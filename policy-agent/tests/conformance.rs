@@ -285,6 +285,16 @@ impl Cluster {
         self.write(&format!("50-np-file-{name}"), text);
     }
 
+    /// Creates or replaces ClusterNetworkPolicy `name` with `spec`. (The `50-np-` prefix:
+    /// removed between cases with the NetworkPolicies.)
+    fn apply_cnp(&mut self, name: &str, spec: &str) {
+        let yaml = format!(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n{}",
+            indent(spec, 2)
+        );
+        self.write(&format!("50-np-cnp-{name}.yaml"), &yaml);
+    }
+
     fn delete_policy(&mut self, ns: &str, name: &str) {
         self.remove(&format!("50-np-{ns}-{name}.yaml"));
     }
@@ -2028,6 +2038,251 @@ fn service_hairpin(c: &mut Cluster) {
 }
 
 // ---------------------------------------------------------------------------------------
+// ClusterNetworkPolicy (network-policy-api v1alpha2; the upstream conformance suite's cases
+// re-expressed on the x, y, z model: its namespaces are gryffindor, slytherin, ...)
+// ---------------------------------------------------------------------------------------
+
+/// An Admin or Baseline policy on namespace x's pods with one ingress rule from `from`.
+fn cnp_ingress_to_x(tier: &str, priority: u32, action: &str, from: &str, protocols: &str) -> String {
+    format!("
+        tier: {tier}
+        priority: {priority}
+        subject:
+          namespaces:
+            matchLabels: {{ns: x}}
+        ingress:
+        - action: {action}
+          from: [{from}]
+          {protocols}
+    ")
+}
+
+const FROM_NS_Y: &str = "{namespaces: {matchLabels: {ns: y}}}";
+const FROM_ANY_NS: &str = "{namespaces: {}}";
+
+fn cnp_admin_deny_ingress(c: &mut Cluster) {
+    c.apply_cnp("deny-y-to-x", &cnp_ingress_to_x("Admin", 10, "Deny", FROM_NS_Y, ""));
+    let mut r = c.reach();
+    r.deny("y/*", "x/*");
+    c.check(&r, 80, TCP);
+    c.check(&r, 81, UDP);
+    c.check(&r, 80, SCTP);
+    // The node still reaches its pods (kubelet probes).
+    assert_eq!(c.node_reaches("x/a", 80, TCP), [true, true], "node -> x/a (IPv4, IPv6)");
+}
+
+fn cnp_admin_deny_egress(c: &mut Cluster) {
+    c.apply_cnp("deny-x-to-y", "
+        tier: Admin
+        priority: 10
+        subject:
+          namespaces:
+            matchLabels: {ns: x}
+        egress:
+        - action: Deny
+          to:
+          - namespaces:
+              matchLabels: {ns: y}
+    ");
+    let mut r = c.reach();
+    r.deny("x/*", "y/*");
+    c.check(&r, 80, TCP);
+    c.check(&r, 53, UDP);
+}
+
+fn cnp_admin_accept_over_isolation(c: &mut Cluster) {
+    c.apply("x", "deny-ingress", DENY_INGRESS);
+    c.apply_cnp("accept-y", &cnp_ingress_to_x("Admin", 10, "Accept", FROM_NS_Y, ""));
+    let mut r = c.reach();
+    r.deny("*", "x/*").allow("y/*", "x/*");
+    c.check(&r, 80, TCP);
+}
+
+fn cnp_deny_beats_network_policy_allow(c: &mut Cluster) {
+    c.apply("x", "allow-all", "
+        podSelector: {}
+        policyTypes: [Ingress]
+        ingress:
+        - {}
+    ");
+    c.apply_cnp("deny-y-80", &cnp_ingress_to_x("Admin", 10, "Deny", FROM_NS_Y, "protocols: [{tcp: {destinationPort: {number: 80}}}]"));
+    let mut r = c.reach();
+    r.deny("y/*", "x/*");
+    c.check(&r, 80, TCP);
+    c.check(&c.reach(), 81, TCP);
+    c.check(&c.reach(), 80, UDP);
+}
+
+fn cnp_pass_to_network_policy(c: &mut Cluster) {
+    c.apply_cnp("pass-y", &cnp_ingress_to_x("Admin", 5, "Pass", FROM_NS_Y, ""));
+    c.apply_cnp("deny-all", &cnp_ingress_to_x("Admin", 10, "Deny", FROM_ANY_NS, ""));
+    let mut r = c.reach();
+    // No NetworkPolicy yet: what Pass skips goes on to the default allow.
+    r.deny("*", "x/*").allow("y/*", "x/*");
+    c.check(&r, 80, TCP);
+    // A NetworkPolicy isolating x decides what was passed: only y/a.
+    c.apply("x", "from-y-a", "
+        podSelector: {}
+        policyTypes: [Ingress]
+        ingress:
+        - from:
+          - namespaceSelector:
+              matchLabels: {ns: y}
+            podSelector:
+              matchLabels: {pod: a}
+    ");
+    let mut r = c.reach();
+    r.deny("*", "x/*").allow("y/a", "x/*");
+    c.check(&r, 80, TCP);
+}
+
+fn cnp_pass_to_baseline(c: &mut Cluster) {
+    c.apply_cnp("pass-y", &cnp_ingress_to_x("Admin", 5, "Pass", FROM_NS_Y, ""));
+    c.apply_cnp("deny-y-z", &cnp_ingress_to_x("Admin", 10, "Deny", "{namespaces: {matchExpressions: [{key: ns, operator: In, values: [y, z]}]}}", ""));
+    c.apply_cnp("baseline-deny-y-b", &cnp_ingress_to_x("Baseline", 5, "Deny", "{pods: {namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: b}}}}", ""));
+    let mut r = c.reach();
+    r.deny("z/*", "x/*").deny("y/b", "x/*");
+    c.check(&r, 80, TCP);
+}
+
+fn cnp_baseline_loses_to_network_policy(c: &mut Cluster) {
+    c.apply_cnp("baseline-deny-all", "
+        tier: Baseline
+        priority: 10
+        subject:
+          namespaces: {}
+        ingress:
+        - action: Deny
+          from:
+          - namespaces: {}
+    ");
+    c.apply("x", "from-y", "
+        podSelector: {}
+        policyTypes: [Ingress]
+        ingress:
+        - from:
+          - namespaceSelector:
+              matchLabels: {ns: y}
+    ");
+    let mut r = c.reach();
+    r.deny("*", "*").allow("y/*", "x/*");
+    c.check(&r, 80, TCP);
+}
+
+fn cnp_named_port(c: &mut Cluster) {
+    c.apply_cnp("deny-y-serve-80-tcp", &cnp_ingress_to_x("Admin", 10, "Deny", FROM_NS_Y, "protocols: [{destinationNamedPort: serve-80-tcp}]"));
+    let mut r = c.reach();
+    r.deny("y/*", "x/*");
+    c.check(&r, 80, TCP);
+    c.check(&c.reach(), 81, TCP);
+    c.check(&c.reach(), 80, UDP);
+}
+
+fn cnp_egress_named_port_and_range(c: &mut Cluster) {
+    c.apply_cnp("deny-x-out", "
+        tier: Admin
+        priority: 10
+        subject:
+          namespaces:
+            matchLabels: {ns: x}
+        egress:
+        - action: Deny
+          to:
+          - namespaces:
+              matchLabels: {ns: y}
+          protocols:
+          - tcp:
+              destinationPort:
+                range: {start: 80, end: 81}
+        - action: Deny
+          to:
+          - namespaces:
+              matchLabels: {ns: z}
+          protocols:
+          - destinationNamedPort: serve-81-udp
+    ");
+    let mut r = c.reach();
+    r.deny("x/*", "y/*");
+    c.check(&r, 80, TCP);
+    c.check(&r, 81, TCP);
+    c.check(&c.reach(), 80, UDP);
+    let mut r = c.reach();
+    r.deny("x/*", "z/*");
+    c.check(&r, 81, UDP);
+}
+
+fn cnp_networks_match_pods(c: &mut Cluster) {
+    // Exactly namespace y's addresses (see model_pod).
+    c.apply_cnp("deny-x-to-y-range", "
+        tier: Admin
+        priority: 10
+        subject:
+          namespaces:
+            matchLabels: {ns: x}
+        egress:
+        - action: Deny
+          to:
+          - networks: [198.18.10.32/28, '2001:2:0:10::20/124']
+    ");
+    let mut r = c.reach();
+    r.deny("x/*", "y/*");
+    c.check(&r, 80, TCP);
+}
+
+fn cnp_priority_change(c: &mut Cluster) {
+    c.apply_cnp("accept-y", &cnp_ingress_to_x("Admin", 10, "Accept", FROM_NS_Y, ""));
+    c.apply_cnp("deny-y", &cnp_ingress_to_x("Admin", 20, "Deny", FROM_NS_Y, ""));
+    c.check(&c.reach(), 80, TCP);
+    // The Accept now comes after the Deny.
+    c.apply_cnp("accept-y", &cnp_ingress_to_x("Admin", 30, "Accept", FROM_NS_Y, ""));
+    let mut r = c.reach();
+    r.deny("y/*", "x/*");
+    c.check(&r, 80, TCP);
+}
+
+fn cnp_label_change(c: &mut Cluster) {
+    c.apply_cnp("quarantine", "
+        tier: Admin
+        priority: 1
+        subject:
+          pods:
+            namespaceSelector: {}
+            podSelector:
+              matchLabels: {quarantine: 'true'}
+        ingress:
+        - action: Deny
+          from:
+          - namespaces: {}
+        egress:
+        - action: Deny
+          to:
+          - namespaces: {}
+    ");
+    c.check(&c.reach(), 80, TCP);
+    c.label_pod("y/b", &[("pod", "b"), ("quarantine", "true")]);
+    let mut r = c.reach();
+    r.ingress("y/b", false).egress("y/b", false);
+    c.check(&r, 80, TCP);
+    c.label_pod("y/b", &[("pod", "b")]);
+    c.check(&c.reach(), 80, TCP);
+}
+
+const CLUSTER_POLICY_CASES: &[Case] = &[
+    ("cnp_admin_deny_ingress", "CNPAdminTierIngressTCP/UDP/SCTP: Deny ingress from a namespace", cnp_admin_deny_ingress),
+    ("cnp_admin_deny_egress", "CNPAdminTierEgressTCP/UDP: Deny egress to a namespace", cnp_admin_deny_egress),
+    ("cnp_admin_accept_over_isolation", "CNPAdminTierGress: an Admin Accept wins over NetworkPolicy isolation", cnp_admin_accept_over_isolation),
+    ("cnp_deny_beats_network_policy_allow", "CNPAdminTierIntegration: an Admin Deny wins over a NetworkPolicy allow", cnp_deny_beats_network_policy_allow),
+    ("cnp_pass_to_network_policy", "CNPAdminTierIntegration: 'pass-ingress' respects the NetworkPolicy", cnp_pass_to_network_policy),
+    ("cnp_pass_to_baseline", "CNPAdminTierIntegration: 'pass-ingress' respects the baseline CNP", cnp_pass_to_baseline),
+    ("cnp_baseline_loses_to_network_policy", "CNPBaselineTierGress: a NetworkPolicy allow wins over a Baseline Deny", cnp_baseline_loses_to_network_policy),
+    ("cnp_named_port", "CNPAdminTierIngressNamedPort", cnp_named_port),
+    ("cnp_egress_named_port_and_range", "CNPAdminTierEgressNamedPort, port ranges (TCP range, UDP named port)", cnp_egress_named_port_and_range),
+    ("cnp_networks_match_pods", "CNPAdminTierEgressInlineCIDRPeers: networks match pod addresses", cnp_networks_match_pods),
+    ("cnp_priority_change", "CNPAdminTierPriorityField: a priority changed mid-case", cnp_priority_change),
+    ("cnp_label_change", "(ours) a pod labelled into and out of a pods subject mid-case", cnp_label_change),
+];
+
+// ---------------------------------------------------------------------------------------
 // Groups
 // ---------------------------------------------------------------------------------------
 
@@ -2134,6 +2389,13 @@ fn conformance_seed_example() {
         ("seed_example", "(seed) manifests/examples/three-tier as shipped", seed_example),
         ("seed_example_with_egress", "(seed) web -> api:5000 -> db:3306 with egress rules", seed_example_with_egress),
     ]);
+}
+
+/// ClusterNetworkPolicy. Cases with a Deny need the classifier's deny entries.
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn conformance_cluster_policies() {
+    run_group("cnp", on_nodes(xyz(), 2), CLUSTER_POLICY_CASES);
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The oracle: a straightforward reference evaluator written from the NetworkPolicy v1 text
-//! (per pair of addresses, per protocol and port: egress allowed at the source AND ingress
-//! allowed at the destination; no identities, no maps), against compile + render + the
-//! lookup model, over random small clusters.
+//! and the ClusterNetworkPolicy (v1alpha2) text (per pair of addresses, per protocol and
+//! port: egress allowed at the source AND ingress allowed at the destination, each through
+//! Admin tier -> NetworkPolicy -> Baseline tier -> default allow; no identities, no maps),
+//! against compile + render + the lookup model, over random small clusters.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -14,9 +15,15 @@ use k8s_openapi::api::networking::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use policy_agent::compile::{self, EndpointSlot, MapContents, NodeContext, PodRef};
+use policy_agent::compile::{self, Compiled, EndpointSlot, MapContents, NodeContext, PodRef, RuleKey};
+use policy_agent::crd::{
+    ClusterNetworkPolicy, ClusterNetworkPolicySpec, EgressPeer, EgressRule, IngressPeer, IngressRule, NamespacedPod, Port,
+    PortRange, Protocol, ProtocolPort, Subject,
+};
 use policy_agent::state::{ClusterState, Object};
 use policy_common::Direction;
+use policy_common::identity;
+use policy_common::policy::PortPrefix;
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------
@@ -119,12 +126,51 @@ struct PolicyGen {
 }
 
 #[derive(Clone, Debug)]
+enum CnpPeerGen {
+    Namespaces(SelectorGen),
+    Pods(SelectorGen, SelectorGen),
+    /// Egress only (an ingress rule gets a namespaces peer instead); `None`: a CIDR without
+    /// a length (invalid).
+    Networks(Vec<Option<CidrGen>>),
+}
+
+#[derive(Clone, Debug)]
+struct CnpProtocolGen {
+    /// 0..=2 tcp, udp, sctp; 3 destinationNamedPort; 4 two of them at once (invalid).
+    kind: usize,
+    /// 0: no destinationPort, 1: number, 2: range, 3: neither number nor range (invalid).
+    port: usize,
+    number: i32,
+    end: i32,
+    name: usize,
+}
+
+#[derive(Clone, Debug)]
+struct CnpRuleGen {
+    /// 0 Accept, 1 Deny, 2 Pass, 3 unknown.
+    action: usize,
+    peers: Vec<CnpPeerGen>,
+    protocols: Option<Vec<CnpProtocolGen>>,
+}
+
+#[derive(Clone, Debug)]
+struct CnpGen {
+    baseline: bool,
+    priority: i32,
+    /// (namespaces, Some(pods)) for a pods subject.
+    subject: (SelectorGen, Option<SelectorGen>),
+    ingress: Vec<CnpRuleGen>,
+    egress: Vec<CnpRuleGen>,
+}
+
+#[derive(Clone, Debug)]
 struct ClusterGen {
     namespace_labels: Vec<BTreeMap<usize, usize>>,
     /// Whether namespace z has an object at all.
     z_exists: bool,
     pods: Vec<PodGen>,
     policies: Vec<PolicyGen>,
+    cluster_policies: Vec<CnpGen>,
 }
 
 fn labels_gen() -> impl Strategy<Value = BTreeMap<usize, usize>> {
@@ -224,18 +270,68 @@ fn pod_gen() -> impl Strategy<Value = PodGen> {
         })
 }
 
+/// Often `{}`, so that policies overlap and their order matters.
+fn broad_selector_gen() -> impl Strategy<Value = SelectorGen> {
+    prop_oneof![
+        2 => Just(SelectorGen { labels: BTreeMap::new(), expressions: Vec::new() }),
+        3 => selector_gen(),
+    ]
+}
+
+fn cnp_peer_gen() -> impl Strategy<Value = CnpPeerGen> {
+    prop_oneof![
+        3 => broad_selector_gen().prop_map(CnpPeerGen::Namespaces),
+        3 => (broad_selector_gen(), broad_selector_gen()).prop_map(|(n, p)| CnpPeerGen::Pods(n, p)),
+        2 => prop::collection::vec(prop::option::weighted(0.95, cidr_gen()), 1..3).prop_map(CnpPeerGen::Networks),
+    ]
+}
+
+fn cnp_protocol_gen() -> impl Strategy<Value = CnpProtocolGen> {
+    (
+        prop_oneof![6 => 0..3usize, 3 => Just(3usize), 1 => Just(4usize)],
+        prop_oneof![2 => Just(0usize), 3 => Just(1usize), 3 => Just(2usize), 1 => Just(3usize)],
+        prop::sample::select(vec![80, 81, 53, 8080, 443, 0, 70000]),
+        prop::sample::select(vec![80, 81, 90, 8080, 65535, 79]),
+        prop_oneof![6 => 0..3usize, 1 => 3..PORT_NAMES.len()],
+    )
+        .prop_map(|(kind, port, number, end, name)| CnpProtocolGen { kind, port, number, end, name })
+}
+
+fn cnp_rule_gen() -> impl Strategy<Value = CnpRuleGen> {
+    (
+        prop_oneof![3 => Just(0usize), 3 => Just(1usize), 3 => Just(2usize), 1 => Just(3usize)],
+        prop::collection::vec(cnp_peer_gen(), 1..3),
+        prop::option::weighted(0.6, prop::collection::vec(cnp_protocol_gen(), 1..3)),
+    )
+        .prop_map(|(action, peers, protocols)| CnpRuleGen { action, peers, protocols })
+}
+
+fn cnp_gen() -> impl Strategy<Value = CnpGen> {
+    (
+        any::<bool>(),
+        // Few values, so that equal priorities (decided by name) are common.
+        prop::sample::select(vec![0, 1, 1, 1, 1000]),
+        (broad_selector_gen(), prop::option::of(broad_selector_gen())),
+        prop::collection::vec(cnp_rule_gen(), 0..3),
+        prop::collection::vec(cnp_rule_gen(), 0..3),
+    )
+        .prop_map(|(baseline, priority, subject, ingress, egress)| CnpGen { baseline, priority, subject, ingress, egress })
+}
+
 fn cluster_gen() -> impl Strategy<Value = ClusterGen> {
     (
         prop::collection::vec(labels_gen(), 3),
         any::<bool>(),
         prop::collection::vec(pod_gen(), 1..8),
         prop::collection::vec(policy_gen(), 0..5),
+        prop_oneof![1 => Just(Vec::new()), 3 => prop::collection::vec(cnp_gen(), 1..4)],
     )
-        .prop_map(|(namespace_labels, z_exists, pods, policies)| ClusterGen {
+        .prop_map(|(namespace_labels, z_exists, pods, policies, cluster_policies)| ClusterGen {
             namespace_labels,
             z_exists,
             pods,
             policies,
+            cluster_policies,
         })
 }
 
@@ -345,6 +441,73 @@ fn to_port(port: &PortGen) -> NetworkPolicyPort {
     }
 }
 
+fn to_namespaced_pod(namespaces: &SelectorGen, pods: &SelectorGen) -> NamespacedPod {
+    NamespacedPod { namespace_selector: to_selector(namespaces), pod_selector: to_selector(pods) }
+}
+
+fn to_cnp_protocol(protocol: &CnpProtocolGen) -> Protocol {
+    let destination_port = match protocol.port {
+        0 => None,
+        1 => Some(Port { number: Some(protocol.number), range: None }),
+        2 => Some(Port { number: None, range: Some(PortRange { start: protocol.number, end: protocol.end }) }),
+        _ => Some(Port::default()),
+    };
+    let port = Some(ProtocolPort { destination_port });
+    match protocol.kind {
+        0 => Protocol { tcp: port, ..Protocol::default() },
+        1 => Protocol { udp: port, ..Protocol::default() },
+        2 => Protocol { sctp: port, ..Protocol::default() },
+        3 => Protocol { destination_named_port: Some(PORT_NAMES[protocol.name].to_owned()), ..Protocol::default() },
+        _ => Protocol { tcp: port, destination_named_port: Some(PORT_NAMES[protocol.name].to_owned()), ..Protocol::default() },
+    }
+}
+
+fn to_network(cidr: &Option<CidrGen>) -> String {
+    cidr.as_ref().map_or_else(|| "198.18.0.0".to_owned(), |c| to_ip_block(c).cidr)
+}
+
+fn to_egress_peer(peer: &CnpPeerGen) -> EgressPeer {
+    match peer {
+        CnpPeerGen::Namespaces(n) => EgressPeer { namespaces: Some(to_selector(n)), ..EgressPeer::default() },
+        CnpPeerGen::Pods(n, p) => EgressPeer { pods: Some(to_namespaced_pod(n, p)), ..EgressPeer::default() },
+        CnpPeerGen::Networks(cidrs) => EgressPeer { networks: Some(cidrs.iter().map(to_network).collect()), ..EgressPeer::default() },
+    }
+}
+
+fn to_ingress_peer(peer: &CnpPeerGen) -> IngressPeer {
+    match peer {
+        CnpPeerGen::Pods(n, p) => IngressPeer { pods: Some(to_namespaced_pod(n, p)), namespaces: None },
+        CnpPeerGen::Namespaces(n) => IngressPeer { namespaces: Some(to_selector(n)), pods: None },
+        CnpPeerGen::Networks(_) => IngressPeer { namespaces: Some(LabelSelector::default()), pods: None },
+    }
+}
+
+const ACTIONS: [&str; 4] = ["Accept", "Deny", "Pass", "Allow"];
+
+fn to_cnp(index: usize, cnp: &CnpGen) -> ClusterNetworkPolicy {
+    let (namespaces, pods) = &cnp.subject;
+    let subject = match pods {
+        None => Subject { namespaces: Some(to_selector(namespaces)), pods: None },
+        Some(pods) => Subject { namespaces: None, pods: Some(to_namespaced_pod(namespaces, pods)) },
+    };
+    let protocols = |r: &CnpRuleGen| r.protocols.as_ref().map(|p| p.iter().map(to_cnp_protocol).collect());
+    let ingress = cnp
+        .ingress
+        .iter()
+        .map(|r| IngressRule { name: None, action: ACTIONS[r.action].to_owned(), from: r.peers.iter().map(to_ingress_peer).collect(), protocols: protocols(r) })
+        .collect();
+    let egress = cnp
+        .egress
+        .iter()
+        .map(|r| EgressRule { name: None, action: ACTIONS[r.action].to_owned(), to: r.peers.iter().map(to_egress_peer).collect(), protocols: protocols(r) })
+        .collect();
+    let tier = if cnp.baseline { "Baseline" } else { "Admin" };
+    ClusterNetworkPolicy::new(
+        &format!("cnp{index}"),
+        ClusterNetworkPolicySpec { tier: tier.to_owned(), priority: cnp.priority, subject, ingress: Some(ingress), egress: Some(egress) },
+    )
+}
+
 fn build(cluster: &ClusterGen) -> ClusterState {
     let mut objects = Vec::new();
     for (index, name) in NAMESPACES.iter().enumerate() {
@@ -445,6 +608,9 @@ fn build(cluster: &ClusterGen) -> ClusterState {
                     .map(|r| r.into_iter().map(|(to, ports)| NetworkPolicyEgressRule { to, ports }).collect()),
             }),
         })));
+    }
+    for (i, cnp) in cluster.cluster_policies.iter().enumerate() {
+        objects.push(Object::ClusterNetworkPolicy(Arc::new(to_cnp(i, cnp))));
     }
     ClusterState::from_objects(objects)
 }
@@ -628,15 +794,16 @@ mod reference {
         })
     }
 
-    /// Egress at the source pod towards `ip` (owned by `peer` if a live pod).
-    pub fn egress_allowed(
+    /// NetworkPolicy egress at the source pod towards `ip` (owned by `peer` if a live pod):
+    /// `None` if no policy isolates it.
+    fn network_policy_egress(
         state: &ClusterState,
         source: &PodView<'_>,
         ip: IpAddr,
         peer: Option<&PodView<'_>>,
         protocol: &str,
         port: u16,
-    ) -> bool {
+    ) -> Option<bool> {
         let mut isolated = false;
         for policy in selecting_policies(state, source) {
             let spec = policy.spec.clone().unwrap_or_default();
@@ -649,26 +816,22 @@ mod reference {
                 if peer_matches(state, rule.to.as_ref(), &namespace, ip, peer)
                     && port_matches(rule.ports.as_ref(), protocol, port, peer.map(|p| p.pod))
                 {
-                    return true;
+                    return Some(true);
                 }
             }
         }
-        !isolated
+        isolated.then_some(false)
     }
 
-    /// Ingress at the destination pod from `ip`. `node_addresses` are the destination node's.
-    pub fn ingress_allowed(
+    /// NetworkPolicy ingress at the destination pod from `ip`: `None` if not isolated.
+    fn network_policy_ingress(
         state: &ClusterState,
         destination: &PodView<'_>,
         ip: IpAddr,
         peer: Option<&PodView<'_>>,
-        node_addresses: &BTreeSet<IpAddr>,
         protocol: &str,
         port: u16,
-    ) -> bool {
-        if node_addresses.contains(&ip) {
-            return true;
-        }
+    ) -> Option<bool> {
         let mut isolated = false;
         for policy in selecting_policies(state, destination) {
             let spec = policy.spec.clone().unwrap_or_default();
@@ -681,20 +844,265 @@ mod reference {
                 if peer_matches(state, rule.from.as_ref(), &namespace, ip, peer)
                     && port_matches(rule.ports.as_ref(), protocol, port, Some(destination.pod))
                 {
-                    return true;
+                    return Some(true);
                 }
             }
         }
-        !isolated
+        isolated.then_some(false)
+    }
+
+    /// Egress at the source pod towards `ip` (owned by `peer` if a live pod).
+    pub fn egress_allowed(
+        state: &ClusterState,
+        source: &PodView<'_>,
+        ip: IpAddr,
+        peer: Option<&PodView<'_>>,
+        protocol: &str,
+        port: u16,
+    ) -> bool {
+        let packet = Packet { ip, peer, protocol, port, destination: peer.map(|p| p.pod) };
+        tiers(state, source, Direction::Egress, &packet, || network_policy_egress(state, source, ip, peer, protocol, port))
+    }
+
+    /// Ingress at the destination pod from `ip`. `node_addresses` are the destination node's.
+    pub fn ingress_allowed(
+        state: &ClusterState,
+        destination: &PodView<'_>,
+        ip: IpAddr,
+        peer: Option<&PodView<'_>>,
+        node_addresses: &BTreeSet<IpAddr>,
+        protocol: &str,
+        port: u16,
+    ) -> bool {
+        // The node (kubelet probes) always reaches its pods.
+        if node_addresses.contains(&ip) {
+            return true;
+        }
+        let packet = Packet { ip, peer, protocol, port, destination: Some(destination.pod) };
+        tiers(state, destination, Direction::Ingress, &packet, || network_policy_ingress(state, destination, ip, peer, protocol, port))
+    }
+
+    // -----------------------------------------------------------------------------------
+    // ClusterNetworkPolicy, from the v1alpha2 API text.
+
+    /// What one direction's decision looks at. `destination`: the pod a named port
+    /// resolves on (the subject for ingress, the peer for egress).
+    struct Packet<'a> {
+        ip: IpAddr,
+        peer: Option<&'a PodView<'a>>,
+        protocol: &'a str,
+        port: u16,
+        destination: Option<&'a Pod>,
+    }
+
+    /// Admin tier (Accept and Deny end it, Pass skips to NetworkPolicy), then NetworkPolicy
+    /// if it isolates the pod, then the Baseline tier (Pass: the default), then allow.
+    fn tiers(
+        state: &ClusterState,
+        pod: &PodView<'_>,
+        direction: Direction,
+        packet: &Packet<'_>,
+        network_policy: impl FnOnce() -> Option<bool>,
+    ) -> bool {
+        match first_action(state, "Admin", pod, direction, packet) {
+            Some("Accept") => return true,
+            Some("Deny") => return false,
+            _ => {}
+        }
+        if let Some(allowed) = network_policy() {
+            return allowed;
+        }
+        first_action(state, "Baseline", pod, direction, packet) != Some("Deny")
+    }
+
+    /// The action of the first matching rule of the tier's policies that apply to `pod`,
+    /// lowest priority number first, then by name, rules in order.
+    fn first_action(
+        state: &ClusterState,
+        tier: &str,
+        pod: &PodView<'_>,
+        direction: Direction,
+        packet: &Packet<'_>,
+    ) -> Option<&'static str> {
+        let mut policies: Vec<&ClusterNetworkPolicy> =
+            state.cluster_policies.values().map(|p| &**p).filter(|p| p.spec.tier == tier && subject_matches(state, p, pod)).collect();
+        policies.sort_by_key(|p| (p.spec.priority, p.metadata.name.clone()));
+        policies.into_iter().find_map(|policy| match direction {
+            Direction::Ingress => policy.spec.ingress.iter().flatten().find_map(|rule| {
+                let peers: Vec<PeerView<'_>> = rule.from.iter().map(|p| PeerView { namespaces: p.namespaces.as_ref(), pods: p.pods.as_ref(), networks: None }).collect();
+                rule_action(state, &rule.action, &peers, rule.protocols.as_deref(), packet)
+            }),
+            Direction::Egress => policy.spec.egress.iter().flatten().find_map(|rule| {
+                let peers: Vec<PeerView<'_>> =
+                    rule.to.iter().map(|p| PeerView { namespaces: p.namespaces.as_ref(), pods: p.pods.as_ref(), networks: p.networks.as_deref() }).collect();
+                rule_action(state, &rule.action, &peers, rule.protocols.as_deref(), packet)
+            }),
+        })
+    }
+
+    fn subject_matches(state: &ClusterState, policy: &ClusterNetworkPolicy, pod: &PodView<'_>) -> bool {
+        let namespace = namespace_labels(state, &pod.namespace);
+        let labels = pod.pod.metadata.labels.clone().unwrap_or_default();
+        match (&policy.spec.subject.namespaces, &policy.spec.subject.pods) {
+            (Some(namespaces), None) => valid_and_matches(namespaces, &namespace),
+            (None, Some(pods)) => {
+                // Both selectors must be valid, even if the first already fails to match.
+                selector_valid(&pods.namespace_selector)
+                    && selector_valid(&pods.pod_selector)
+                    && selector_matches(&pods.namespace_selector, &namespace)
+                    && selector_matches(&pods.pod_selector, &labels)
+            }
+            _ => false,
+        }
+    }
+
+    struct PeerView<'a> {
+        namespaces: Option<&'a LabelSelector>,
+        pods: Option<&'a NamespacedPod>,
+        networks: Option<&'a [String]>,
+    }
+
+    /// The rule's action if it matches the packet. A rule with an invalid part fails
+    /// closed: an Accept matches nothing, anything else denies everything.
+    fn rule_action(
+        state: &ClusterState,
+        action: &str,
+        peers: &[PeerView<'_>],
+        protocols: Option<&[Protocol]>,
+        packet: &Packet<'_>,
+    ) -> Option<&'static str> {
+        let action = match action {
+            "Accept" => "Accept",
+            "Deny" => "Deny",
+            "Pass" => "Pass",
+            _ => return Some("Deny"),
+        };
+        let valid = !peers.is_empty()
+            && peers.iter().all(cnp_peer_valid)
+            && protocols.is_none_or(|p| !p.is_empty() && p.iter().all(cnp_protocol_valid));
+        if !valid {
+            return (action != "Accept").then_some("Deny");
+        }
+        let peer_ok = peers.iter().any(|peer| cnp_peer_matches(state, peer, packet));
+        let protocol_ok = protocols.is_none_or(|p| p.iter().any(|protocol| cnp_protocol_matches(protocol, packet)));
+        (peer_ok && protocol_ok).then_some(action)
+    }
+
+    fn cnp_peer_valid(peer: &PeerView<'_>) -> bool {
+        let set = usize::from(peer.namespaces.is_some()) + usize::from(peer.pods.is_some()) + usize::from(peer.networks.is_some());
+        set == 1
+            && peer.namespaces.is_none_or(selector_valid)
+            && peer.pods.is_none_or(|p| selector_valid(&p.namespace_selector) && selector_valid(&p.pod_selector))
+            && peer.networks.is_none_or(|n| !n.is_empty() && n.iter().all(|c| parse_cidr(c).is_some()))
+    }
+
+    /// `namespaces` and `pods` match live pods only; `networks` match any address.
+    fn cnp_peer_matches(state: &ClusterState, peer: &PeerView<'_>, packet: &Packet<'_>) -> bool {
+        if let Some(networks) = peer.networks {
+            return networks.iter().filter_map(|c| parse_cidr(c)).any(|cidr| in_cidr(packet.ip, cidr));
+        }
+        let Some(pod) = packet.peer else { return false };
+        let namespace = namespace_labels(state, &pod.namespace);
+        let labels = pod.pod.metadata.labels.clone().unwrap_or_default();
+        match (peer.namespaces, peer.pods) {
+            (Some(namespaces), _) => selector_matches(namespaces, &namespace),
+            (_, Some(pods)) => selector_matches(&pods.namespace_selector, &namespace) && selector_matches(&pods.pod_selector, &labels),
+            _ => false,
+        }
+    }
+
+    fn port_number_valid(value: i32) -> bool {
+        (1..=65535).contains(&value)
+    }
+
+    fn cnp_protocol_valid(protocol: &Protocol) -> bool {
+        let ports = [&protocol.tcp, &protocol.udp, &protocol.sctp];
+        let set = ports.iter().filter(|p| p.is_some()).count() + usize::from(protocol.destination_named_port.is_some());
+        let ports_ok = ports.iter().copied().flatten().all(|p| match &p.destination_port {
+            None => true,
+            Some(Port { number: Some(n), range: None }) => port_number_valid(*n),
+            Some(Port { number: None, range: Some(r) }) => port_number_valid(r.start) && port_number_valid(r.end) && r.start <= r.end,
+            Some(_) => false,
+        });
+        set == 1 && ports_ok && protocol.destination_named_port.as_deref().is_none_or(valid_port_name)
+    }
+
+    fn cnp_protocol_matches(protocol: &Protocol, packet: &Packet<'_>) -> bool {
+        let port = i32::from(packet.port);
+        if let Some(name) = &protocol.destination_named_port {
+            // The container port's own protocol applies.
+            return packet.destination.is_some_and(|pod| {
+                pod.spec.iter().flat_map(|s| &s.containers).flat_map(|c| c.ports.iter().flatten()).any(|p| {
+                    p.name.as_deref() == Some(name.as_str())
+                        && protocol_of(p.protocol.as_deref()) == Some(packet.protocol)
+                        && p.container_port == port
+                })
+            });
+        }
+        let (name, entry) = match (&protocol.tcp, &protocol.udp, &protocol.sctp) {
+            (Some(e), _, _) => ("TCP", e),
+            (_, Some(e), _) => ("UDP", e),
+            (_, _, Some(e)) => ("SCTP", e),
+            _ => return false,
+        };
+        name == packet.protocol
+            && match &entry.destination_port {
+                None => true,
+                Some(Port { number: Some(n), .. }) => *n == port,
+                Some(Port { range: Some(r), .. }) => (r.start..=r.end).contains(&port),
+                Some(_) => false,
+            }
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // The comparison.
 
+/// Whether render and the lookup model encode deny entries (ClusterNetworkPolicy Deny and
+/// isolation under a wider allow). Until they do, clusters with ClusterNetworkPolicies are
+/// judged on the compiled entries only (see [`first_hit`]); clusters without are judged on
+/// both. Set to true once render and `compile::verdict` honour `EndpointPolicy::denies`.
+const RENDER_HONOURS_DENIES: bool = false;
+
 struct NodeMaps {
+    compiled: Compiled,
     contents: MapContents,
     slots: BTreeMap<PodRef, EndpointSlot>,
+}
+
+/// The classifier's contract on the compiled entries: the first hit among allow and deny
+/// entries, the peer's own identity before the wildcard, longest port prefix first, then
+/// the whole protocol, then any protocol; a miss drops where the direction is judged.
+fn first_hit(maps: &NodeMaps, pod: &PodRef, direction: Direction, peer: IpAddr, protocol: u8, port: u16) -> bool {
+    let endpoint = &maps.compiled.endpoints[pod];
+    let peer_identity = compile::ipcache_lookup(&maps.contents, peer);
+    let mut specs: Vec<(Option<u8>, Option<PortPrefix>)> = (1..=16u8)
+        .rev()
+        .map(|bits| (Some(protocol), Some(PortPrefix { port: port & !u16::MAX.checked_shr(u32::from(bits)).unwrap_or(0), bits })))
+        .collect();
+    specs.push((Some(protocol), None));
+    specs.push((None, None));
+    for peer in [peer_identity, identity::ANY] {
+        for &(protocol, port) in &specs {
+            let key = RuleKey { direction, peer, protocol, port };
+            if endpoint.rules.contains_key(&key) {
+                return true;
+            }
+            if endpoint.denies.contains_key(&key) {
+                return false;
+            }
+        }
+    }
+    !endpoint.judged(direction)
+}
+
+/// The verdict at a local pod: from the compiled entries and, where render can express
+/// it, from the rendered maps too (they must agree with the reference both).
+fn judge(maps: &NodeMaps, pod: &PodRef, direction: Direction, peer: IpAddr, protocol: u8, port: u16, tiers: bool) -> (bool, Option<bool>) {
+    let model = first_hit(maps, pod, direction, peer, protocol, port);
+    let rendered = (!tiers || RENDER_HONOURS_DENIES)
+        .then(|| compile::verdict(&maps.contents, maps.slots[pod].ifindex, direction, peer, protocol, port).allows());
+    (model, rendered)
 }
 
 fn compile_node(state: &ClusterState, node: &str) -> NodeMaps {
@@ -706,7 +1114,7 @@ fn compile_node(state: &ClusterState, node: &str) -> NodeMaps {
         .zip(1u32..)
         .map(|(pod, n)| (pod.clone(), EndpointSlot { ifindex: 100 + n * 7, id: n }))
         .collect();
-    NodeMaps { contents: compile::render(&compiled, &slots, false), slots }
+    NodeMaps { contents: compile::render(&compiled, &slots, false), compiled, slots }
 }
 
 fn check(cluster: &ClusterGen) -> Result<(), TestCaseError> {
@@ -780,30 +1188,14 @@ fn check(cluster: &ClusterGen) -> Result<(), TestCaseError> {
                         port,
                     )
                 });
-                let actual_egress = source_pod.is_none_or(|(pod, _, node)| {
-                    let maps = &nodes[node];
-                    compile::verdict(
-                        &maps.contents,
-                        maps.slots[pod].ifindex,
-                        Direction::Egress,
-                        destination,
-                        protocol_number,
-                        port,
-                    )
-                    .allows()
+                let tiers = !cluster.cluster_policies.is_empty();
+                let (egress_model, egress_rendered) = source_pod.map_or((true, Some(true)), |(pod, _, node)| {
+                    judge(&nodes[node], pod, Direction::Egress, destination, protocol_number, port, tiers)
                 });
-                let actual_ingress = destination_pod.is_none_or(|(pod, _, node)| {
-                    let maps = &nodes[node];
-                    compile::verdict(
-                        &maps.contents,
-                        maps.slots[pod].ifindex,
-                        Direction::Ingress,
-                        source,
-                        protocol_number,
-                        port,
-                    )
-                    .allows()
+                let (ingress_model, ingress_rendered) = destination_pod.map_or((true, Some(true)), |(pod, _, node)| {
+                    judge(&nodes[node], pod, Direction::Ingress, source, protocol_number, port, tiers)
                 });
+                let (actual_egress, actual_ingress) = (egress_model, ingress_model);
                 prop_assert_eq!(
                     (actual_egress, actual_ingress),
                     (expected_egress, expected_ingress),
@@ -815,16 +1207,64 @@ fn check(cluster: &ClusterGen) -> Result<(), TestCaseError> {
                     protocol,
                     port
                 );
+                prop_assert_eq!(
+                    (egress_rendered.unwrap_or(egress_model), ingress_rendered.unwrap_or(ingress_model)),
+                    (expected_egress, expected_ingress),
+                    "rendered maps: (egress, ingress) {} -> {} {}/{}",
+                    source,
+                    destination,
+                    protocol,
+                    port
+                );
             }
         }
     }
     Ok(())
 }
 
-// 256 cases by default (about two seconds); PROPTEST_CASES=5000 for a deeper run.
+// 256 cases by default (a few seconds; three in four clusters hold ClusterNetworkPolicies);
+// PROPTEST_CASES=5000 for a deeper run.
 proptest! {
     #[test]
     fn compiled_maps_agree_with_the_reference(cluster in cluster_gen()) {
         check(&cluster)?;
     }
+}
+
+/// A shape random clusters rarely hit: a Pass on a whole protocol from one peer, then a Deny
+/// of everything from it, on a pod whose NetworkPolicy allows every peer on one port. The
+/// passed packets on that port must reach the NetworkPolicy's allow (the resolver's key
+/// refinement), the rest of the protocol its isolation.
+#[test]
+fn a_pass_over_a_wildcard_network_policy_port_agrees_with_the_reference() {
+    let everything = || SelectorGen { labels: BTreeMap::new(), expressions: Vec::new() };
+    let pod = |namespace| PodGen { namespace, labels: BTreeMap::new(), node: 0, host_network: false, phase: 0, ipv6: true, ports: BTreeMap::new() };
+    let tcp_80 = PortGen { protocol: 1, kind: 1, number: 80, name: 0, end_port: None };
+    let cluster = ClusterGen {
+        namespace_labels: vec![BTreeMap::new(); 3],
+        z_exists: true,
+        pods: vec![pod(0), pod(1)],
+        policies: vec![PolicyGen {
+            namespace: 0,
+            selector: Some(everything()),
+            types: 2,
+            ingress: Some(vec![RuleGen { peers: None, ports: Some(vec![tcp_80]) }]),
+            egress: None,
+        }],
+        cluster_policies: vec![CnpGen {
+            baseline: false,
+            priority: 1,
+            subject: (everything(), None),
+            ingress: vec![
+                CnpRuleGen {
+                    action: 2,
+                    peers: vec![CnpPeerGen::Pods(everything(), everything())],
+                    protocols: Some(vec![CnpProtocolGen { kind: 0, port: 0, number: 80, end: 80, name: 0 }]),
+                },
+                CnpRuleGen { action: 1, peers: vec![CnpPeerGen::Namespaces(everything())], protocols: None },
+            ],
+            egress: Vec::new(),
+        }],
+    };
+    check(&cluster).unwrap();
 }

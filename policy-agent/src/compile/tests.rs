@@ -1116,3 +1116,362 @@ fn problems_name_object_and_field() {
     assert_eq!(problem.field, "spec.ingress[0].from[1].ipBlock.except[0]");
     assert!(problem.message.contains("not inside cidr 198.18.0.0/20"), "{problem}");
 }
+
+// ---------------------------------------------------------------------------------------
+// ClusterNetworkPolicy: the tiers, judged on the compiled entries (allow and deny) with the
+// classifier's first-hit order, so that these tests do not depend on how render encodes a
+// deny entry.
+
+/// A ClusterNetworkPolicy; `rules` is the rest of the spec (`ingress: [...]`, `egress: [...]`).
+fn cnp(name: &str, tier: &str, priority: i32, subject: &str, rules: &str) -> String {
+    format!(
+        "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec: {{tier: {tier}, priority: {priority}, subject: {subject}, {rules}}}\n"
+    )
+}
+
+const NS_X: &str = "{namespaces: {matchLabels: {ns: x}}}";
+const ALL_NS: &str = "{namespaces: {}}";
+const FROM_Y: &str = "from: [{namespaces: {matchLabels: {ns: y}}}]";
+const FROM_ALL: &str = "from: [{namespaces: {}}]";
+const FROM_Y_A: &str = "from: [{pods: {namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: a}}}}]";
+
+/// (from, to, protocol, port, allowed); an end is `ns/pod` (IPv4, or IPv6 with a `6:`
+/// prefix on both ends) or an address.
+struct TierCase {
+    name: &'static str,
+    objects: String,
+    probes: &'static [Probe],
+    problems: &'static [&'static str],
+}
+
+fn tier_case(name: &'static str, objects: impl Into<String>, probes: &'static [Probe]) -> TierCase {
+    TierCase { name, objects: objects.into(), probes, problems: &[] }
+}
+
+fn tier_cases() -> Vec<TierCase> {
+    [tier_order_cases(), tier_precedence_cases(), tier_port_and_peer_cases()].into_iter().flatten().collect()
+}
+
+/// Admin -> NetworkPolicy -> Baseline -> default allow, and Pass.
+fn tier_order_cases() -> Vec<TierCase> {
+    let allow_all_x = np("x", "all", "{podSelector: {}, ingress: [{}]}");
+    vec![
+        tier_case(
+            "an Admin Deny beats a NetworkPolicy allow",
+            format!("{allow_all_x}{}", cnp("deny-y", "Admin", 10, NS_X, &format!("ingress: [{{action: Deny, {FROM_Y}}}]"))),
+            &[("y/a", "x/a", "TCP", 80, false), ("y/b", "x/a", "UDP", 53, false), ("x/b", "x/a", "TCP", 80, true), ("z/a", "x/a", "TCP", 80, true)],
+        ),
+        tier_case(
+            "an Admin Accept beats NetworkPolicy isolation",
+            format!("{}{}", np("x", "deny", DENY_X), cnp("accept-y", "Admin", 10, NS_X, &format!("ingress: [{{action: Accept, {FROM_Y}}}]"))),
+            &[("y/a", "x/a", "TCP", 80, true), ("y/b", "x/b", "UDP", 81, true), ("z/a", "x/a", "TCP", 80, false), ("x/b", "x/a", "TCP", 80, false)],
+        ),
+        tier_case(
+            "Pass hands the decision to NetworkPolicy, skipping later Admin rules",
+            format!(
+                "{}{}{}",
+                np("x", "y-a", "{podSelector: {}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: a}}}]}]}"),
+                cnp("pass-y", "Admin", 5, NS_X, &format!("ingress: [{{action: Pass, {FROM_Y}}}]")),
+                cnp("deny-all", "Admin", 10, NS_X, &format!("ingress: [{{action: Deny, {FROM_ALL}}}]")),
+            ),
+            &[("y/a", "x/a", "TCP", 80, true), ("y/b", "x/a", "TCP", 80, false), ("z/a", "x/a", "TCP", 80, false), ("x/b", "x/a", "TCP", 80, false)],
+        ),
+        tier_case(
+            "Pass without a NetworkPolicy goes on to Baseline",
+            format!(
+                "{}{}{}{}",
+                cnp("pass-y", "Admin", 5, NS_X, &format!("ingress: [{{action: Pass, {FROM_Y}}}]")),
+                cnp("deny-all", "Admin", 10, NS_X, &format!("ingress: [{{action: Deny, {FROM_ALL}}}]")),
+                cnp("base-accept-y-a", "Baseline", 1, NS_X, &format!("ingress: [{{action: Accept, {FROM_Y_A}}}]")),
+                cnp("base-deny", "Baseline", 5, NS_X, &format!("ingress: [{{action: Deny, {FROM_ALL}}}]")),
+            ),
+            &[("y/a", "x/a", "TCP", 80, true), ("y/b", "x/a", "TCP", 80, false), ("z/a", "x/a", "TCP", 80, false)],
+        ),
+        tier_case(
+            "a Baseline Deny loses to a NetworkPolicy allow",
+            format!(
+                "{}{}",
+                np("x", "from-red", "{podSelector: {}, ingress: [{from: [{namespaceSelector: {matchLabels: {team: red}}}]}]}"),
+                cnp("base-deny", "Baseline", 1, ALL_NS, &format!("ingress: [{{action: Deny, {FROM_ALL}}}]")),
+            ),
+            // z/a is dropped by the NetworkPolicy's isolation; in y (no NetworkPolicy) Baseline decides.
+            &[("y/a", "x/a", "TCP", 80, true), ("z/a", "x/a", "TCP", 80, false), ("y/b", "y/a", "TCP", 80, false)],
+        ),
+        tier_case(
+            "a Baseline Deny applies where no NetworkPolicy isolates",
+            cnp("base-deny-y", "Baseline", 1, NS_X, &format!("ingress: [{{action: Deny, {FROM_Y}}}]")),
+            &[("y/a", "x/a", "TCP", 80, false), ("z/a", "x/a", "TCP", 80, true), ("x/b", "x/a", "TCP", 80, true), ("x/a", "y/a", "TCP", 80, true)],
+        ),
+        tier_case(
+            "a Baseline Pass leads to the default allow",
+            format!(
+                "{}{}",
+                cnp("base-pass-y", "Baseline", 1, NS_X, &format!("ingress: [{{action: Pass, {FROM_Y}}}]")),
+                cnp("base-deny", "Baseline", 2, NS_X, &format!("ingress: [{{action: Deny, {FROM_ALL}}}]")),
+            ),
+            &[("y/a", "x/a", "TCP", 80, true), ("z/a", "x/a", "TCP", 80, false)],
+        ),
+        tier_case(
+            "a ClusterNetworkPolicy that matches nothing leaves the default allow",
+            format!(
+                "{}{}",
+                cnp("other-subject", "Admin", 1, "{namespaces: {matchLabels: {ns: nope}}}", &format!("ingress: [{{action: Deny, {FROM_ALL}}}]")),
+                cnp("other-peer", "Admin", 2, NS_X, "ingress: [{action: Deny, from: [{namespaces: {matchLabels: {ns: nope}}}]}]"),
+            ),
+            &[("y/a", "x/a", "TCP", 80, true), ("x/b", "x/a", "UDP", 53, true), ("x/a", "y/a", "TCP", 80, true)],
+        ),
+        tier_case(
+            "the node always reaches its pods",
+            cnp("deny-all", "Admin", 0, ALL_NS, &format!("ingress: [{{action: Deny, {FROM_ALL}}}]")),
+            &[
+                ("198.19.192.1", "x/a", "TCP", 80, true),
+                ("kube-system/hostnet", "x/c", "TCP", 10250, true),
+                ("y/a", "x/a", "TCP", 80, false),
+                ("198.18.153.9", "x/a", "TCP", 80, true),
+            ],
+        ),
+    ]
+}
+
+/// Priority, name order at equal priority, rule order.
+fn tier_precedence_cases() -> Vec<TierCase> {
+    let accept_y = |name, priority| cnp(name, "Admin", priority, NS_X, &format!("ingress: [{{action: Accept, {FROM_Y_A}}}]"));
+    let deny_y = |name, priority| cnp(name, "Admin", priority, NS_X, &format!("ingress: [{{action: Deny, {FROM_Y}}}]"));
+    vec![
+        tier_case(
+            "a lower priority number is evaluated first",
+            format!("{}{}", accept_y("accept", 5), deny_y("deny", 10)),
+            &[("y/a", "x/a", "TCP", 80, true), ("y/b", "x/a", "TCP", 80, false)],
+        ),
+        tier_case(
+            "a lower priority number is evaluated first, whatever the names",
+            format!("{}{}", accept_y("accept", 10), deny_y("deny", 5)),
+            &[("y/a", "x/a", "TCP", 80, false), ("y/b", "x/a", "TCP", 80, false)],
+        ),
+        TierCase {
+            name: "equal priorities: name order decides, with a warning",
+            objects: format!("{}{}", accept_y("a-accept", 7), deny_y("b-deny", 7)),
+            probes: &[("y/a", "x/a", "TCP", 80, true), ("y/b", "x/a", "TCP", 80, false)],
+            problems: &["same tier (Admin) and priority (7) as ClusterNetworkPolicy b-deny"],
+        },
+        TierCase {
+            name: "equal priorities: name order decides, the other way round",
+            objects: format!("{}{}", accept_y("b-accept", 7), deny_y("a-deny", 7)),
+            probes: &[("y/a", "x/a", "TCP", 80, false)],
+            problems: &["ClusterNetworkPolicy a-deny"],
+        },
+        tier_case(
+            "rules are evaluated in order within a policy",
+            cnp("ordered", "Admin", 1, NS_X, &format!("ingress: [{{action: Accept, {FROM_Y_A}}}, {{action: Deny, {FROM_Y}}}]")),
+            &[("y/a", "x/a", "TCP", 80, true), ("y/b", "x/a", "TCP", 80, false), ("z/a", "x/a", "TCP", 80, true)],
+        ),
+        tier_case(
+            "a pods subject selects pods within namespaces",
+            cnp(
+                "pods",
+                "Admin",
+                1,
+                "{pods: {namespaceSelector: {matchLabels: {ns: x}}, podSelector: {matchLabels: {pod: a}}}}",
+                &format!("ingress: [{{action: Deny, {FROM_Y}}}]"),
+            ),
+            &[("y/a", "x/a", "TCP", 80, false), ("y/a", "x/b", "TCP", 80, true)],
+        ),
+    ]
+}
+
+/// Ports (numbers, ranges, named), networks, and peer-specific keys against wildcard ones.
+fn tier_port_and_peer_cases() -> Vec<TierCase> {
+    let deny_y_on = |protocols: &str| cnp("deny", "Admin", 1, NS_X, &format!("ingress: [{{action: Deny, {FROM_Y}, protocols: {protocols}}}]"));
+    vec![
+        tier_case(
+            "a port range",
+            deny_y_on("[{tcp: {destinationPort: {range: {start: 80, end: 81}}}}]"),
+            &[("y/a", "x/a", "TCP", 80, false), ("y/a", "x/a", "TCP", 81, false), ("y/a", "x/a", "TCP", 82, true), ("y/a", "x/a", "TCP", 79, true), ("y/a", "x/a", "UDP", 80, true)],
+        ),
+        tier_case(
+            "tcp without destinationPort is every TCP port",
+            deny_y_on("[{tcp: {}}, {udp: {destinationPort: {number: 53}}}]"),
+            &[("y/a", "x/a", "TCP", 1, false), ("y/a", "x/a", "TCP", 65535, false), ("y/a", "x/a", "UDP", 53, false), ("y/a", "x/a", "UDP", 54, true), ("y/a", "x/a", "SCTP", 80, true)],
+        ),
+        tier_case(
+            "an ingress named port resolves on the destination pod",
+            deny_y_on("[{destinationNamedPort: http}]"),
+            &[("y/a", "x/a", "TCP", 80, false), ("y/a", "x/b", "TCP", 8080, false), ("y/a", "x/b", "TCP", 80, true), ("y/a", "x/a", "TCP", 81, true)],
+        ),
+        tier_case(
+            "a named port carries its container port's protocol",
+            deny_y_on("[{destinationNamedPort: serve-80-udp}]"),
+            &[("y/a", "x/a", "UDP", 80, false), ("y/a", "x/a", "TCP", 80, true)],
+        ),
+        tier_case(
+            "an egress named port resolves on each peer",
+            cnp(
+                "deny-http-out",
+                "Admin",
+                1,
+                "{namespaces: {matchLabels: {ns: y}}}",
+                "egress: [{action: Deny, to: [{namespaces: {matchLabels: {ns: x}}}], protocols: [{destinationNamedPort: http}]}]",
+            ),
+            &[("y/a", "x/b", "TCP", 8080, false), ("y/a", "x/b", "TCP", 80, true), ("y/a", "x/a", "TCP", 80, false)],
+        ),
+        tier_case(
+            "networks match pod addresses, IPv4 and IPv6",
+            cnp("deny-net", "Admin", 1, NS_X, "egress: [{action: Deny, to: [{networks: [198.18.2.0/24, '2001:2::200/120']}]}]"),
+            &[
+                ("x/a", "y/a", "TCP", 80, false),
+                ("x/a", "y/b", "UDP", 53, false),
+                ("6:x/a", "6:y/a", "TCP", 80, false),
+                ("x/a", "z/a", "TCP", 80, true),
+                ("x/a", "198.18.200.1", "TCP", 80, true),
+                ("x/a", "198.18.2.77", "TCP", 80, false),
+            ],
+        ),
+        tier_case(
+            "a peer-specific Admin Deny on one port and a NetworkPolicy allowing every peer everything",
+            format!(
+                "{}{}",
+                np("x", "all", "{podSelector: {}, ingress: [{}]}"),
+                cnp("deny-80", "Admin", 1, NS_X, &format!("ingress: [{{action: Deny, {FROM_Y_A}, protocols: [{{tcp: {{destinationPort: {{number: 80}}}}}}]}}]")),
+            ),
+            &[("y/a", "x/a", "TCP", 80, false), ("y/a", "x/a", "TCP", 81, true), ("y/a", "x/a", "UDP", 80, true), ("y/b", "x/a", "TCP", 80, true)],
+        ),
+        tier_case(
+            "a peer-specific Baseline Deny is not reached where a NetworkPolicy allows any peer on a port",
+            format!(
+                "{}{}",
+                np("x", "web", "{podSelector: {}, ingress: [{ports: [{port: 80}]}]}"),
+                cnp("base-deny", "Baseline", 1, NS_X, &format!("ingress: [{{action: Deny, {FROM_Y_A}}}]")),
+            ),
+            &[("y/a", "x/a", "TCP", 80, true), ("y/a", "x/a", "TCP", 81, false), ("y/b", "x/a", "TCP", 80, true), ("y/b", "x/a", "TCP", 81, false)],
+        ),
+        TierCase {
+            // The Pass key of y/a must not shadow the wildcard NetworkPolicy key on port 80:
+            // only the refined key (y/a, TCP/80) sees both.
+            name: "a peer-specific Pass, then a Deny of everything (invalid), under a NetworkPolicy allowing any peer on a port",
+            objects: format!(
+                "{}{}",
+                np("x", "web", "{podSelector: {}, ingress: [{ports: [{port: 80}]}]}"),
+                cnp("guard", "Admin", 1, NS_X, &format!("ingress: [{{action: Pass, {FROM_Y_A}}}, {{action: Deny, from: [{{namespaces: {{matchExpressions: [{{key: ns, operator: Near}}]}}}}]}}]")),
+            ),
+            probes: &[("y/a", "x/a", "TCP", 80, true), ("y/a", "x/a", "TCP", 81, false), ("y/b", "x/a", "TCP", 80, false), ("198.18.153.9", "x/a", "TCP", 80, false)],
+            problems: &["spec.ingress[1]"],
+        },
+        tier_case(
+            "a peer-specific Pass of TCP, then a Deny of everything from it, under a NetworkPolicy allowing any peer on a port",
+            format!(
+                "{}{}",
+                np("x", "web", "{podSelector: {}, ingress: [{ports: [{port: 80}]}]}"),
+                cnp("guard", "Admin", 1, NS_X, &format!("ingress: [{{action: Pass, {FROM_Y_A}, protocols: [{{tcp: {{}}}}]}}, {{action: Deny, {FROM_Y_A}}}]")),
+            ),
+            &[("y/a", "x/a", "TCP", 80, true), ("y/a", "x/a", "TCP", 81, false), ("y/a", "x/a", "UDP", 80, false), ("y/b", "x/a", "TCP", 80, true)],
+        ),
+        tier_case(
+            "a peer-specific Admin Pass on one port over an Admin Deny of every port",
+            format!(
+                "{}{}",
+                np("x", "all", "{podSelector: {}, ingress: [{}]}"),
+                cnp("guard", "Admin", 1, NS_X, &format!("ingress: [{{action: Pass, {FROM_Y_A}, protocols: [{{tcp: {{destinationPort: {{number: 80}}}}}}]}}, {{action: Deny, {FROM_Y}}}]")),
+            ),
+            &[("y/a", "x/a", "TCP", 80, true), ("y/a", "x/a", "TCP", 81, false), ("y/b", "x/a", "TCP", 80, false), ("x/b", "x/a", "TCP", 81, true)],
+        ),
+    ]
+}
+
+/// A probe end: the pod (if it is one) and the address used.
+fn tier_end(state: &ClusterState, text: &str) -> (Option<PodRef>, IpAddr) {
+    let (v6, text) = text.strip_prefix("6:").map_or((false, text), |rest| (true, rest));
+    if let Ok(ip) = text.parse() {
+        return (None, ip);
+    }
+    let (namespace, name) = text.split_once('/').unwrap_or_else(|| panic!("bad end {text}"));
+    let pod_ref = PodRef::new(namespace, name);
+    let pod = &state.pods[&pod_ref];
+    let ip = resolve::pod_ips(pod, &mut Vec::new())
+        .into_iter()
+        .find(|ip| ip.is_ipv6() == v6)
+        .unwrap_or_else(|| panic!("{text} has no address of that family"));
+    (Some(pod_ref), ip)
+}
+
+/// The classifier's decision at `pod` (if it is a local endpoint of `compiled`): the first
+/// hit among allow and deny entries, the peer's identity before the wildcard and the most
+/// specific port first; a miss drops where the direction is judged.
+fn first_hit(compiled: &Compiled, pod: &PodRef, direction: Direction, peer: IpAddr, protocol: u8, port: u16) -> Option<(bool, u32)> {
+    let endpoint = compiled.endpoints.get(pod)?;
+    let contents = render(compiled, &sequential_slots(compiled), false);
+    let peer_identity = ipcache_lookup(&contents, peer);
+    let mut specs: Vec<(Option<u8>, Option<PortPrefix>)> = (1..=16u8)
+        .rev()
+        .map(|bits| (Some(protocol), Some(PortPrefix { port: port & !(u16::MAX.checked_shr(u32::from(bits)).unwrap_or(0)), bits })))
+        .collect();
+    specs.push((Some(protocol), None));
+    specs.push((None, None));
+    for peer in [peer_identity, identity::ANY] {
+        for (protocol, port) in &specs {
+            let key = RuleKey { direction, peer, protocol: *protocol, port: *port };
+            if let Some(cookie) = endpoint.rules.get(&key) {
+                return Some((true, *cookie));
+            }
+            if let Some(cookie) = endpoint.denies.get(&key) {
+                return Some((false, *cookie));
+            }
+        }
+    }
+    Some((!endpoint.judged(direction), COOKIE_DEFAULT_ALLOW))
+}
+
+fn node_of(state: &ClusterState, pod: &PodRef) -> NodeContext {
+    let name = node_name(&state.pods[pod]).unwrap_or_default().to_owned();
+    NodeContext { name, ips: vec![] }
+}
+
+/// Egress at the source (if a local pod) and ingress at the destination (likewise).
+fn tier_allows(state: &ClusterState, from: &str, to: &str, protocol: u8, port: u16) -> bool {
+    let (from_pod, from_ip) = tier_end(state, from);
+    let (to_pod, to_ip) = tier_end(state, to);
+    let side = |pod: &Option<PodRef>, direction, peer| {
+        pod.as_ref().is_none_or(|pod| {
+            let compiled = compile(state, &node_of(state, pod));
+            first_hit(&compiled, pod, direction, peer, protocol, port).is_none_or(|(allowed, _)| allowed)
+        })
+    };
+    side(&from_pod, Direction::Egress, to_ip) && side(&to_pod, Direction::Ingress, from_ip)
+}
+
+#[test]
+fn table_of_tier_cases() {
+    let mut failures = Vec::new();
+    for case in tier_cases() {
+        let (state, load_problems) = state_of(&case.objects);
+        assert!(load_problems.is_empty(), "{}: {load_problems:?}", case.name);
+        for (from, to, protocol, port, expected) in case.probes {
+            let protocol_number = parse_protocol(protocol).unwrap_or_else(|e| panic!("{e}"));
+            if tier_allows(&state, from, to, protocol_number, *port) != *expected {
+                failures.push(format!("{}: {from} -> {to} {protocol}/{port}: expected {}", case.name, if *expected { "allow" } else { "drop" }));
+            }
+        }
+        let texts: Vec<String> = compile(&state, &n1()).problems.iter().map(ToString::to_string).collect();
+        for expected in case.problems {
+            if !texts.iter().any(|t| t.contains(expected)) {
+                failures.push(format!("{}: no problem mentions {expected:?}; got {texts:?}", case.name));
+            }
+        }
+        for text in texts.iter().filter(|t| !case.problems.iter().any(|e| t.contains(e))) {
+            failures.push(format!("{}: unexpected problem {text}", case.name));
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn a_tier_verdict_names_the_cluster_policy_rule() {
+    let (state, _) = state_of(&cnp("guard", "Admin", 3, NS_X, &format!("ingress: [{{name: no-red, action: Deny, {FROM_Y}}}]")));
+    let compiled = compile(&state, &n1());
+    let y_a = "198.18.2.1".parse().unwrap();
+    let (allowed, cookie) = first_hit(&compiled, &PodRef::new("x", "a"), Direction::Ingress, y_a, 6, 80).unwrap();
+    assert!(!allowed);
+    assert_eq!(compiled.describe_cookie(cookie), "ClusterNetworkPolicy/guard (Admin, priority 3, ingress rule 0 \"no-red\": Deny)");
+    let x_a = &compiled.endpoints[&PodRef::new("x", "a")];
+    assert_eq!(x_a.ingress_cluster_policies, ["guard"]);
+    assert!(x_a.judged(Direction::Ingress) && !x_a.judged(Direction::Egress));
+}

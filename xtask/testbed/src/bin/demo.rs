@@ -1,7 +1,9 @@
 //! The demo behind `cargo xtask demo`: the seed's three-tier app (web :80, api :5000,
 //! db :3306) as pods in network namespaces on a simulated node, the agent enforcing the
-//! policies of manifests/examples/three-tier as they are dropped into its manifest directory,
-//! and a reachability table after each step. `--check` turns the expectations into a test.
+//! policies of manifests/examples/three-tier as they are dropped into its manifest directory
+//! (after a platform ClusterNetworkPolicy that keeps every web pod from every db pod), and a
+//! reachability table after each step. `--check` turns the expectations (tables, and what
+//! explain names) into a test.
 //!
 //! Usage: demo --agent PATH [--check]
 
@@ -30,6 +32,34 @@ const PODS: [(&str, u16, Ipv4Addr, Ipv6Addr); 3] = [
     ("db", 3306, Ipv4Addr::new(198, 18, 0, 12), Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x12)),
 ];
 const METRICS: &str = "127.0.0.1:9190";
+/// The platform team's guard rail, in the Admin tier so that no namespace's NetworkPolicy
+/// can open it: no `app=web` pod reaches an `app=db` pod, in any namespace.
+const PLATFORM_CNP_FILE: &str = "05-platform-no-web-to-db.yaml";
+const PLATFORM_CNP: &str = "\
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata:
+  name: platform-no-web-to-db
+spec:
+  tier: Admin
+  priority: 10
+  subject:
+    pods:
+      namespaceSelector: {}
+      podSelector:
+        matchLabels: {app: db}
+  ingress:
+  - name: no-web-to-db
+    action: Deny
+    from:
+    - pods:
+        namespaceSelector: {}
+        podSelector:
+          matchLabels: {app: web}
+";
+/// What explain must say about web -> db once the platform policy is in: the policy, its
+/// tier and priority, the rule and its action.
+const PLATFORM_EXPLAIN: [&str; 5] = ["platform-no-web-to-db", "Admin", "priority 10", "no-web-to-db", "Deny"];
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Probes that watch for a change: short, as a round trip over a veth takes microseconds.
 const WATCH_TIMEOUT: Duration = Duration::from_millis(50);
@@ -110,15 +140,28 @@ fn run(args: &Args) -> Result<bool, String> {
     println!("\n== 1. No policy: every pod reaches every other pod");
     ok &= table(&node, |_, _| true);
 
-    println!("\n== 2. Dropping in 10-default-deny.yaml and 20-db-allow-api.yaml (db accepts only api on 3306)");
+    println!("\n== 2. A platform guard rail: an Admin ClusterNetworkPolicy denies web -> db in every namespace");
+    let dropped_at = Instant::now();
+    write_manifest(&manifests, PLATFORM_CNP_FILE, PLATFORM_CNP)?;
+    // Not fatal: the table below shows what is enforced either way.
+    match wait_for(|| !tcp_ok(&node.pod("web").ns, target("db"), WATCH_TIMEOUT), dropped_at) {
+        Ok(latency) => println!("   enforced within {} ms of the file landing (a 50 ms probe timeout included)", latency.as_millis()),
+        Err(e) => println!("   (!) {e}"),
+    }
+    ok &= table(&node, |from, to| (from, to) != ("web", "db"));
+    println!("\n== Why is web -> db dropped? (policy-agent explain)");
+    let said = show_tool(args, &manifests, &["explain", "--from", "three-tier/web", "--to", "three-tier/db", "--port", "3306"])?;
+    ok &= names_all(&said, &PLATFORM_EXPLAIN);
+
+    println!("\n== 3. Dropping in 10-default-deny.yaml and 20-db-allow-api.yaml (db accepts only api on 3306)");
     let dropped_at = Instant::now();
     copy_example(&manifests, "10-default-deny.yaml")?;
     copy_example(&manifests, "20-db-allow-api.yaml")?;
-    let latency = wait_for(|| !tcp_ok(&node.pod("web").ns, target("db"), WATCH_TIMEOUT), dropped_at)?;
-    println!("   enforced within {} ms of the files landing (a 50 ms probe timeout included)", latency.as_millis());
+    let latency = wait_for(|| !tcp_ok(&node.pod("web").ns, target("api"), WATCH_TIMEOUT), dropped_at)?;
+    println!("   enforced within {} ms of the files landing", latency.as_millis());
     ok &= table(&node, |from, to| from == "api" && to == "db");
 
-    println!("\n== 3. The rest of the three-tier policies: api accepts web on 5000, web accepts everyone on 80");
+    println!("\n== 4. The rest of the three-tier policies: api accepts web on 5000, web accepts everyone on 80");
     let dropped_at = Instant::now();
     copy_example(&manifests, "30-api-allow-web.yaml")?;
     copy_example(&manifests, "40-web-allow-all.yaml")?;
@@ -126,8 +169,8 @@ fn run(args: &Args) -> Result<bool, String> {
     println!("   enforced within {} ms of the files landing", latency.as_millis());
     ok &= table(&node, |from, to| matches!((from, to), ("api", "db") | ("web", "api") | (_, "web")));
 
-    println!("\n== Why is web -> db dropped? (policy-agent explain)");
-    show_tool(args, &manifests, &["explain", "--from", "three-tier/web", "--to", "three-tier/db", "--port", "3306"])?;
+    println!("\n== Why is db -> api dropped? (policy-agent explain)");
+    show_tool(args, &manifests, &["explain", "--from", "three-tier/db", "--to", "three-tier/api", "--port", "5000"])?;
     println!("\n== Which pods does no policy isolate? (policy-agent coverage)");
     show_tool(args, &manifests, &["coverage", "-n", "three-tier"])?;
     println!("\n== Flow log: the drops (JSON lines from the classifier's ring buffer)");
@@ -162,17 +205,27 @@ fn start_agent(args: &Args, node: &Node, manifests: &Path, bpffs: &Path, flows: 
     Ok(AgentProcess(agent))
 }
 
-/// Runs one of the agent's tools (`explain`, `coverage`) on the manifest directory and
-/// prints what it says.
-fn show_tool(args: &Args, manifests: &Path, tool: &[&str]) -> Result<(), String> {
+/// Runs one of the agent's tools (`explain`, `coverage`) on the manifest directory, prints
+/// what it says and returns it.
+fn show_tool(args: &Args, manifests: &Path, tool: &[&str]) -> Result<String, String> {
     let output = Command::new(&args.agent)
         .args(tool)
         .arg("--manifests")
         .arg(manifests)
         .output()
         .map_err(|e| format!("{}: {e}", tool[0]))?;
-    print!("{}", String::from_utf8_lossy(&output.stdout));
-    Ok(())
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    print!("{text}");
+    Ok(text)
+}
+
+/// Whether `text` mentions every one of `needles` (and says which it does not).
+fn names_all(text: &str, needles: &[&str]) -> bool {
+    let missing: Vec<&str> = needles.iter().copied().filter(|n| !text.contains(n)).collect();
+    if !missing.is_empty() {
+        println!("   (!) explain does not name {}", missing.join(", "));
+    }
+    missing.is_empty()
 }
 
 /// Prints the first drops of the flow log; whether there were any.
@@ -254,6 +307,10 @@ fn table(node: &Node, expected: impl Fn(&str, &str) -> bool) -> bool {
 fn copy_example(dir: &Path, name: &str) -> Result<(), String> {
     let from = examples_dir().join(name);
     let text = std::fs::read_to_string(&from).map_err(|e| format!("{}: {e}", from.display()))?;
+    write_manifest(dir, name, &text)
+}
+
+fn write_manifest(dir: &Path, name: &str, text: &str) -> Result<(), String> {
     // Write then rename, as kubectl-style tooling does, so the agent never reads half a file.
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
