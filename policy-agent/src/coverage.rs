@@ -161,11 +161,13 @@ pub fn report_compiled<'c>(state: &ClusterState, compiled: impl IntoIterator<Ite
 }
 
 fn direction_coverage(endpoint: &EndpointPolicy, direction: Direction) -> DirectionCoverage {
-    let policies = endpoint.policies(direction).iter().map(ToString::to_string).collect();
+    let cluster = endpoint.cluster_policies(direction).iter().map(|name| format!("ClusterNetworkPolicy/{name}"));
+    let policies = endpoint.policies(direction).iter().map(ToString::to_string).chain(cluster).collect();
     // The node's own entries are added to every ingress-isolated pod: they allow no peer
-    // that a policy named.
+    // that a policy named. (A default-allow entry does allow peers.)
     let allows_a_peer = endpoint.rules.iter().any(|(key, cookie)| key.direction == direction && *cookie != COOKIE_NODE);
-    let state = match (endpoint.isolated(direction), allows_a_peer) {
+    // A pod only ClusterNetworkPolicies select is judged too: it is protected.
+    let state = match (endpoint.judged(direction), allows_a_peer) {
         (false, _) => Isolation::NotIsolated,
         (true, true) => Isolation::Isolated,
         (true, false) => Isolation::IsolatedNothingAllowed,

@@ -115,6 +115,12 @@ pub fn status_text(status: &serde_json::Value) -> String {
             if e["attached"].as_bool() == Some(true) { "yes" } else { "no" },
             if programs.is_empty() { "-".to_owned() } else { programs.join(",") },
         );
+        let names = |key: &str| e[key].as_array().into_iter().flatten().filter_map(|n| n.as_str()).collect::<Vec<_>>().join(", ");
+        let (ingress, egress) = (names("ingress_cluster_policies"), names("egress_cluster_policies"));
+        if !ingress.is_empty() || !egress.is_empty() {
+            let or_none = |s: String| if s.is_empty() { "-".to_owned() } else { s };
+            let _ = writeln!(out, "  cluster policies: ingress {}; egress {}", or_none(ingress), or_none(egress));
+        }
         if let Some(error) = e["error"].as_str() {
             let _ = writeln!(out, "  ! {error}");
         }

@@ -317,13 +317,13 @@ fn status_and_metrics_report_correct_numbers() {
     // b: a on TCP 80 over both families shares one identity entry, plus node traffic.
     assert_eq!(b["policy_entries"].as_u64(), Some(2), "{b}");
     assert_eq!(a["policy_entries"].as_u64(), Some(0));
-    let policy_entries = status["maps"]["POLICY_V2"]["entries"].as_u64().expect("policy fill");
+    let policy_entries = status["maps"]["POLICY_V3"]["entries"].as_u64().expect("policy fill");
     assert_eq!(policy_entries, 2);
 
     let metrics = n.get("/metrics").expect("metrics");
     let drops = metric(&metrics, "policy_verdicts_total{pod=\"e2e/b\",direction=\"ingress\",verdict=\"drop\",reason=\"drop_policy\"}");
     assert!(drops >= 5, "counted drops: {drops}\n{metrics}");
-    assert_eq!(metric(&metrics, "policy_map_entries{map=\"POLICY_V2\"}"), policy_entries);
+    assert_eq!(metric(&metrics, "policy_map_entries{map=\"POLICY_V3\"}"), policy_entries);
     assert_eq!(metric(&metrics, "policy_endpoints{state=\"attached\"}"), 3);
     assert!(metric(&metrics, "policy_identities") >= 3);
 
@@ -410,7 +410,7 @@ fn a_full_policy_map_is_reported_and_fails_closed() {
     assert!(n.status()["problems"].as_array().is_some_and(|p| p.iter().any(|p| p.as_str().is_some_and(|p| p.contains("e2e/b")))), "reported as a problem");
     let metrics = n.get("/metrics").expect("metrics");
     assert!(metric(&metrics, "policy_sync_failures_total") >= 1, "{metrics}");
-    assert!(metric(&metrics, "policy_map_fill_ratio{map=\"POLICY_V2\"}") >= 1, "{metrics}");
+    assert!(metric(&metrics, "policy_map_fill_ratio{map=\"POLICY_V3\"}") >= 1, "{metrics}");
 
     // Once b fits again its link comes back up with what the kernel took away when it went
     // down (its routes and permanent neighbours; IPv6 addresses are kept), over IPv4 and IPv6.

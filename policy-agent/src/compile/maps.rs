@@ -13,7 +13,7 @@ use policy_common::identity;
 use policy_common::ipcache::{IpcacheKey, IpcacheValue};
 use policy_common::policy::{PREFIX_ANY_PROTOCOL, PREFIX_FULL, PREFIX_PROTOCOL, PolicyKey, PolicyValue, lookup};
 
-use super::{Compiled, PodRef};
+use super::{Compiled, PodRef, RuleKey};
 use crate::resolve::IpPrefix;
 
 /// Where a local pod's classifier is attached and the endpoint id it was given.
@@ -64,10 +64,11 @@ pub fn render(compiled: &Compiled, slots: &BTreeMap<PodRef, EndpointSlot>, audit
     for (pod, endpoint) in &compiled.endpoints {
         let Some(slot) = slots.get(pod) else { continue };
         let mut flags = 0;
-        if endpoint.ingress_isolated {
+        // A direction only ClusterNetworkPolicies select is judged too: its entries decide.
+        if endpoint.judged(Direction::Ingress) {
             flags |= FLAG_INGRESS_ISOLATED;
         }
-        if endpoint.egress_isolated {
+        if endpoint.judged(Direction::Egress) {
             flags |= FLAG_EGRESS_ISOLATED;
         }
         if audit {
@@ -80,15 +81,11 @@ pub fn render(compiled: &Compiled, slots: &BTreeMap<PodRef, EndpointSlot>, audit
             flags |= FLAG_HAS_IPV6;
         }
         let mut lookups = [0u8; 2];
-        for (rule, cookie) in &endpoint.rules {
-            // Prefix lengths: any protocol 72, whole protocol 80, port blocks 80 + bits.
-            let (len, protocol, port) = match (rule.protocol, rule.port) {
-                (None, _) => (PREFIX_ANY_PROTOCOL, 0, 0),
-                (Some(protocol), None) => (PREFIX_PROTOCOL, protocol, 0),
-                (Some(protocol), Some(block)) => (block.lpm_prefix_len(), protocol, block.first()),
-            };
-            let key = PolicyKey::new(slot.id, rule.peer, rule.direction, protocol, port);
-            contents.policy.insert((len, key), PolicyValue::allow(*cookie));
+        let allows = endpoint.rules.iter().map(|(rule, cookie)| (rule, PolicyValue::allow(*cookie)));
+        let denies = endpoint.denies.iter().map(|(rule, cookie)| (rule, PolicyValue::deny(*cookie)));
+        for (rule, value) in allows.chain(denies) {
+            let (len, key) = policy_entry(slot.id, rule);
+            contents.policy.insert((len, key), value);
             // Tell the classifier which kinds of lookups can hit for this endpoint.
             lookups[rule.direction as usize] |= lookup::bit(len, rule.peer);
         }
@@ -105,6 +102,17 @@ pub fn render(compiled: &Compiled, slots: &BTreeMap<PodRef, EndpointSlot>, audit
     }
     set_revisions(&mut contents);
     contents
+}
+
+/// The policy map key of an entry and its prefix length: any protocol 72, whole protocol
+/// 80, port blocks 80 + bits.
+fn policy_entry(endpoint: u32, rule: &RuleKey) -> (u32, PolicyKey) {
+    let (len, protocol, port) = match (rule.protocol, rule.port) {
+        (None, _) => (PREFIX_ANY_PROTOCOL, 0, 0),
+        (Some(protocol), None) => (PREFIX_PROTOCOL, protocol, 0),
+        (Some(protocol), Some(block)) => (block.lpm_prefix_len(), protocol, block.first()),
+    };
+    (len, PolicyKey::new(endpoint, rule.peer, rule.direction, protocol, port))
 }
 
 /// FNV-1a, 32 bits: a stable hash (the same input gives the same revision in every run, so
@@ -127,7 +135,8 @@ impl Fnv32 {
 
 /// Sets each endpoint's revision: a hash of its flags, addresses and lookup masks, all its
 /// allow entries and a digest of the whole ipcache. Whatever could change one of its
-/// verdicts changes it, so the classifier judges its tracked flows again.
+/// verdicts changes it, so the classifier judges its tracked flows again (deny entries and
+/// actions included: the value bytes are hashed).
 fn set_revisions(contents: &mut MapContents) {
     let mut ipcache = Fnv32::new();
     for ((len, key), value) in &contents.ipcache {
@@ -296,27 +305,53 @@ fn policy_lpm(
     direction: Direction,
     protocol: u8,
     port: u16,
-) -> Option<u32> {
+) -> Option<PolicyValue> {
     let listed = |len: u32| endpoint.lookups[direction as usize] & lookup::bit(len, peer) != 0;
     for len in (PREFIX_PROTOCOL..=PREFIX_FULL).rev().filter(|len| listed(*len)) {
         let bits = len - PREFIX_PROTOCOL;
         let mask = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
         let key = PolicyKey::new(endpoint.id, peer, direction, protocol, port & mask);
         if let Some(value) = contents.policy.get(&(len, key)) {
-            return Some(value.cookie);
+            return Some(*value);
         }
     }
     if !listed(PREFIX_ANY_PROTOCOL) {
         return None;
     }
     let key = PolicyKey::new(endpoint.id, peer, direction, 0, 0);
-    contents.policy.get(&(PREFIX_ANY_PROTOCOL, key)).map(|v| v.cookie)
+    contents.policy.get(&(PREFIX_ANY_PROTOCOL, key)).copied()
+}
+
+/// What the first entry found says about a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hit {
+    pub cookie: u32,
+    /// The classifier reads every action but allow as deny (it fails closed).
+    pub allows: bool,
+    pub peer_identity: u32,
 }
 
 /// The classifier's policy decision for a new flow at the endpoint on `ifindex`: ipcache
-/// lookup of the peer, then the policy map with the peer's identity, then with ANY. Returns
-/// the allowing cookie and the peer identity on a hit; `None` on a miss or for an unknown
-/// interface. Isolation is not consulted (see [`verdict`]).
+/// lookup of the peer, then the policy map with the peer's identity, then with ANY; the
+/// first entry found decides, allow or deny. `None` on a miss or for an unknown interface.
+/// Isolation is not consulted (see [`verdict`]).
+pub fn decision(
+    contents: &MapContents,
+    ifindex: u32,
+    direction: Direction,
+    peer: IpAddr,
+    protocol: u8,
+    port: u16,
+) -> Option<Hit> {
+    let endpoint = contents.endpoints.get(&ifindex)?;
+    let peer_identity = ipcache_lookup(contents, peer);
+    policy_lpm(contents, endpoint, peer_identity, direction, protocol, port)
+        .or_else(|| policy_lpm(contents, endpoint, identity::ANY, direction, protocol, port))
+        .map(|value| Hit { cookie: value.cookie, allows: value.allows(), peer_identity })
+}
+
+/// The allowing cookie and the peer identity when the [`decision`] is an allow entry;
+/// `None` on a miss, a deny entry or an unknown interface.
 pub fn lookup(
     contents: &MapContents,
     ifindex: u32,
@@ -325,14 +360,12 @@ pub fn lookup(
     protocol: u8,
     port: u16,
 ) -> Option<(u32, u32)> {
-    let endpoint = contents.endpoints.get(&ifindex)?;
-    let peer_identity = ipcache_lookup(contents, peer);
-    policy_lpm(contents, endpoint, peer_identity, direction, protocol, port)
-        .or_else(|| policy_lpm(contents, endpoint, identity::ANY, direction, protocol, port))
-        .map(|cookie| (cookie, peer_identity))
+    decision(contents, ifindex, direction, peer, protocol, port).filter(|hit| hit.allows).map(|hit| (hit.cookie, hit.peer_identity))
 }
 
-/// Whether the endpoint on `ifindex` is isolated in `direction` (`None`: no such endpoint).
+/// Whether the classifier judges the endpoint on `ifindex` in `direction` (its isolated
+/// flag: a NetworkPolicy isolates it or a ClusterNetworkPolicy applies; `None`: no such
+/// endpoint).
 pub fn isolated(contents: &MapContents, ifindex: u32, direction: Direction) -> Option<bool> {
     let endpoint = contents.endpoints.get(&ifindex)?;
     let flag = match direction {
@@ -354,14 +387,20 @@ pub enum Verdict {
         cookie: u32,
         peer_identity: u32,
     },
+    /// No entry matched (`drop_policy`).
     Denied {
+        peer_identity: u32,
+    },
+    /// A deny entry matched first (`drop_deny`); its cookie names the rule.
+    DeniedByEntry {
+        cookie: u32,
         peer_identity: u32,
     },
 }
 
 impl Verdict {
     pub const fn allows(self) -> bool {
-        !matches!(self, Verdict::Denied { .. })
+        !matches!(self, Verdict::Denied { .. } | Verdict::DeniedByEntry { .. })
     }
 }
 
@@ -378,8 +417,9 @@ pub fn verdict(
     match isolated(contents, ifindex, direction) {
         None => Verdict::Unmanaged,
         Some(false) => Verdict::NotIsolated { peer_identity },
-        Some(true) => match lookup(contents, ifindex, direction, peer, protocol, port) {
-            Some((cookie, peer_identity)) => Verdict::Allowed { cookie, peer_identity },
+        Some(true) => match decision(contents, ifindex, direction, peer, protocol, port) {
+            Some(Hit { cookie, allows: true, peer_identity }) => Verdict::Allowed { cookie, peer_identity },
+            Some(Hit { cookie, allows: false, peer_identity }) => Verdict::DeniedByEntry { cookie, peer_identity },
             None => Verdict::Denied { peer_identity },
         },
     }
