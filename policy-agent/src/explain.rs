@@ -1035,6 +1035,52 @@ mod tests {
     }
 
     #[test]
+    fn cluster_policy_outcomes_name_the_tier_rule_and_action() {
+        let (objects, problems) = crate::state::parse_manifest_str(
+            "t.yaml",
+            false,
+            r#"
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
+- {apiVersion: v1, kind: Pod, metadata: {name: client, namespace: shop, labels: {app: client}}, spec: {nodeName: n1, containers: [{name: c}]}, status: {podIP: 198.18.0.5}}
+- {apiVersion: v1, kind: Pod, metadata: {name: web, namespace: shop, labels: {app: web}}, spec: {nodeName: n1, containers: [{name: c}]}, status: {podIP: 198.18.0.6}}
+- {apiVersion: v1, kind: Pod, metadata: {name: db, namespace: shop, labels: {app: db}}, spec: {nodeName: n1, containers: [{name: c}]}, status: {podIP: 198.18.0.7}}
+- apiVersion: policy.networking.k8s.io/v1alpha2
+  kind: ClusterNetworkPolicy
+  metadata: {name: deny-client-db}
+  spec:
+    tier: Admin
+    priority: 10
+    subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}}
+    ingress:
+    - name: no-client
+      action: Deny
+      from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: client}}}}]
+"#,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let state = ClusterState::from_objects(objects);
+        let pod = |name: &str| Address::Pod(NamespacedName::new("shop", name));
+        let denied = explain(&state, &pod("client"), &pod("db"), 6, 5432).unwrap();
+        assert!(!denied.allowed());
+        let text = denied.to_text();
+        let rule = r#"denied by ClusterNetworkPolicy/deny-client-db (Admin, priority 10, ingress rule 0 "no-client": Deny)"#;
+        assert!(text.contains(rule), "{text}");
+        assert!(text.contains("ClusterNetworkPolicies for ingress: deny-client-db"), "{text}");
+        let json = denied.to_json();
+        assert_eq!(json["ingress"]["reason"], "deny-rule");
+        assert_eq!((&json["ingress"]["policy"]["tier"], &json["ingress"]["policy"]["action"]), (&json!("Admin"), &json!("Deny")));
+        assert_eq!(json["ingress"]["cluster_policies"], json!(["deny-client-db"]));
+        // Another peer: the ClusterNetworkPolicy judges db's ingress, and nothing decided.
+        let allowed = explain(&state, &pod("web"), &pod("db"), 6, 5432).unwrap();
+        assert!(allowed.allowed());
+        assert!(allowed.to_text().contains("allowed: no policy decided (default allow)"), "{}", allowed.to_text());
+        assert_eq!(allowed.to_json()["ingress"]["reason"], "default-allow");
+    }
+
+    #[test]
     fn a_service_answer_is_per_backend_and_no_backend_is_an_answer() {
         let (objects, problems) = crate::state::parse_manifest_str(
             "t.yaml",
