@@ -508,5 +508,40 @@ mod revision_tests {
         let mut other_changed = compiled(true, 300, "198.18.64.0/18");
         other_changed.endpoints.get_mut(&PodRef::new("ns", "b")).unwrap().rules.clear();
         assert_eq!(base, revision(&other_changed, false), "another endpoint's entries are not this one's");
+        let mut denied = compiled(true, 300, "198.18.64.0/18");
+        let key = *denied.endpoints[&PodRef::new("ns", "a")].rules.keys().next().unwrap();
+        let a = denied.endpoints.get_mut(&PodRef::new("ns", "a")).unwrap();
+        a.rules.clear();
+        a.denies.insert(key, 1000);
+        assert_ne!(base, revision(&denied, false), "the same key denied");
+    }
+
+    #[test]
+    fn deny_entries_render_and_decide_first() {
+        use policy_common::policy::{ACTION_DENY, PortPrefix};
+        let slots = BTreeMap::from([(PodRef::new("ns", "a"), EndpointSlot { ifindex: 10, id: 1 })]);
+        let mut compiled = Compiled::default();
+        // Only a ClusterNetworkPolicy applies (no NetworkPolicy isolates): still judged.
+        let mut endpoint = EndpointPolicy { ipv4: Some(Ipv4Addr::new(198, 18, 0, 10)), ..EndpointPolicy::default() };
+        endpoint.ingress_cluster_policies = vec!["deny-db".into()];
+        endpoint.rules.insert(RuleKey { direction: Direction::Ingress, peer: identity::ANY, protocol: None, port: None }, 2);
+        let port = Some(PortPrefix { port: 5432, bits: 16 });
+        endpoint.denies.insert(RuleKey { direction: Direction::Ingress, peer: 300, protocol: Some(6), port }, 40);
+        compiled.endpoints.insert(PodRef::new("ns", "a"), endpoint);
+        compiled.ipcache.insert(IpPrefix::parse("198.18.0.20/32").unwrap(), 300);
+        let contents = render(&compiled, &slots, false);
+        let info = contents.endpoints[&10];
+        assert!(info.has(FLAG_INGRESS_ISOLATED) && !info.has(FLAG_EGRESS_ISOLATED), "judged where a cluster policy applies");
+        assert_ne!(info.lookups[0] & lookup::EXACT, 0, "the deny's kind is in the mask");
+        let value = contents.policy[&(PREFIX_FULL, PolicyKey::new(1, 300, Direction::Ingress, 6, 5432))];
+        assert_eq!((value.cookie, value.action), (40, ACTION_DENY));
+        let peer: IpAddr = "198.18.0.20".parse().unwrap();
+        let other: IpAddr = "198.18.0.21".parse().unwrap();
+        assert_eq!(verdict(&contents, 10, Direction::Ingress, peer, 6, 5432), Verdict::DeniedByEntry { cookie: 40, peer_identity: 300 });
+        assert!(!verdict(&contents, 10, Direction::Ingress, peer, 6, 5432).allows());
+        assert_eq!(lookup(&contents, 10, Direction::Ingress, peer, 6, 5432), None, "lookup returns allows only");
+        assert_eq!(verdict(&contents, 10, Direction::Ingress, peer, 6, 5433), Verdict::Allowed { cookie: 2, peer_identity: 300 });
+        assert_eq!(verdict(&contents, 10, Direction::Ingress, other, 6, 5432), Verdict::Allowed { cookie: 2, peer_identity: identity::WORLD });
+        assert_eq!(verdict(&contents, 10, Direction::Egress, peer, 6, 5432), Verdict::NotIsolated { peer_identity: 300 });
     }
 }
