@@ -391,6 +391,19 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_only_a_cluster_policy_selects_is_protected() {
+        use Isolation::*;
+        let mut documents = vec![pod("x", "a", "a", Some("n1"), Some("198.18.0.1")), pod("x", "e", "e", Some("n1"), Some("198.18.0.5"))];
+        documents.push(
+            "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guard-e}\nspec: {tier: Admin, priority: 5, subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: e}}}}, ingress: [{action: Deny, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: a}}}}]}]}\n"
+                .to_owned(),
+        );
+        let report = report(&state(&documents), None);
+        assert_eq!(states(&report), [("x/a", NotIsolated, NotIsolated), ("x/e", Isolated, NotIsolated)]);
+        assert_eq!(report.pods[1].ingress.policies, ["ClusterNetworkPolicy/guard-e"]);
+    }
+
+    #[test]
     fn namespaces_count_pods_and_find_default_denies() {
         let report = report(&cluster(), None);
         assert_eq!(report.per_namespace(), [counts("x", [1, 1, 1], [3, 0, 0], false, false), counts("y", [0, 0, 1], [0, 0, 1], true, true)]);
