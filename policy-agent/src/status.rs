@@ -163,3 +163,22 @@ fn print_pinned(pins: &PinLayout) -> Result<(), AgentError> {
     println!("entries: ipcache {}, policy {}, endpoints {}", contents.ipcache.len(), contents.policy.len(), contents.endpoints.len());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_shows_cluster_policies_under_their_pod() {
+        let status = serde_json::json!({
+            "node": "n1",
+            "endpoints": [
+                {"pod": "x/e", "ingress_isolated": true, "egress_isolated": false, "ingress_cluster_policies": ["guard-e", "baseline"], "egress_cluster_policies": []},
+                {"pod": "x/a", "ingress_isolated": false, "egress_isolated": false, "ingress_cluster_policies": [], "egress_cluster_policies": []},
+            ],
+        });
+        let text = status_text(&status);
+        assert!(text.contains("\n  cluster policies: ingress guard-e, baseline; egress -\n"), "{text}");
+        assert_eq!(text.matches("cluster policies").count(), 1, "{text}");
+    }
+}
