@@ -339,6 +339,38 @@ fn status_and_metrics_report_correct_numbers() {
     assert!(n.get("/healthz").is_some());
 }
 
+/// An Admin-tier ClusterNetworkPolicy on b's ingress: `action` for peers labelled app=a.
+fn cluster_policy(name: &str, action: &str) -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  tier: Admin\n  priority: 10\n  subject:\n    pods:\n      namespaceSelector: {{}}\n      podSelector:\n        matchLabels:\n          app: b\n  ingress:\n  - name: from-a\n    action: {action}\n    from:\n    - pods:\n        namespaceSelector: {{}}\n        podSelector:\n          matchLabels:\n            app: a\n"
+    )
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn cluster_policies_deny_and_accept_over_network_policies() {
+    let mut n = AgentNode::new("cnp", &three_pods());
+    n.start();
+    assert!(n.reaches("a", "b", 80), "no policy: open");
+    // An Admin Deny for a: a is cut off, c (no rule matches) is allowed by default.
+    n.write("30-cluster.yaml", &cluster_policy("deny-a", "Deny"));
+    n.until("a", "b", 80, false);
+    assert!(n.reaches("c", "b", 80), "no policy decided for c: default allow");
+    let b = n.endpoint("b");
+    assert_eq!((b["ingress_isolated"].as_bool(), b["egress_isolated"].as_bool()), (Some(true), Some(false)), "judged: {b}");
+    assert_eq!(b["ingress_cluster_policies"], serde_json::json!(["deny-a"]), "{b}");
+    let metrics = n.get("/metrics").expect("metrics");
+    let denied = metric(&metrics, "policy_verdicts_total{pod=\"e2e/b\",direction=\"ingress\",verdict=\"drop\",reason=\"drop_deny\"}");
+    assert!(denied >= 1, "drop_deny counted: {denied}\n{metrics}");
+    // An Admin Accept wins over a NetworkPolicy that isolates b: a passes, c stays denied.
+    n.write("20-policy.yaml", DENY_B);
+    n.write("30-cluster.yaml", &cluster_policy("accept-a", "Accept"));
+    n.until("a", "b", 80, true);
+    assert!(!n.reaches("c", "b", 80), "the NetworkPolicy still isolates b for c");
+    n.remove("30-cluster.yaml");
+    n.until("a", "b", 80, false);
+}
+
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse::<f64>().unwrap_or(0.0) as u64))
