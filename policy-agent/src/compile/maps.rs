@@ -167,12 +167,17 @@ fn set_revisions(contents: &mut MapContents) {
 /// Per-map changes that turn the loaded contents into the desired ones.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapUpdates {
+    /// Endpoints as loaded, with the lookup mask widened to the union of old and new: written
+    /// first, so that while entries change the classifier sees both versions' kinds.
+    pub mask_widenings: Vec<(u32, EndpointInfo)>,
     pub policy_upserts: Vec<((u32, PolicyKey), PolicyValue)>,
     pub ipcache_upserts: Vec<((u32, IpcacheKey), IpcacheValue)>,
     pub endpoint_upserts: Vec<(u32, EndpointInfo)>,
     pub endpoint_removals: Vec<u32>,
     pub ipcache_removals: Vec<(u32, IpcacheKey)>,
     pub policy_removals: Vec<(u32, PolicyKey)>,
+    /// The desired endpoints whose mask loses kinds: written last, once those entries are gone.
+    pub mask_narrowings: Vec<(u32, EndpointInfo)>,
 }
 
 /// One map write.
@@ -192,12 +197,14 @@ impl MapUpdates {
     }
 
     pub fn len(&self) -> usize {
-        self.policy_upserts.len()
+        self.mask_widenings.len()
+            + self.policy_upserts.len()
             + self.ipcache_upserts.len()
             + self.endpoint_upserts.len()
             + self.endpoint_removals.len()
             + self.ipcache_removals.len()
             + self.policy_removals.len()
+            + self.mask_narrowings.len()
     }
 
     /// The writes in a safe order: new allow entries exist before any address or endpoint
@@ -206,9 +213,19 @@ impl MapUpdates {
     /// peer identity and endpoint is never opened by a transient state. (The maps cannot be
     /// swapped atomically: a peer whose identity changes is judged by the union of old and
     /// new entries for its new identity until the policy removals run.)
+    ///
+    /// The first entry found decides, allow or deny, so the order within the policy writes
+    /// matters too: while they run the endpoint's mask is the union of both versions' kinds,
+    /// upserts go in the classifier's lookup order (the peer's identity, then ANY; longest
+    /// prefix first) and removals in reverse. Then the first entry any flow meets is either
+    /// its first entry under the old maps or its first under the new ones, so a flow both
+    /// versions deny is never let through by a half-written change (nor one both allow cut).
     pub fn ordered_ops(&self) -> Vec<MapOp> {
         let mut ops = Vec::with_capacity(self.len());
-        ops.extend(self.policy_upserts.iter().map(|&((prefix_len, key), value)| MapOp::PolicyUpsert {
+        ops.extend(self.mask_widenings.iter().map(|&(ifindex, info)| MapOp::EndpointUpsert { ifindex, info }));
+        let mut policy_upserts = self.policy_upserts.clone();
+        policy_upserts.sort_by_key(|((prefix_len, key), _)| (key.identity() == identity::ANY, std::cmp::Reverse(*prefix_len)));
+        ops.extend(policy_upserts.into_iter().map(|((prefix_len, key), value)| MapOp::PolicyUpsert {
             prefix_len,
             key,
             value,
@@ -227,7 +244,10 @@ impl MapUpdates {
         let mut ipcache_removals = self.ipcache_removals.clone();
         ipcache_removals.sort_by_key(|(prefix_len, _)| *prefix_len);
         ops.extend(ipcache_removals.into_iter().map(|(prefix_len, key)| MapOp::IpcacheRemove { prefix_len, key }));
-        ops.extend(self.policy_removals.iter().map(|&(prefix_len, key)| MapOp::PolicyRemove { prefix_len, key }));
+        let mut policy_removals = self.policy_removals.clone();
+        policy_removals.sort_by_key(|(prefix_len, key)| (key.identity() != identity::ANY, *prefix_len));
+        ops.extend(policy_removals.into_iter().map(|(prefix_len, key)| MapOp::PolicyRemove { prefix_len, key }));
+        ops.extend(self.mask_narrowings.iter().map(|&(ifindex, info)| MapOp::EndpointUpsert { ifindex, info }));
         ops
     }
 }
@@ -271,14 +291,28 @@ fn diff_map<K: Ord + Copy, V: PartialEq + Copy>(
 pub fn diff(loaded: &MapContents, desired: &MapContents) -> MapUpdates {
     let (policy_upserts, policy_removals) = diff_map(&loaded.policy, &desired.policy);
     let (ipcache_upserts, ipcache_removals) = diff_map(&loaded.ipcache, &desired.ipcache);
-    let (endpoint_upserts, endpoint_removals) = diff_map(&loaded.endpoints, &desired.endpoints);
+    let (mut endpoint_upserts, endpoint_removals) = diff_map(&loaded.endpoints, &desired.endpoints);
+    let (mut mask_widenings, mut mask_narrowings) = (Vec::new(), Vec::new());
+    for (ifindex, info) in &mut endpoint_upserts {
+        let Some(old) = loaded.endpoints.get(ifindex) else { continue };
+        let union = [old.lookups[0] | info.lookups[0], old.lookups[1] | info.lookups[1]];
+        if union != old.lookups {
+            mask_widenings.push((*ifindex, EndpointInfo { lookups: union, ..*old }));
+        }
+        if union != info.lookups {
+            mask_narrowings.push((*ifindex, *info));
+            info.lookups = union;
+        }
+    }
     MapUpdates {
+        mask_widenings,
         policy_upserts,
         ipcache_upserts,
         endpoint_upserts,
         endpoint_removals,
         ipcache_removals,
         policy_removals,
+        mask_narrowings,
     }
 }
 
@@ -543,5 +577,75 @@ mod revision_tests {
         assert_eq!(verdict(&contents, 10, Direction::Ingress, peer, 6, 5433), Verdict::Allowed { cookie: 2, peer_identity: 300 });
         assert_eq!(verdict(&contents, 10, Direction::Ingress, other, 6, 5432), Verdict::Allowed { cookie: 2, peer_identity: identity::WORLD });
         assert_eq!(verdict(&contents, 10, Direction::Egress, peer, 6, 5432), Verdict::NotIsolated { peer_identity: 300 });
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const PEER: u32 = 300;
+    const IFINDEX: u32 = 10;
+
+    /// The entry shapes of one endpoint and direction: exact 80, the block 80-81, whole TCP,
+    /// any protocol; for the peer's identity and for ANY.
+    fn shapes() -> Vec<(u32, PolicyKey)> {
+        let mut shapes = Vec::new();
+        for peer in [PEER, identity::ANY] {
+            shapes.push((PREFIX_FULL, PolicyKey::new(1, peer, Direction::Ingress, 6, 80)));
+            shapes.push((PREFIX_FULL - 1, PolicyKey::new(1, peer, Direction::Ingress, 6, 80)));
+            shapes.push((PREFIX_PROTOCOL, PolicyKey::new(1, peer, Direction::Ingress, 6, 0)));
+            shapes.push((PREFIX_ANY_PROTOCOL, PolicyKey::new(1, peer, Direction::Ingress, 0, 0)));
+        }
+        shapes
+    }
+
+    /// Per shape: 0 absent, 1 allow, 2 deny.
+    fn contents(choice: &[u8]) -> MapContents {
+        let mut contents = MapContents::default();
+        contents.ipcache.insert(ipcache_key(&IpPrefix::parse("198.18.0.20/32").unwrap()), IpcacheValue { identity: PEER });
+        let mut lookups = [0u8; 2];
+        for ((len, key), c) in shapes().into_iter().zip(choice) {
+            let value = match c {
+                1 => PolicyValue::allow(16),
+                2 => PolicyValue::deny(17),
+                _ => continue,
+            };
+            contents.policy.insert((len, key), value);
+            lookups[0] |= lookup::bit(len, key.identity());
+        }
+        let info = EndpointInfo { id: 1, flags: FLAG_INGRESS_ISOLATED, ipv4: [0; 4], ipv6: [0; 16], lookups, _pad: [0; 2], revision: 0 };
+        contents.endpoints.insert(IFINDEX, info);
+        set_revisions(&mut contents);
+        contents
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Every single write keeps the verdict of every flow both versions agree on.
+        #[test]
+        fn every_write_keeps_agreed_verdicts_with_deny_entries(
+            old in prop::collection::vec(0..3u8, 8),
+            new in prop::collection::vec(0..3u8, 8),
+        ) {
+            let (old, new) = (contents(&old), contents(&new));
+            let peers: [IpAddr; 2] = ["198.18.0.20".parse().unwrap(), "198.18.0.21".parse().unwrap()];
+            let mut now = old.clone();
+            for op in diff(&old, &new).ordered_ops() {
+                now.apply(&op);
+                for peer in peers {
+                    for (protocol, port) in [(6, 80), (6, 81), (6, 82), (17, 80)] {
+                        let judge = |maps: &MapContents| verdict(maps, IFINDEX, Direction::Ingress, peer, protocol, port).allows();
+                        if judge(&old) == judge(&new) {
+                            prop_assert_eq!(judge(&now), judge(&old), "{:?}: peer {} {}/{}", op, peer, protocol, port);
+                        }
+                    }
+                }
+            }
+            prop_assert_eq!(now, new);
+        }
     }
 }
