@@ -682,8 +682,10 @@ impl Agent {
                 ipv4: endpoint.ipv4.map(|a| a.to_string()),
                 ipv6: endpoint.ipv6.map(|a| a.to_string()),
                 identities,
-                ingress_isolated: endpoint.ingress_isolated,
-                egress_isolated: endpoint.egress_isolated,
+                ingress_isolated: endpoint.judged(Direction::Ingress),
+                egress_isolated: endpoint.judged(Direction::Egress),
+                ingress_cluster_policies: endpoint.ingress_cluster_policies.clone(),
+                egress_cluster_policies: endpoint.egress_cluster_policies.clone(),
                 policy_entries: slot.and_then(|s| entries_by_endpoint.get(&s.id).copied()).unwrap_or(0),
                 attached,
                 programs: outcome.programs.get(pod).cloned().unwrap_or_default(),
@@ -719,19 +721,21 @@ fn directory(compilation: &Compilation, placements: &BTreeMap<PodRef, Placement>
         let Some(slot) = placements.get(pod).and_then(|p| p.slot) else { continue };
         pods_by_endpoint.insert(slot.id, pod.to_string());
         for direction in [Direction::Ingress, Direction::Egress] {
-            let policies = endpoint.policies(direction);
-            if !policies.is_empty() {
-                let names: Vec<String> = policies.iter().map(ToString::to_string).collect();
+            let policies = endpoint.policies(direction).iter().map(ToString::to_string);
+            let cluster = endpoint.cluster_policies(direction).iter().map(|name| format!("ClusterNetworkPolicy/{name}"));
+            let names: Vec<String> = policies.chain(cluster).collect();
+            if !names.is_empty() {
                 isolated_by.insert((slot.id, direction), names.join(", "));
             }
         }
     }
-    let node = policy_common::policy::COOKIE_NODE;
+    // The reserved cookies the compiler writes without a rule behind them.
+    let reserved = [policy_common::policy::COOKIE_NODE, policy_common::policy::COOKIE_DEFAULT_ALLOW, policy_common::policy::COOKIE_ISOLATED];
     Directory {
         pods_by_ip: compilation.pods_by_ip.clone(),
         pods_by_endpoint,
         isolated_by,
-        cookies: compiled.cookies.keys().map(|c| (*c, compiled.describe_cookie(*c))).chain([(node, compiled.describe_cookie(node))]).collect(),
+        cookies: compiled.cookies.keys().chain(&reserved).map(|c| (*c, compiled.describe_cookie(*c))).collect(),
     }
 }
 
@@ -744,8 +748,10 @@ struct PassOutcome {
     elapsed: Duration,
 }
 
+/// Whether the datapath judges the pod in some direction (a NetworkPolicy isolates it or a
+/// ClusterNetworkPolicy applies): then a pod without its classifier would be open.
 fn is_isolated(compiled: &Compiled, pod: &PodRef) -> bool {
-    compiled.endpoints.get(pod).is_some_and(|e| e.ingress_isolated || e.egress_isolated)
+    compiled.endpoints.get(pod).is_some_and(|e| e.judged(Direction::Ingress) || e.judged(Direction::Egress))
 }
 
 /// The interface of a local pod: the host route to its addresses, if that leads to a veth

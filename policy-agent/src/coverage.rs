@@ -161,11 +161,13 @@ pub fn report_compiled<'c>(state: &ClusterState, compiled: impl IntoIterator<Ite
 }
 
 fn direction_coverage(endpoint: &EndpointPolicy, direction: Direction) -> DirectionCoverage {
-    let policies = endpoint.policies(direction).iter().map(ToString::to_string).collect();
+    let cluster = endpoint.cluster_policies(direction).iter().map(|name| format!("ClusterNetworkPolicy/{name}"));
+    let policies = endpoint.policies(direction).iter().map(ToString::to_string).chain(cluster).collect();
     // The node's own entries are added to every ingress-isolated pod: they allow no peer
-    // that a policy named.
+    // that a policy named. (A default-allow entry does allow peers.)
     let allows_a_peer = endpoint.rules.iter().any(|(key, cookie)| key.direction == direction && *cookie != COOKIE_NODE);
-    let state = match (endpoint.isolated(direction), allows_a_peer) {
+    // A pod only ClusterNetworkPolicies select is judged too: it is protected.
+    let state = match (endpoint.judged(direction), allows_a_peer) {
         (false, _) => Isolation::NotIsolated,
         (true, true) => Isolation::Isolated,
         (true, false) => Isolation::IsolatedNothingAllowed,
@@ -386,6 +388,19 @@ mod tests {
         assert_eq!(report.pods[1].ingress.policies, ["x/b-from-a"]);
         assert_eq!(report.pods[2].node, "n2");
         assert_eq!(report.pending, ["x/pending"], "hostNetwork pods are not listed");
+    }
+
+    #[test]
+    fn a_pod_only_a_cluster_policy_selects_is_protected() {
+        use Isolation::*;
+        let mut documents = vec![pod("x", "a", "a", Some("n1"), Some("198.18.0.1")), pod("x", "e", "e", Some("n1"), Some("198.18.0.5"))];
+        documents.push(
+            "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guard-e}\nspec: {tier: Admin, priority: 5, subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: e}}}}, ingress: [{action: Deny, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: a}}}}]}]}\n"
+                .to_owned(),
+        );
+        let report = report(&state(&documents), None);
+        assert_eq!(states(&report), [("x/a", NotIsolated, NotIsolated), ("x/e", Isolated, NotIsolated)]);
+        assert_eq!(report.pods[1].ingress.policies, ["ClusterNetworkPolicy/guard-e"]);
     }
 
     #[test]

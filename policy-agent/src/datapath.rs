@@ -42,8 +42,8 @@ pub mod map_name {
     pub const ADDRESSES: &str = "ADDRESSES_V1";
     pub const PREFIXES: &str = "PREFIXES_V1";
     pub const ENDPOINTS: &str = "ENDPOINTS_V3";
-    pub const POLICY: &str = "POLICY_V2";
-    pub const PORT_RANGES: &str = "PORT_RANGES_V1";
+    pub const POLICY: &str = "POLICY_V3";
+    pub const PORT_RANGES: &str = "PORT_RANGES_V2";
     pub const CONNTRACK: &str = "CONNTRACK_V2";
     pub const FRAGMENTS: &str = "FRAGMENTS_V1";
     pub const COUNTERS: &str = "COUNTERS_V1";

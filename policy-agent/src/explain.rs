@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use policy_common::Direction;
-use policy_common::policy::COOKIE_NODE;
+use policy_common::policy::{COOKIE_DEFAULT_ALLOW, COOKIE_ISOLATED, COOKIE_NODE};
 use serde_json::{Value, json};
 
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service};
@@ -20,6 +20,7 @@ use kube::Api;
 use kube::api::ListParams;
 
 use crate::AgentError;
+use crate::crd::ClusterNetworkPolicy;
 use crate::compile::{self, Compiled, EndpointSlot, NodeContext, RuleRef, Verdict};
 use crate::resolve::{is_host_network, is_terminated, node_name, pod_ips, protocol_name, protocol_number};
 use crate::state::{ClusterState, NamespacedName, Object, PodRef, Problem, load_manifest_dir};
@@ -96,8 +97,8 @@ impl InputArgs {
     }
 }
 
-/// Lists the three kinds the compiler reads, cluster-wide, as one consistent-enough state
-/// (three lists, like the agent's three watches).
+/// Lists the kinds the compiler reads, cluster-wide, as one consistent-enough state (one
+/// list each, like the agent's watches).
 pub async fn list_live(client: &kube::Client) -> Result<ClusterState, AgentError> {
     let params = ListParams::default();
     let kube_err = |what: &str| {
@@ -108,12 +109,19 @@ pub async fn list_live(client: &kube::Client) -> Result<ClusterState, AgentError
     let pods = Api::<Pod>::all(client.clone()).list(&params).await.map_err(kube_err("pods"))?;
     let policies =
         Api::<NetworkPolicy>::all(client.clone()).list(&params).await.map_err(kube_err("networkpolicies"))?;
+    let cluster_policies = match Api::<ClusterNetworkPolicy>::all(client.clone()).list(&params).await {
+        Ok(list) => list.items,
+        // The CRD is not installed: there are none.
+        Err(kube::Error::Api(response)) if response.code == 404 => Vec::new(),
+        Err(e) => return Err(kube_err("clusternetworkpolicies")(e)),
+    };
     let objects = namespaces
         .items
         .into_iter()
         .map(|n| Object::Namespace(std::sync::Arc::new(n)))
         .chain(pods.items.into_iter().map(|p| Object::Pod(std::sync::Arc::new(p))))
-        .chain(policies.items.into_iter().map(|p| Object::NetworkPolicy(std::sync::Arc::new(p))));
+        .chain(policies.items.into_iter().map(|p| Object::NetworkPolicy(std::sync::Arc::new(p))))
+        .chain(cluster_policies.into_iter().map(|p| Object::ClusterNetworkPolicy(std::sync::Arc::new(p))));
     Ok(ClusterState::from_objects(objects))
 }
 
@@ -304,7 +312,15 @@ pub enum Outcome {
         rule: Option<RuleRef>,
     },
     AllowedNodeTraffic,
+    /// Only ClusterNetworkPolicies judge this direction and none of their rules matched.
+    AllowedByDefault,
+    /// Isolated and no entry matches (NetworkPolicy isolation: no rule allows).
     Denied,
+    /// A deny entry decided: a ClusterNetworkPolicy Deny (or Pass, unresolved) rule.
+    DeniedByRule {
+        cookie: u32,
+        rule: Option<RuleRef>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -316,13 +332,16 @@ pub struct DirectionExplanation {
     pub outcome: Outcome,
     /// The policies that select the pod for this direction.
     pub isolating_policies: Vec<NamespacedName>,
+    /// The ClusterNetworkPolicies whose subject is the pod in this direction, by tier and
+    /// precedence.
+    pub cluster_policies: Vec<String>,
     /// The identity of the peer address in that node's ipcache, and what it stands for.
     pub peer_identity: Option<(u32, String)>,
 }
 
 impl DirectionExplanation {
     pub fn allowed(&self) -> bool {
-        !matches!(self.outcome, Outcome::Denied)
+        !matches!(self.outcome, Outcome::Denied | Outcome::DeniedByRule { .. })
     }
 }
 
@@ -377,24 +396,37 @@ impl Explanation {
             None => format!("peer {}", peer.ip),
         };
         let policies = side.isolating_policies.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-        match &side.outcome {
-            Outcome::NotEnforced(why) => format!("{at}: allowed, not enforced: {why}"),
-            Outcome::NotIsolated => format!("{at}: allowed, not isolated (no policy selects the pod for {name})"),
+        let outcome = match &side.outcome {
+            Outcome::NotEnforced(why) => return format!("{at}: allowed, not enforced: {why}"),
+            Outcome::NotIsolated => return format!("{at}: allowed, not isolated (no policy selects the pod for {name})"),
             Outcome::AllowedNodeTraffic => {
                 format!("{at}: allowed, node traffic ({peer_text} is the pod's node, always allowed)")
             }
+            Outcome::AllowedByDefault => format!("{at}: allowed: no policy decided (default allow); {peer_text}"),
             Outcome::AllowedByRule { cookie, rule } => match rule {
+                Some(rule) if rule.tier.is_some() => format!("{at}: allowed by {rule} (cookie {cookie}); {peer_text}"),
                 Some(rule) => format!(
                     "{at}: allowed by policy {}/{} {name} rule {} (cookie {cookie}); {peer_text}",
                     rule.namespace, rule.policy, rule.index
                 ),
                 None => format!("{at}: allowed by cookie {cookie}; {peer_text}"),
             },
+            Outcome::Denied if policies.is_empty() => {
+                format!("{at}: denied, no entry matches {peer_text} on {}/{}", protocol_name(self.protocol), self.port)
+            }
             Outcome::Denied => format!(
                 "{at}: denied, isolated by {policies}; no rule allows {peer_text} on {}/{}",
                 protocol_name(self.protocol),
                 self.port
             ),
+            Outcome::DeniedByRule { cookie, rule } => match rule {
+                Some(rule) => format!("{at}: denied by {rule} (cookie {cookie}); {peer_text}"),
+                None => format!("{at}: denied by cookie {cookie}; {peer_text}"),
+            },
+        };
+        match side.cluster_policies.as_slice() {
+            [] => outcome,
+            names => format!("{outcome}; ClusterNetworkPolicies for {name}: {}", names.join(", ")),
         }
     }
 
@@ -413,7 +445,9 @@ impl Explanation {
                 Outcome::NotIsolated => ("not-isolated", None, None, None),
                 Outcome::AllowedNodeTraffic => ("node-traffic", None, None, Some(COOKIE_NODE)),
                 Outcome::AllowedByRule { cookie, rule } => ("rule", None, rule.as_ref().map(rule_json), Some(*cookie)),
+                Outcome::AllowedByDefault => ("default-allow", None, None, Some(COOKIE_DEFAULT_ALLOW)),
                 Outcome::Denied => ("no-matching-rule", None, None, None),
+                Outcome::DeniedByRule { cookie, rule } => ("deny-rule", None, rule.as_ref().map(rule_json), Some(*cookie)),
             };
             json!({
                 "allowed": side.allowed(),
@@ -425,6 +459,7 @@ impl Explanation {
                 "policy": policy,
                 "cookie": cookie,
                 "isolating_policies": side.isolating_policies.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "cluster_policies": side.cluster_policies,
                 "peer_identity": side.peer_identity.as_ref().map(|(id, what)| json!({"id": id, "description": what})),
             })
         };
@@ -446,6 +481,10 @@ fn rule_json(rule: &RuleRef) -> Value {
         "name": rule.policy,
         "direction": if rule.direction == Direction::Ingress { "ingress" } else { "egress" },
         "rule": rule.index,
+        "tier": rule.tier.as_ref().map(|t| t.tier.to_string()),
+        "priority": rule.tier.as_ref().map(|t| t.priority),
+        "rule_name": rule.tier.as_ref().and_then(|t| t.name.clone()),
+        "action": rule.action().to_string(),
     })
 }
 
@@ -554,6 +593,7 @@ fn judge(
         node: local.node.clone(),
         outcome: Outcome::NotIsolated,
         isolating_policies: Vec::new(),
+        cluster_policies: Vec::new(),
         peer_identity: None,
     };
     let not_enforced = |why: &str| Outcome::NotEnforced(why.to_owned());
@@ -581,6 +621,7 @@ fn judge(
     };
     if let Some(endpoint) = compiled.endpoints.get(pod) {
         explanation.isolating_policies = endpoint.policies(direction).to_vec();
+        explanation.cluster_policies = endpoint.cluster_policies(direction).to_vec();
     }
     let identity_text =
         |identity: u32| compiled.identities.get(&identity).map_or_else(|| "unknown".to_owned(), ToString::to_string);
@@ -594,6 +635,8 @@ fn judge(
             explanation.peer_identity = Some((peer_identity, identity_text(peer_identity)));
             if cookie == COOKIE_NODE {
                 Outcome::AllowedNodeTraffic
+            } else if cookie == COOKIE_DEFAULT_ALLOW {
+                Outcome::AllowedByDefault
             } else {
                 Outcome::AllowedByRule { cookie, rule: compiled.cookies.get(&cookie).cloned() }
             }
@@ -601,6 +644,15 @@ fn judge(
         Verdict::Denied { peer_identity } => {
             explanation.peer_identity = Some((peer_identity, identity_text(peer_identity)));
             Outcome::Denied
+        }
+        // NetworkPolicy isolation kept under a less specific cluster entry: no rule allows.
+        Verdict::DeniedByEntry { cookie: COOKIE_ISOLATED, peer_identity } => {
+            explanation.peer_identity = Some((peer_identity, identity_text(peer_identity)));
+            Outcome::Denied
+        }
+        Verdict::DeniedByEntry { cookie, peer_identity } => {
+            explanation.peer_identity = Some((peer_identity, identity_text(peer_identity)));
+            Outcome::DeniedByRule { cookie, rule: compiled.cookies.get(&cookie).cloned() }
         }
     };
     explanation
@@ -980,6 +1032,52 @@ mod tests {
         let sources = service_backends(&service, Some(&endpoints), None).unwrap();
         assert_eq!(sources.ready.len(), 4, "as a source, every ready address");
         assert!(service_backends(&service, None, Some((80, 6))).unwrap().ready.is_empty(), "no Endpoints yet");
+    }
+
+    #[test]
+    fn cluster_policy_outcomes_name_the_tier_rule_and_action() {
+        let (objects, problems) = crate::state::parse_manifest_str(
+            "t.yaml",
+            false,
+            r#"
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
+- {apiVersion: v1, kind: Pod, metadata: {name: client, namespace: shop, labels: {app: client}}, spec: {nodeName: n1, containers: [{name: c}]}, status: {podIP: 198.18.0.5}}
+- {apiVersion: v1, kind: Pod, metadata: {name: web, namespace: shop, labels: {app: web}}, spec: {nodeName: n1, containers: [{name: c}]}, status: {podIP: 198.18.0.6}}
+- {apiVersion: v1, kind: Pod, metadata: {name: db, namespace: shop, labels: {app: db}}, spec: {nodeName: n1, containers: [{name: c}]}, status: {podIP: 198.18.0.7}}
+- apiVersion: policy.networking.k8s.io/v1alpha2
+  kind: ClusterNetworkPolicy
+  metadata: {name: deny-client-db}
+  spec:
+    tier: Admin
+    priority: 10
+    subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}}
+    ingress:
+    - name: no-client
+      action: Deny
+      from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: client}}}}]
+"#,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let state = ClusterState::from_objects(objects);
+        let pod = |name: &str| Address::Pod(NamespacedName::new("shop", name));
+        let denied = explain(&state, &pod("client"), &pod("db"), 6, 5432).unwrap();
+        assert!(!denied.allowed());
+        let text = denied.to_text();
+        let rule = r#"denied by ClusterNetworkPolicy/deny-client-db (Admin, priority 10, ingress rule 0 "no-client": Deny)"#;
+        assert!(text.contains(rule), "{text}");
+        assert!(text.contains("ClusterNetworkPolicies for ingress: deny-client-db"), "{text}");
+        let json = denied.to_json();
+        assert_eq!(json["ingress"]["reason"], "deny-rule");
+        assert_eq!((&json["ingress"]["policy"]["tier"], &json["ingress"]["policy"]["action"]), (&json!("Admin"), &json!("Deny")));
+        assert_eq!(json["ingress"]["cluster_policies"], json!(["deny-client-db"]));
+        // Another peer: the ClusterNetworkPolicy judges db's ingress, and nothing decided.
+        let allowed = explain(&state, &pod("web"), &pod("db"), 6, 5432).unwrap();
+        assert!(allowed.allowed());
+        assert!(allowed.to_text().contains("allowed: no policy decided (default allow)"), "{}", allowed.to_text());
+        assert_eq!(allowed.to_json()["ingress"]["reason"], "default-allow");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::{
 use aya::maps::{Map, MapData, RingBuf};
 use policy_common::{
     Direction, counters::Reason, event::{CONFIG_EVENTS_ALLOWED, CONFIG_EVENTS_DENIED, VerdictEvent}, family,
+    policy::COOKIE_ISOLATED,
 };
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
@@ -59,7 +60,8 @@ pub struct FlowRecord {
     pub dst: Option<String>,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
-    /// The rule that allowed the flow, or the policies isolating the pod for a drop.
+    /// The rule that decided the flow (allowed or denied it), or the policies isolating the
+    /// pod for a drop no entry decided.
     pub policy: Option<String>,
 }
 
@@ -82,8 +84,11 @@ pub fn record(event: &VerdictEvent, directory: &Directory, boot_offset: Duration
         _ => "allow",
     };
     let direction = Direction::from_u8(event.direction).unwrap_or(Direction::Ingress);
+    let isolated_by = || directory.isolated_by.get(&(event.endpoint, direction)).map(|p| format!("isolated by {p}; no rule allows it"));
     let policy = match event.cookie {
-        0 => directory.isolated_by.get(&(event.endpoint, direction)).map(|p| format!("isolated by {p}; no rule allows it")),
+        0 => isolated_by(),
+        // A deny entry that keeps NetworkPolicy isolation: name the isolating policies.
+        COOKIE_ISOLATED => isolated_by().or_else(|| directory.cookies.get(&COOKIE_ISOLATED).cloned()),
         cookie => Some(directory.cookies.get(&cookie).cloned().unwrap_or_else(|| format!("cookie {cookie}"))),
     };
     let time = UNIX_EPOCH + boot_offset + Duration::from_nanos(event.timestamp_ns);
@@ -186,5 +191,30 @@ mod tests {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(1_795_000_000_123)), "2026-11-18T11:06:40.123Z");
         assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+    }
+
+    fn event(reason: Reason, cookie: u32) -> VerdictEvent {
+        let mut event: VerdictEvent = bytemuck::Zeroable::zeroed();
+        event.endpoint = 7;
+        event.reason = reason as u8;
+        event.cookie = cookie;
+        event.family = family::IPV4;
+        event
+    }
+
+    #[test]
+    fn a_deny_names_the_rule_that_decided() {
+        let rule = "ClusterNetworkPolicy/deny-db (Admin, priority 10, ingress rule 0: Deny)";
+        let directory = Directory {
+            cookies: [(40, rule.to_owned()), (COOKIE_ISOLATED, "isolated by NetworkPolicy: no rule allows".to_owned())].into(),
+            isolated_by: [((7, Direction::Ingress), "x/db-allow-api".to_owned())].into(),
+            ..Directory::default()
+        };
+        let denied = record(&event(Reason::DropDeny, 40), &directory, Duration::ZERO);
+        assert_eq!((denied.verdict, denied.reason, denied.policy.as_deref()), ("deny", "drop_deny", Some(rule)));
+        let isolated = record(&event(Reason::DropDeny, COOKIE_ISOLATED), &directory, Duration::ZERO);
+        assert_eq!(isolated.policy.as_deref(), Some("isolated by x/db-allow-api; no rule allows it"));
+        let audited = record(&event(Reason::PassAudit, 40), &directory, Duration::ZERO);
+        assert_eq!((audited.verdict, audited.policy.as_deref()), ("audit-deny", Some(rule)));
     }
 }

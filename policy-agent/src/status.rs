@@ -115,6 +115,12 @@ pub fn status_text(status: &serde_json::Value) -> String {
             if e["attached"].as_bool() == Some(true) { "yes" } else { "no" },
             if programs.is_empty() { "-".to_owned() } else { programs.join(",") },
         );
+        let names = |key: &str| e[key].as_array().into_iter().flatten().filter_map(|n| n.as_str()).collect::<Vec<_>>().join(", ");
+        let (ingress, egress) = (names("ingress_cluster_policies"), names("egress_cluster_policies"));
+        if !ingress.is_empty() || !egress.is_empty() {
+            let or_none = |s: String| if s.is_empty() { "-".to_owned() } else { s };
+            let _ = writeln!(out, "  cluster policies: ingress {}; egress {}", or_none(ingress), or_none(egress));
+        }
         if let Some(error) = e["error"].as_str() {
             let _ = writeln!(out, "  ! {error}");
         }
@@ -156,4 +162,23 @@ fn print_pinned(pins: &PinLayout) -> Result<(), AgentError> {
     }
     println!("entries: ipcache {}, policy {}, endpoints {}", contents.ipcache.len(), contents.policy.len(), contents.endpoints.len());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_shows_cluster_policies_under_their_pod() {
+        let status = serde_json::json!({
+            "node": "n1",
+            "endpoints": [
+                {"pod": "x/e", "ingress_isolated": true, "egress_isolated": false, "ingress_cluster_policies": ["guard-e", "baseline"], "egress_cluster_policies": []},
+                {"pod": "x/a", "ingress_isolated": false, "egress_isolated": false, "ingress_cluster_policies": [], "egress_cluster_policies": []},
+            ],
+        });
+        let text = status_text(&status);
+        assert!(text.contains("\n  cluster policies: ingress guard-e, baseline; egress -\n"), "{text}");
+        assert_eq!(text.matches("cluster policies").count(), 1, "{text}");
+    }
 }

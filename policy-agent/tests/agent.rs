@@ -317,13 +317,13 @@ fn status_and_metrics_report_correct_numbers() {
     // b: a on TCP 80 over both families shares one identity entry, plus node traffic.
     assert_eq!(b["policy_entries"].as_u64(), Some(2), "{b}");
     assert_eq!(a["policy_entries"].as_u64(), Some(0));
-    let policy_entries = status["maps"]["POLICY_V2"]["entries"].as_u64().expect("policy fill");
+    let policy_entries = status["maps"]["POLICY_V3"]["entries"].as_u64().expect("policy fill");
     assert_eq!(policy_entries, 2);
 
     let metrics = n.get("/metrics").expect("metrics");
     let drops = metric(&metrics, "policy_verdicts_total{pod=\"e2e/b\",direction=\"ingress\",verdict=\"drop\",reason=\"drop_policy\"}");
     assert!(drops >= 5, "counted drops: {drops}\n{metrics}");
-    assert_eq!(metric(&metrics, "policy_map_entries{map=\"POLICY_V2\"}"), policy_entries);
+    assert_eq!(metric(&metrics, "policy_map_entries{map=\"POLICY_V3\"}"), policy_entries);
     assert_eq!(metric(&metrics, "policy_endpoints{state=\"attached\"}"), 3);
     assert!(metric(&metrics, "policy_identities") >= 3);
 
@@ -337,6 +337,38 @@ fn status_and_metrics_report_correct_numbers() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().any(|l| l.starts_with("e2e/b") && l.contains("isolated") && l.contains("yes")), "{text}");
     assert!(n.get("/healthz").is_some());
+}
+
+/// An Admin-tier ClusterNetworkPolicy on b's ingress: `action` for peers labelled app=a.
+fn cluster_policy(name: &str, action: &str) -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  tier: Admin\n  priority: 10\n  subject:\n    pods:\n      namespaceSelector: {{}}\n      podSelector:\n        matchLabels:\n          app: b\n  ingress:\n  - name: from-a\n    action: {action}\n    from:\n    - pods:\n        namespaceSelector: {{}}\n        podSelector:\n          matchLabels:\n            app: a\n"
+    )
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn cluster_policies_deny_and_accept_over_network_policies() {
+    let mut n = AgentNode::new("cnp", &three_pods());
+    n.start();
+    assert!(n.reaches("a", "b", 80), "no policy: open");
+    // An Admin Deny for a: a is cut off, c (no rule matches) is allowed by default.
+    n.write("30-cluster.yaml", &cluster_policy("deny-a", "Deny"));
+    n.until("a", "b", 80, false);
+    assert!(n.reaches("c", "b", 80), "no policy decided for c: default allow");
+    let b = n.endpoint("b");
+    assert_eq!((b["ingress_isolated"].as_bool(), b["egress_isolated"].as_bool()), (Some(true), Some(false)), "judged: {b}");
+    assert_eq!(b["ingress_cluster_policies"], serde_json::json!(["deny-a"]), "{b}");
+    let metrics = n.get("/metrics").expect("metrics");
+    let denied = metric(&metrics, "policy_verdicts_total{pod=\"e2e/b\",direction=\"ingress\",verdict=\"drop\",reason=\"drop_deny\"}");
+    assert!(denied >= 1, "drop_deny counted: {denied}\n{metrics}");
+    // An Admin Accept wins over a NetworkPolicy that isolates b: a passes, c stays denied.
+    n.write("20-policy.yaml", DENY_B);
+    n.write("30-cluster.yaml", &cluster_policy("accept-a", "Accept"));
+    n.until("a", "b", 80, true);
+    assert!(!n.reaches("c", "b", 80), "the NetworkPolicy still isolates b for c");
+    n.remove("30-cluster.yaml");
+    n.until("a", "b", 80, false);
 }
 
 fn metric(text: &str, name: &str) -> u64 {
@@ -410,7 +442,7 @@ fn a_full_policy_map_is_reported_and_fails_closed() {
     assert!(n.status()["problems"].as_array().is_some_and(|p| p.iter().any(|p| p.as_str().is_some_and(|p| p.contains("e2e/b")))), "reported as a problem");
     let metrics = n.get("/metrics").expect("metrics");
     assert!(metric(&metrics, "policy_sync_failures_total") >= 1, "{metrics}");
-    assert!(metric(&metrics, "policy_map_fill_ratio{map=\"POLICY_V2\"}") >= 1, "{metrics}");
+    assert!(metric(&metrics, "policy_map_fill_ratio{map=\"POLICY_V3\"}") >= 1, "{metrics}");
 
     // Once b fits again its link comes back up with what the kernel took away when it went
     // down (its routes and permanent neighbours; IPv6 addresses are kept), over IPv4 and IPv6.

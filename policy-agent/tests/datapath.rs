@@ -49,6 +49,8 @@ const LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 const PEER_ID: u32 = 1000;
 const OTHER_ID: u32 = 1001;
 const COOKIE: u32 = 4242;
+/// The cookie of the deny entries (a ClusterNetworkPolicy Deny rule).
+const DENY_COOKIE: u32 = 4343;
 /// Tracked flows per endpoint in the fixture.
 const CT_BUDGET: u32 = 64;
 
@@ -113,7 +115,12 @@ impl Fixture {
 
     /// Writes an allow entry the way the agent does (through `Maps::write`).
     fn entry(&mut self, prefix_len: u32, key: PolicyKey) {
-        self.maps.write(&MapOp::PolicyUpsert { prefix_len, key, value: PolicyValue::allow(COOKIE) }).expect("policy entry");
+        self.entry_value(prefix_len, key, PolicyValue::allow(COOKIE));
+    }
+
+    /// Writes an entry with any value (a deny, or an action the classifier does not know).
+    fn entry_value(&mut self, prefix_len: u32, key: PolicyKey, value: PolicyValue) {
+        self.maps.write(&MapOp::PolicyUpsert { prefix_len, key, value }).expect("policy entry");
         let direction = key.direction().expect("direction");
         self.lookups[direction as usize] |= lookup::bit(prefix_len, key.identity());
         self.endpoint(self.flags);
@@ -502,6 +509,90 @@ fn cidr_prefix_identity_matches_by_longest_prefix() {
     assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(Ipv4Addr::new(198, 18, 3, 7)), 1, v4(POD), 80, SYN).build()), TC_ACT_SHOT, "outside: WORLD");
 }
 
+// --- Deny entries: a ClusterNetworkPolicy Deny (issue 16) ----------------------------------
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn deny_entry_drops_what_a_less_specific_allow_admits() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED);
+    f.allow(identity::ANY, Direction::Ingress, Some(proto::TCP), None);
+    // Control: the whole-protocol allow admits the peer on port 80.
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 80, SYN).build()), TC_ACT_OK);
+    assert_eq!(f.conntrack_len(), 1);
+    // A deny for the peer on TCP 80, more specific: it is found first and drops.
+    f.entry_value(PREFIX_FULL, PolicyKey::new(ENDPOINT, PEER_ID, Direction::Ingress, proto::TCP, 80), PolicyValue::deny(DENY_COOKIE));
+    f.new_revision(FLAG_INGRESS_ISOLATED);
+    f.events();
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40001, v4(POD), 80, SYN).build()), TC_ACT_SHOT);
+    assert_eq!(f.counted(ENDPOINT, Reason::DropDeny), 1);
+    assert_eq!(f.counted(ENDPOINT, Reason::DropPolicy), 0, "a deny is not a miss");
+    let events = f.events();
+    let drop = events.iter().find(|e| e.reason == Reason::DropDeny as u8).expect("a drop_deny event");
+    assert_eq!((drop.cookie, drop.peer_identity, drop.dst_port()), (DENY_COOKIE, PEER_ID, 80), "the event names the deny rule");
+    // The flow opened before the deny is judged again under the new revision: revoked.
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 80, ACK).build()), TC_ACT_SHOT, "a deny revokes a tracked flow");
+    assert_eq!(f.conntrack_len(), 0);
+    // What the deny does not name is still allowed by the broader entry.
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40002, v4(POD), 81, SYN).build()), TC_ACT_OK, "another port");
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(OTHER), 40003, v4(POD), 80, SYN).build()), TC_ACT_OK, "another peer");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn unknown_actions_fail_closed() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED);
+    f.allow(identity::ANY, Direction::Ingress, None, None);
+    // An action this classifier does not know is a deny, never a miss that would fall
+    // through to the broader allow; u32::MAX too (the lookup's own miss marker).
+    for (port, action) in [(80, 7), (81, u32::MAX), (82, policy_common::policy::ACTION_DENY)] {
+        let key = PolicyKey::new(ENDPOINT, PEER_ID, Direction::Ingress, proto::TCP, port);
+        f.entry_value(PREFIX_FULL, key, PolicyValue { cookie: DENY_COOKIE, action });
+        assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), port, SYN).build()), TC_ACT_SHOT, "action {action}");
+    }
+    assert_eq!(f.counted(ENDPOINT, Reason::DropDeny), 3);
+    // Control: a port without an entry of its own takes the any-protocol allow.
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 83, SYN).build()), TC_ACT_OK);
+    // The same in a port block (the trie).
+    f.entry_value(PREFIX_PROTOCOL + 8, PolicyKey::new(ENDPOINT, PEER_ID, Direction::Ingress, proto::UDP, 0x1000), PolicyValue { cookie: DENY_COOKIE, action: 7 });
+    assert_eq!(f.run(Hook::ToPod, &Frame::udp(v4(PEER), 40000, v4(POD), 0x1001).build()), TC_ACT_SHOT, "port block, action 7");
+    assert_eq!(f.run(Hook::ToPod, &Frame::udp(v4(PEER), 40000, v4(POD), 0x2001).build()), TC_ACT_OK, "outside the block");
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn audit_mode_passes_a_deny_and_names_its_rule() {
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_INGRESS_ISOLATED | FLAG_AUDIT);
+    f.entry_value(PREFIX_PROTOCOL, PolicyKey::new(ENDPOINT, PEER_ID, Direction::Ingress, proto::TCP, 0), PolicyValue::deny(DENY_COOKIE));
+    f.events();
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 80, SYN).build()), TC_ACT_OK);
+    assert_eq!((f.counted(ENDPOINT, Reason::PassAudit), f.counted(ENDPOINT, Reason::DropDeny)), (1, 0));
+    assert!(f.events().iter().any(|e| e.reason == Reason::PassAudit as u8 && e.cookie == DENY_COOKIE), "the would-be drop names the deny rule");
+    // Leaving audit mode: the tracked flow is judged again and the deny cuts it.
+    f.new_revision(FLAG_INGRESS_ISOLATED);
+    assert_eq!(f.run(Hook::ToPod, &Frame::tcp(v4(PEER), 40000, v4(POD), 80, ACK).build()), TC_ACT_SHOT);
+    assert_eq!(f.counted(ENDPOINT, Reason::DropDeny), 1);
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn deferred_egress_honours_deny_entries() {
+    use policy_common::service;
+    let mut f = Fixture::new();
+    f.endpoint(FLAG_EGRESS_ISOLATED);
+    f.allow(identity::ANY, Direction::Egress, Some(proto::TCP), None);
+    f.entry_value(PREFIX_FULL, PolicyKey::new(ENDPOINT, PEER_ID, Direction::Egress, proto::TCP, 80), PolicyValue::deny(DENY_COOKIE));
+    f.maps.endpoint_ids.set(ENDPOINT, EndpointKey { ifindex: LO }, 0).expect("endpoint id");
+    let marked = service::mark(0, ENDPOINT);
+    // After the translation, towards the backend: the deny decides; the control passes.
+    assert_eq!(f.run_marked(Hook::ToPod, &Frame::tcp(v4(POD), 40000, v4(PEER), 80, SYN).build(), marked).0, TC_ACT_SHOT);
+    assert_eq!(f.counted(ENDPOINT, Reason::DropDeny), 1);
+    assert_eq!(f.run_marked(Hook::ToPod, &Frame::tcp(v4(POD), 40001, v4(PEER), 81, SYN).build(), marked).0, TC_ACT_OK);
+    assert_eq!(f.run_marked(Hook::ToPod, &Frame::tcp(v4(POD), 40002, v4(OTHER), 80, SYN).build(), marked).0, TC_ACT_OK);
+}
+
 // --- Real traffic between pods in network namespaces -------------------------------------
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
@@ -597,6 +688,15 @@ impl Cluster {
         self.endpoint(pod, id, flags);
     }
 
+    /// Writes any entry of `pod` (a deny, a whole protocol) and its endpoint's new mask.
+    fn entry(&mut self, pod: &'static str, prefix_len: u32, key: PolicyKey, value: PolicyValue) {
+        let (id, flags, mut lookups) = self.endpoints[pod];
+        self.maps.write(&MapOp::PolicyUpsert { prefix_len, key, value }).expect("policy");
+        lookups[key.direction().expect("direction") as usize] |= lookup::bit(prefix_len, key.identity());
+        self.endpoints.insert(pod, (id, flags, lookups));
+        self.endpoint(pod, id, flags);
+    }
+
     /// Packets counted for `reason` on an endpoint id, both directions, over all CPUs.
     fn counted_reason(&self, endpoint: u32, reason: Reason) -> u64 {
         [Direction::Ingress, Direction::Egress]
@@ -656,6 +756,33 @@ fn sctp_over_raw_sockets_follows_the_maps() {
         let ports = sink.ports();
         assert_eq!(ports, vec![80], "only the allowed SCTP port arrives; a TCP entry does not admit SCTP (v6={v6})");
     }
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn real_deny_entry_overrides_a_broader_allow() {
+    let mut c = Cluster::new();
+    c.maps.config.set(0, Config { flags: CONFIG_EVENTS_DENIED, events_per_sec: 1000, ct_budget: 0, _pad: 0 }, 0).expect("config");
+    let _servers = Servers::start(&c.node.pod("b").ns, &[80, 81], Duration::from_secs(60));
+    // b accepts every peer on TCP (a whole-protocol entry for the wildcard identity).
+    c.endpoint("b", B_EP, FLAG_INGRESS_ISOLATED);
+    c.entry("b", PREFIX_PROTOCOL, PolicyKey::new(B_EP, identity::ANY, Direction::Ingress, proto::TCP, 0), PolicyValue::allow(COOKIE));
+    for v6 in [false, true] {
+        assert!(tcp_ok(&c.node.pod("a").ns, c.target("b", v6, 80), PROBE_TIMEOUT), "control: no deny, a -> b:80 allowed (v6={v6})");
+    }
+    // A Deny for a on TCP 80: more specific, it wins over the allow.
+    c.entry("b", PREFIX_FULL, PolicyKey::new(B_EP, A_ID, Direction::Ingress, proto::TCP, 80), PolicyValue::deny(DENY_COOKIE));
+    drain_events(&mut c.maps.events);
+    for v6 in [false, true] {
+        assert!(!tcp_ok(&c.node.pod("a").ns, c.target("b", v6, 80), PROBE_TIMEOUT), "a -> b:80 denied (v6={v6})");
+        assert!(tcp_ok(&c.node.pod("a").ns, c.target("b", v6, 81), PROBE_TIMEOUT), "a -> b:81 still allowed (v6={v6})");
+        assert!(tcp_ok(&c.node.pod("c").ns, c.target("b", v6, 80), PROBE_TIMEOUT), "c -> b:80 still allowed (v6={v6})");
+    }
+    assert!(c.counted_reason(B_EP, Reason::DropDeny) >= 2, "drop_deny counted");
+    assert_eq!(c.counted_reason(B_EP, Reason::DropPolicy), 0);
+    let events = drain_events(&mut c.maps.events);
+    let drop = events.iter().find(|e| e.reason == Reason::DropDeny as u8).expect("a drop_deny event");
+    assert_eq!((drop.endpoint, drop.cookie, drop.peer_identity, drop.dst_port()), (B_EP, DENY_COOKIE, A_ID, 80));
 }
 
 // --- Services: egress judged after kube-proxy's translation (issue 11) --------------------

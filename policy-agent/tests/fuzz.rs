@@ -297,7 +297,7 @@ fn render_case(header: &str, maps: &MapContents, model: &Model, frames: &[(Direc
         let _ = writeln!(s, "ipcache {len} {} {}", addr(k.family(), k.addr()), v.identity);
     }
     for ((len, k), v) in &maps.policy {
-        let _ = writeln!(s, "policy {len} {} {} {} {} {} {}", k.endpoint(), k.identity(), k.direction().map_or(9, |d| d as u8), k.protocol(), k.port(), v.cookie);
+        let _ = writeln!(s, "policy {len} {} {} {} {} {} {} {}", k.endpoint(), k.identity(), k.direction().map_or(9, |d| d as u8), k.protocol(), k.port(), v.cookie, v.action);
     }
     let _ = writeln!(s, "ct_budget {}", model.ct_budget);
     let mut ct: Vec<_> = model.ct.iter().collect();
@@ -354,7 +354,9 @@ fn load_case(name: &str, text: &str) -> Case {
             }
             "policy" => {
                 let key = PolicyKey::new(num(2) as u32, num(3) as u32, parse_dir(t[4]), num(5) as u8, num(6) as u16);
-                c.maps.policy.insert((num(1) as u32, key), PolicyValue::allow(num(7) as u32));
+                // The action is optional (cases saved before deny entries existed allow).
+                let action = if t.len() > 8 { num(8) as u32 } else { policy_common::policy::ACTION_ALLOW };
+                c.maps.policy.insert((num(1) as u32, key), PolicyValue { cookie: num(7) as u32, action });
             }
             "ct" => {
                 let key = CtKey::new(num(1) as u32, num(2) as u8, num(3) as u8, bytes16(ip(4)), num(5) as u16, bytes16(ip(6)), num(7) as u16);

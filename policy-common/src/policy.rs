@@ -1,4 +1,5 @@
-//! Allow entries, keyed by (endpoint, peer identity, direction, protocol, port).
+//! Policy entries (allow or deny), keyed by (endpoint, peer identity, direction, protocol,
+//! port).
 //!
 //! Logically one longest-prefix-match table (as in Cilium's `policy.h`): protocol and port
 //! come last so that "any port of a protocol" and port ranges are prefixes; a full key is 96
@@ -8,8 +9,9 @@
 //! as real ones, and matching them is what the wildcard allows anyway), and port blocks in an
 //! LPM trie. The classifier looks up the peer's identity, then the wildcard identity
 //! [`ANY`], each in longest-prefix order (exact, block, protocol, any protocol), and only the
-//! kinds the endpoint's [`lookups`] mask says exist. Entries only ever allow: a pod with no
-//! matching entry in an isolated direction is dropped.
+//! kinds the endpoint's [`lookups`] mask says exist. The first entry found decides: its
+//! [`PolicyValue`] says allow or deny (the compiler resolves tiers, so the first hit carries
+//! the right action); a pod with no matching entry in a judged direction is dropped.
 //!
 //! [`ANY`]: crate::identity::ANY
 //! [`lookups`]: crate::endpoint::EndpointInfo::lookups

@@ -27,6 +27,7 @@ use policy_common::{
     conntrack::{CT_DEFERRED, CtKey, CtValue},
     counters::Reason,
     endpoint::{EndpointInfo, EndpointKey, FLAG_AUDIT, FLAG_EGRESS_ISOLATED, FLAG_HAS_IPV4, FLAG_HAS_IPV6, FLAG_INGRESS_ISOLATED},
+    policy::ACTION_ALLOW,
 };
 
 use crate::{
@@ -242,7 +243,8 @@ fn untranslated(entry: &CtValue, direction: Direction, may_defer: bool) -> bool 
 }
 
 /// The policy lookup for a packet no tracked flow covers: the verdict and the cookie of the
-/// rule that allowed it (0 for none).
+/// rule that allowed it (0 for none). The flow event names the rule that decided, allow or
+/// deny.
 #[inline(always)]
 fn policy_verdict(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direction: Direction, time: u64) -> (Reason, u32) {
     let peer = match direction {
@@ -252,16 +254,20 @@ fn policy_verdict(endpoint: &EndpointInfo, ifindex: u32, packet: &Packet, direct
     let peer_identity = lookup::peer_identity(packet, peer, direction);
     // The destination port is the one a policy names, on either side of the connection.
     let mask = endpoint.lookups[direction as usize & 1];
-    let cookie = lookup::allowed(endpoint.id, mask, peer_identity, direction, packet.tuple.protocol, packet.tuple.dport);
-    let reason = match cookie {
-        Some(_) => Reason::PassPolicy,
+    let hit = lookup::decision(endpoint.id, mask, peer_identity, direction, packet.tuple.protocol, packet.tuple.dport);
+    let cookie = if hit.action == lookup::MISS { 0 } else { hit.cookie };
+    let reason = if hit.action == ACTION_ALLOW {
+        Reason::PassPolicy
+    } else if endpoint.has(FLAG_AUDIT) {
         // Audit lets the flow work as it would without the policy, replies included.
-        None if endpoint.has(FLAG_AUDIT) => Reason::PassAudit,
-        None => Reason::DropPolicy,
+        Reason::PassAudit
+    } else if hit.action == lookup::MISS {
+        Reason::DropPolicy
+    } else {
+        Reason::DropDeny
     };
-    let cookie = cookie.unwrap_or(0);
     telemetry::report(endpoint.id, ifindex, packet, direction, reason, cookie, peer_identity, time);
-    (reason, cookie)
+    (reason, if reason == Reason::PassPolicy { cookie } else { 0 })
 }
 
 /// Whether a tracked flow may go on. An entry judged under another revision of the endpoint
@@ -286,13 +292,13 @@ fn still_allowed(endpoint: &EndpointInfo, key: &CtKey, entry: &mut CtValue) -> b
         };
         let peer_identity = lookup::identity_of(key.family, &key.peer_addr);
         let mask = endpoint.lookups[origin as usize & 1];
-        match lookup::allowed(endpoint.id, mask, peer_identity, origin, key.protocol, port) {
-            Some(cookie) => entry.cookie = cookie,
-            None if endpoint.has(FLAG_AUDIT) => {}
-            None => {
-                conntrack::forget(key, entry.origin);
-                return false;
-            }
+        // A deny entry revokes like a missing one.
+        let hit = lookup::decision(endpoint.id, mask, peer_identity, origin, key.protocol, port);
+        if hit.action == ACTION_ALLOW {
+            entry.cookie = hit.cookie;
+        } else if !endpoint.has(FLAG_AUDIT) {
+            conntrack::forget(key, entry.origin);
+            return false;
         }
     }
     entry.revision = endpoint.revision;

@@ -35,12 +35,12 @@ pub static ENDPOINT_IDS: Array<EndpointKey> = Array::pinned(endpoint::MAX_ENTRIE
 #[map(name = "SERVICE_NETS_V1")]
 pub static SERVICE_NETS: LpmTrie<IpcacheKey, u32> = LpmTrie::pinned(service::MAX_NETS, 0);
 
-/// Exact-port, whole-protocol and any-protocol allow entries (wildcard fields zero).
-#[map(name = "POLICY_V2")]
+/// Exact-port, whole-protocol and any-protocol entries (wildcard fields zero).
+#[map(name = "POLICY_V3")]
 pub static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(policy::MAX_ENTRIES, 0);
 
 /// `endPort` blocks.
-#[map(name = "PORT_RANGES_V1")]
+#[map(name = "PORT_RANGES_V2")]
 pub static PORT_RANGES: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(policy::MAX_RANGE_ENTRIES, 0);
 
 /// A plain hash allocated on demand, with a budget per endpoint (see policy_common::conntrack).

@@ -22,7 +22,7 @@ use policy_common::identity;
 use policy_common::policy::{COOKIE_DEFAULT_ALLOW, COOKIE_ISOLATED, COOKIE_NODE, FIRST_RULE_COOKIE, PortPrefix, PortRangePrefixes};
 
 pub use maps::{
-    EndpointSlot, MapContents, MapOp, MapUpdates, Verdict, diff, ipcache_lookup, ipcache_prefix, isolated, lookup, render, verdict,
+    EndpointSlot, Hit, MapContents, MapOp, MapUpdates, Verdict, decision, diff, ipcache_lookup, ipcache_prefix, isolated, lookup, render, verdict,
 };
 pub use cluster_policy::{RuleAction, Tier};
 use cluster_policy::{ParsedClusterPolicy, parse_cluster_policy};

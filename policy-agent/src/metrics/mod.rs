@@ -79,8 +79,13 @@ pub struct EndpointStatus {
     pub ipv6: Option<String>,
     /// Identity of the pod's addresses (IPv4 first).
     pub identities: Vec<u32>,
+    /// Whether the classifier judges the direction (a NetworkPolicy isolates it or a
+    /// ClusterNetworkPolicy applies).
     pub ingress_isolated: bool,
     pub egress_isolated: bool,
+    /// The ClusterNetworkPolicies whose subject is the pod, by tier and precedence.
+    pub ingress_cluster_policies: Vec<String>,
+    pub egress_cluster_policies: Vec<String>,
     /// Policy map entries of this endpoint.
     pub policy_entries: usize,
     pub attached: bool,
@@ -137,7 +142,8 @@ pub struct Directory {
     pub pods_by_ip: BTreeMap<IpAddr, String>,
     pub pods_by_endpoint: BTreeMap<u32, String>,
     pub cookies: BTreeMap<u32, String>,
-    /// The policies isolating an endpoint in a direction: what a drop is attributed to.
+    /// The policies isolating an endpoint in a direction (ClusterNetworkPolicies too): what
+    /// a drop no entry decided is attributed to.
     pub isolated_by: BTreeMap<(u32, Direction), String>,
 }
 

@@ -251,6 +251,8 @@ mod tests {
             identities: vec![256],
             ingress_isolated: true,
             egress_isolated: false,
+            ingress_cluster_policies: Vec::new(),
+            egress_cluster_policies: Vec::new(),
             policy_entries: 2,
             attached,
             programs: vec![11, 12],
@@ -261,7 +263,7 @@ mod tests {
     /// A view with a value in every metric, and counters for two pods and no endpoint.
     fn known() -> (SharedView, Arc<dyn VerdictSource>) {
         let mut view = AgentView::new("node-a");
-        view.maps.insert("POLICY_V2", MapFill { entries: 2, capacity: 4 });
+        view.maps.insert("POLICY_V3", MapFill { entries: 2, capacity: 4 });
         view.maps.insert("IPCACHE", MapFill { entries: 3, capacity: 0 });
         view.endpoints = vec![endpoint("e2e/a", "10.0.0.1", true), endpoint("e2e/b", "10.0.0.2", false)];
         view.identities = 3;
@@ -285,6 +287,7 @@ mod tests {
         let counts = vec![
             count(2, Direction::Ingress, Reason::DropPolicy, 7),
             count(1, Direction::Ingress, Reason::DropPolicy, 5),
+            count(2, Direction::Ingress, Reason::DropDeny, 3),
             count(1, Direction::Egress, Reason::PassPolicy, 9),
             count(0, Direction::Egress, Reason::PassUnmanaged, 1),
         ];
@@ -336,10 +339,11 @@ mod tests {
         let text = scrape(Exposure::Full, TextFormat::Prometheus);
         for line in [
             "policy_verdicts_total{pod=\"e2e/b\",direction=\"ingress\",verdict=\"drop\",reason=\"drop_policy\"} 7",
+            "policy_verdicts_total{pod=\"e2e/b\",direction=\"ingress\",verdict=\"drop\",reason=\"drop_deny\"} 3",
             "policy_verdicts_total{pod=\"e2e/a\",direction=\"egress\",verdict=\"pass\",reason=\"policy\"} 9",
             "policy_verdicts_total{pod=\"\",direction=\"egress\",verdict=\"pass\",reason=\"unmanaged\"} 1",
-            "policy_map_entries{map=\"POLICY_V2\"} 2",
-            "policy_map_fill_ratio{map=\"POLICY_V2\"} 0.5",
+            "policy_map_entries{map=\"POLICY_V3\"} 2",
+            "policy_map_fill_ratio{map=\"POLICY_V3\"} 0.5",
             "policy_map_fill_ratio{map=\"IPCACHE\"} 3.0",
             "policy_identities 3",
             "policy_endpoints{state=\"attached\"} 1",

@@ -1007,7 +1007,7 @@ impl Gen {
         m
     }
 
-    /// Replaces the endpoint's allow entries with a random set; recomputes the lookup mask
+    /// Replaces the endpoint's entries with a random set; recomputes the lookup mask
     /// (rarely a random one).
     pub fn new_policy(&mut self, m: &mut MapContents, ifindex: u32) {
         m.policy.clear();
@@ -1026,6 +1026,13 @@ impl Gen {
 
     fn add_entry(&mut self, m: &mut MapContents, endpoint: u32, cookie: u32) {
         let r = &mut self.rng;
+        // Mostly allows; deny entries (a ClusterNetworkPolicy Deny) and, rarely, an action
+        // the classifier does not know, which must deny too.
+        let value = match r.below(12) {
+            0..=7 => PolicyValue::allow(cookie),
+            8..=10 => PolicyValue::deny(cookie),
+            _ => PolicyValue { cookie, action: r.pick(&[2, 7, u32::MAX]) },
+        };
         let peer = r.pick(&[ALLOWED_ID, ALLOWED_ID, RANGE_ID, BLOCK_ID, identity::HOST, identity::WORLD, identity::ANY, POD_ID, OTHERPOD_ID]);
         let dir = if r.chance(1, 2) { Direction::Ingress } else { Direction::Egress };
         let protocol = r.pick(&PROTOS);
@@ -1044,7 +1051,7 @@ impl Gen {
                     r.pick(&PORTS[..10])
                 };
                 if port != 0 {
-                    m.policy.insert((PREFIX_FULL, PolicyKey::new(endpoint, peer, dir, protocol, port)), PolicyValue::allow(cookie));
+                    m.policy.insert((PREFIX_FULL, PolicyKey::new(endpoint, peer, dir, protocol, port)), value);
                 }
                 self.hints.push((dir, peer, protocol, port));
             }
@@ -1053,16 +1060,16 @@ impl Gen {
                 for block in PortRangePrefixes::new(first, last) {
                     let len = block.lpm_prefix_len();
                     let len = if len == PREFIX_PROTOCOL { PREFIX_PROTOCOL } else { len };
-                    m.policy.insert((len, PolicyKey::new(endpoint, peer, dir, protocol, block.port)), PolicyValue::allow(cookie));
+                    m.policy.insert((len, PolicyKey::new(endpoint, peer, dir, protocol, block.port)), value);
                 }
                 self.hints.push((dir, peer, protocol, hint_port(first, last)));
             }
             6 => {
-                m.policy.insert((PREFIX_PROTOCOL, PolicyKey::new(endpoint, peer, dir, protocol, 0)), PolicyValue::allow(cookie));
+                m.policy.insert((PREFIX_PROTOCOL, PolicyKey::new(endpoint, peer, dir, protocol, 0)), value);
                 self.hints.push((dir, peer, protocol, 0));
             }
             _ => {
-                m.policy.insert((PREFIX_ANY_PROTOCOL, PolicyKey::new(endpoint, peer, dir, 0, 0)), PolicyValue::allow(cookie));
+                m.policy.insert((PREFIX_ANY_PROTOCOL, PolicyKey::new(endpoint, peer, dir, 0, 0)), value);
                 self.hints.push((dir, peer, 0, 0));
             }
         }

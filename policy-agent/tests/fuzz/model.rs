@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use policy_agent::compile::{MapContents, ipcache_lookup, lookup};
+use policy_agent::compile::{Hit, MapContents, decision, ipcache_lookup};
 use policy_common::{
     Direction,
     conntrack::{CtKey, FragKey},
@@ -538,7 +538,8 @@ impl Model {
     fn stateful(&self, ep: &EndpointInfo, ip: &Ip, dir: Direction, enforced: bool, audit: bool, changes: &mut Vec<Change>) -> Outcome {
         let egress = dir == Direction::Egress;
         let peer = if egress { ip.dst } else { ip.src };
-        let policy = |port: u16| lookup(&self.maps, IFINDEX, dir, peer, ip.proto, port);
+        // The first entry found decides; every action but allow denies (fail closed).
+        let policy = |port: u16| decision(&self.maps, IFINDEX, dir, peer, ip.proto, port);
         // 10.
         if let L4::IcmpError { related } = ip.l4 {
             if !enforced {
@@ -554,8 +555,9 @@ impl Model {
                 return Outcome::pass(Reason::PassReply);
             }
             return match policy(0) {
-                Some(_) => Outcome::pass(Reason::PassPolicy),
-                None if audit => Outcome::pass(Reason::PassAudit),
+                Some(Hit { allows: true, .. }) => Outcome::pass(Reason::PassPolicy),
+                _ if audit => Outcome::pass(Reason::PassAudit),
+                Some(_) => Outcome::drop(Reason::DropDeny),
                 None => Outcome::drop(Reason::DropPolicy),
             };
         }
@@ -578,13 +580,14 @@ impl Model {
                 if ep.has(isolation_flag(o)) {
                     let peer = key_addr(key.family, &key.peer_addr);
                     let port = if o == Direction::Egress { key.peer_port() } else { key.pod_port() };
-                    match lookup(&self.maps, IFINDEX, o, peer, ip.proto, port) {
-                        Some((cookie, _)) => {
+                    // A deny entry revokes like a missing one.
+                    match decision(&self.maps, IFINDEX, o, peer, ip.proto, port) {
+                        Some(Hit { cookie, allows: true, .. }) => {
                             updated.cookie = cookie;
                             changes.push(Change::CtPut(key, updated));
                         }
-                        None if audit => changes.push(Change::CtPut(key, updated)),
-                        None => {
+                        _ if audit => changes.push(Change::CtPut(key, updated)),
+                        _ => {
                             changes.push(Change::CtDelete(key));
                             hit = false;
                         }
@@ -617,14 +620,15 @@ impl Model {
             return Outcome::pass(Reason::PassNotIsolated);
         }
         match policy(dport) {
-            Some((cookie, _)) => {
+            Some(Hit { cookie, allows: true, .. }) => {
                 create(cookie, changes);
                 Outcome::pass(Reason::PassPolicy)
             }
-            None if audit => {
+            _ if audit => {
                 create(0, changes);
                 Outcome::pass(Reason::PassAudit)
             }
+            Some(_) => Outcome::drop(Reason::DropDeny),
             None => Outcome::drop(Reason::DropPolicy),
         }
     }
