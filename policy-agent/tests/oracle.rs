@@ -1058,12 +1058,6 @@ mod reference {
 // ---------------------------------------------------------------------------------------
 // The comparison.
 
-/// Whether render and the lookup model encode deny entries (ClusterNetworkPolicy Deny and
-/// isolation under a wider allow). Until they do, clusters with ClusterNetworkPolicies are
-/// judged on the compiled entries only (see [`first_hit`]); clusters without are judged on
-/// both. Set to true once render and `compile::verdict` honour `EndpointPolicy::denies`.
-const RENDER_HONOURS_DENIES: bool = false;
-
 struct NodeMaps {
     compiled: Compiled,
     contents: MapContents,
@@ -1096,12 +1090,11 @@ fn first_hit(maps: &NodeMaps, pod: &PodRef, direction: Direction, peer: IpAddr, 
     !endpoint.judged(direction)
 }
 
-/// The verdict at a local pod: from the compiled entries and, where render can express
-/// it, from the rendered maps too (they must agree with the reference both).
-fn judge(maps: &NodeMaps, pod: &PodRef, direction: Direction, peer: IpAddr, protocol: u8, port: u16, tiers: bool) -> (bool, Option<bool>) {
+/// The verdict at a local pod: from the compiled entries and from the rendered maps (they
+/// must agree with the reference both).
+fn judge(maps: &NodeMaps, pod: &PodRef, direction: Direction, peer: IpAddr, protocol: u8, port: u16) -> (bool, bool) {
     let model = first_hit(maps, pod, direction, peer, protocol, port);
-    let rendered = (!tiers || RENDER_HONOURS_DENIES)
-        .then(|| compile::verdict(&maps.contents, maps.slots[pod].ifindex, direction, peer, protocol, port).allows());
+    let rendered = compile::verdict(&maps.contents, maps.slots[pod].ifindex, direction, peer, protocol, port).allows();
     (model, rendered)
 }
 
@@ -1188,12 +1181,11 @@ fn check(cluster: &ClusterGen) -> Result<(), TestCaseError> {
                         port,
                     )
                 });
-                let tiers = !cluster.cluster_policies.is_empty();
-                let (egress_model, egress_rendered) = source_pod.map_or((true, Some(true)), |(pod, _, node)| {
-                    judge(&nodes[node], pod, Direction::Egress, destination, protocol_number, port, tiers)
+                let (egress_model, egress_rendered) = source_pod.map_or((true, true), |(pod, _, node)| {
+                    judge(&nodes[node], pod, Direction::Egress, destination, protocol_number, port)
                 });
-                let (ingress_model, ingress_rendered) = destination_pod.map_or((true, Some(true)), |(pod, _, node)| {
-                    judge(&nodes[node], pod, Direction::Ingress, source, protocol_number, port, tiers)
+                let (ingress_model, ingress_rendered) = destination_pod.map_or((true, true), |(pod, _, node)| {
+                    judge(&nodes[node], pod, Direction::Ingress, source, protocol_number, port)
                 });
                 let (actual_egress, actual_ingress) = (egress_model, ingress_model);
                 prop_assert_eq!(
@@ -1208,7 +1200,7 @@ fn check(cluster: &ClusterGen) -> Result<(), TestCaseError> {
                     port
                 );
                 prop_assert_eq!(
-                    (egress_rendered.unwrap_or(egress_model), ingress_rendered.unwrap_or(ingress_model)),
+                    (egress_rendered, ingress_rendered),
                     (expected_egress, expected_ingress),
                     "rendered maps: (egress, ingress) {} -> {} {}/{}",
                     source,
