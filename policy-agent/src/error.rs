@@ -56,6 +56,11 @@ pub enum AgentError {
     #[error("map {map} is full while writing {what} (raise its size: --policy-map-size, --ipcache-size)")]
     MapFull { map: &'static str, what: String },
 
+    /// An allow entry not written because a deny entry it would be reached under failed to
+    /// be written (the endpoint stays closed there until a later sync writes both).
+    #[error("allow entry held back: a deny entry it falls under could not be written")]
+    HeldBack,
+
     /// Talking to the Kubernetes API server.
     #[error("kubernetes: {what}: {source}")]
     Kube {

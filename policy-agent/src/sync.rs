@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use aya::maps::MapError;
 use policy_common::endpoint;
+use policy_common::identity;
+use policy_common::policy::{PREFIX_ANY_PROTOCOL, PREFIX_PROTOCOL, PolicyKey};
 
 use crate::{
     AgentError,
@@ -140,26 +142,102 @@ impl<W: MapWriter> Syncer<W> {
 
     /// Brings the maps to `desired`, writing only the difference. Slots are not freed here
     /// (see [`Syncer::release_unused`]).
+    ///
+    /// A deny entry that cannot be written must not leave the allows it overrides in force:
+    /// allow writes it would have shadowed are held back, and loaded allows it shadows are
+    /// removed, so the failure closes (until a later sync writes the deny), never opens.
     pub fn apply(&mut self, desired: &MapContents) -> SyncReport {
         let updates = crate::compile::diff(&self.loaded, desired);
         let mut report = SyncReport::default();
+        let mut failed_denies: Vec<(u32, PolicyKey)> = Vec::new();
         for op in updates.ordered_ops() {
-            match self.maps.write(&op) {
-                Ok(()) => {
-                    self.loaded.apply(&op);
-                    report.applied += 1;
+            if let MapOp::PolicyUpsert { prefix_len, key, value } = op
+                && value.allows()
+                && failed_denies.iter().any(|deny| shadowed_by(*deny, (prefix_len, key)))
+            {
+                report.failures.push(SyncFailure { op, endpoint: Some(EndpointRef::Id(key.endpoint())), error: AgentError::HeldBack });
+                continue;
+            }
+            if let Err(error) = self.write(op, &mut report) {
+                if let MapOp::PolicyUpsert { prefix_len, key, value } = op
+                    && !value.allows()
+                {
+                    failed_denies.push((prefix_len, key));
                 }
-                Err(error) => {
-                    let endpoint = match op {
-                        MapOp::PolicyUpsert { key, .. } | MapOp::PolicyRemove { key, .. } => Some(EndpointRef::Id(key.endpoint())),
-                        MapOp::EndpointUpsert { ifindex, .. } | MapOp::EndpointRemove { ifindex } => Some(EndpointRef::Ifindex(ifindex)),
-                        MapOp::IpcacheUpsert { .. } | MapOp::IpcacheRemove { .. } => None,
-                    };
-                    report.failures.push(SyncFailure { op, endpoint, error });
-                }
+                report.failures.push(SyncFailure { op, endpoint: endpoint_of(&op), error });
             }
         }
+        self.remove_shadowed_allows(&failed_denies, &mut report);
         report
+    }
+
+    fn write(&mut self, op: MapOp, report: &mut SyncReport) -> Result<(), AgentError> {
+        self.maps.write(&op)?;
+        self.loaded.apply(&op);
+        report.applied += 1;
+        Ok(())
+    }
+
+    /// Removes the loaded allow entries a deny that failed to be written would have shadowed.
+    fn remove_shadowed_allows(&mut self, failed_denies: &[(u32, PolicyKey)], report: &mut SyncReport) {
+        let shadowed: Vec<(u32, PolicyKey)> = self
+            .loaded
+            .policy
+            .iter()
+            .filter(|(entry, value)| value.allows() && failed_denies.iter().any(|deny| shadowed_by(*deny, **entry)))
+            .map(|(entry, _)| *entry)
+            .collect();
+        for (prefix_len, key) in shadowed {
+            let op = MapOp::PolicyRemove { prefix_len, key };
+            if let Err(error) = self.write(op, report) {
+                report.failures.push(SyncFailure { op, endpoint: endpoint_of(&op), error });
+            }
+        }
+    }
+}
+
+fn endpoint_of(op: &MapOp) -> Option<EndpointRef> {
+    match *op {
+        MapOp::PolicyUpsert { key, .. } | MapOp::PolicyRemove { key, .. } => Some(EndpointRef::Id(key.endpoint())),
+        MapOp::EndpointUpsert { ifindex, .. } | MapOp::EndpointRemove { ifindex } => Some(EndpointRef::Ifindex(ifindex)),
+        MapOp::IpcacheUpsert { .. } | MapOp::IpcacheRemove { .. } => None,
+    }
+}
+
+/// A policy entry's protocol and port block: `(None, _)` every protocol, `(Some(p), None)`
+/// every port of `p`, else the port's top `bits` bits.
+fn entry_spec((prefix_len, key): (u32, PolicyKey)) -> (Option<u8>, Option<(u16, u32)>) {
+    match prefix_len {
+        0..=PREFIX_ANY_PROTOCOL => (None, None),
+        PREFIX_PROTOCOL => (Some(key.protocol()), None),
+        _ => (Some(key.protocol()), Some((key.port(), prefix_len - PREFIX_PROTOCOL))),
+    }
+}
+
+fn spec_contains(outer: (Option<u8>, Option<(u16, u32)>), inner: (Option<u8>, Option<(u16, u32)>)) -> bool {
+    match (outer, inner) {
+        ((None, _), _) => true,
+        ((Some(p), None), (Some(q), _)) => p == q,
+        ((Some(p), Some((port, bits))), (Some(q), Some((inner_port, inner_bits)))) => {
+            p == q && bits <= inner_bits && (bits == 0 || (port ^ inner_port) >> (16 - bits) == 0)
+        }
+        _ => false,
+    }
+}
+
+/// Whether the classifier could reach `allow` for a packet that `deny` matches, had the
+/// deny not been there: an entry of the same peer less specific than it, or a wildcard-peer
+/// entry overlapping it (those are tried after every entry of the peer's own identity).
+fn shadowed_by(deny: (u32, PolicyKey), allow: (u32, PolicyKey)) -> bool {
+    let (d, a) = (deny.1, allow.1);
+    if d.endpoint() != a.endpoint() || d.direction() != a.direction() {
+        return false;
+    }
+    let (deny_spec, allow_spec) = (entry_spec(deny), entry_spec(allow));
+    if a.identity() == d.identity() {
+        spec_contains(allow_spec, deny_spec)
+    } else {
+        a.identity() == identity::ANY && (spec_contains(allow_spec, deny_spec) || spec_contains(deny_spec, allow_spec))
     }
 }
 
@@ -225,6 +303,35 @@ mod tests {
         syncer.release_unused(&BTreeMap::from([(11, 2)]));
         assert_eq!(syncer.maps().flushed, vec![1]);
         assert_eq!(syncer.slot(12).map(|s| s.id), Some(1));
+    }
+
+    #[test]
+    fn a_deny_that_cannot_be_written_closes_what_it_would_shadow() {
+        let maps = FakeMaps { fails: |op| matches!(op, MapOp::PolicyUpsert { value, .. } if !value.allows()), flushed: Vec::new() };
+        let mut loaded = one_endpoint(10, 1);
+        let any_tcp = PolicyKey::new(1, identity::ANY, Direction::Ingress, 6, 0);
+        let other_udp = PolicyKey::new(1, 301, Direction::Ingress, 17, 0);
+        loaded.policy.insert((PREFIX_PROTOCOL, any_tcp), PolicyValue::allow(10));
+        let mut syncer = Syncer::with_loaded(maps, loaded.clone());
+        // Desired: a deny for peer 300 on TCP 80, a new wildcard TCP/80 allow it shadows, and
+        // an unrelated allow.
+        let mut desired = loaded;
+        let deny = PolicyKey::new(1, 300, Direction::Ingress, 6, 80);
+        let any_80 = PolicyKey::new(1, identity::ANY, Direction::Ingress, 6, 80);
+        desired.policy.insert((policy_common::policy::PREFIX_FULL, deny), PolicyValue::deny(11));
+        desired.policy.insert((policy_common::policy::PREFIX_FULL, any_80), PolicyValue::allow(12));
+        desired.policy.insert((PREFIX_PROTOCOL, other_udp), PolicyValue::allow(13));
+        let report = syncer.apply(&desired);
+        let policy = &syncer.loaded().policy;
+        assert!(!policy.contains_key(&(policy_common::policy::PREFIX_FULL, any_80)), "held back");
+        assert!(!policy.contains_key(&(PREFIX_PROTOCOL, any_tcp)), "removed");
+        assert!(!policy.contains_key(&(PREFIX_ANY_PROTOCOL, PolicyKey::new(1, 300, Direction::Ingress, 0, 0))), "removed");
+        assert!(policy.contains_key(&(PREFIX_PROTOCOL, other_udp)), "not shadowed: written");
+        assert_eq!(report.failures.len(), 2, "{report:?}");
+        // Once the deny can be written, everything is.
+        syncer.maps_mut().fails = |_| false;
+        assert!(syncer.apply(&desired).failures.is_empty());
+        assert_eq!(syncer.loaded(), &desired);
     }
 
     #[test]
