@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::api::networking::v1::IPBlock;
 use policy_common::{Direction, proto};
 
-use super::policy::{ParsedPeer, ParsedPort};
+use super::policy::{ParsedPeer, ParsedPort, Reporter};
 use crate::crd::{ClusterNetworkPolicy, NamespacedPod, Protocol};
 use crate::resolve::{CidrBlock, Labels, Selector};
 use crate::state::{Problem, cluster_policy_name};
@@ -97,34 +97,11 @@ pub(crate) struct ParsedClusterRule {
     pub ports: Option<Vec<ParsedPort>>,
 }
 
-struct Reporter<'a> {
-    object: String,
-    problems: &'a mut Vec<Problem>,
-}
-
-impl Reporter<'_> {
-    fn report(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem::new(self.object.clone(), field, message));
-    }
-
-    /// A selector, or `None` after reporting why it is invalid.
-    fn selector(&mut self, field: &str, selector: &LabelSelector) -> Option<Selector> {
-        match Selector::parse(selector) {
-            Ok(selector) => Some(selector),
-            Err(errors) => {
-                for (sub, message) in errors {
-                    self.report(format!("{field}.{sub}"), message);
-                }
-                None
-            }
-        }
-    }
-
-    fn namespaced_pod(&mut self, field: &str, pods: &NamespacedPod) -> Option<(Selector, Selector)> {
-        let namespaces = self.selector(&format!("{field}.namespaceSelector"), &pods.namespace_selector);
-        let pods = self.selector(&format!("{field}.podSelector"), &pods.pod_selector);
-        Some((namespaces?, pods?))
-    }
+/// A `NamespacedPod`'s two selectors, or `None` after reporting what is invalid.
+fn namespaced_pod(reporter: &mut Reporter<'_>, field: &str, pods: &NamespacedPod) -> Option<(Selector, Selector)> {
+    let namespaces = reporter.selector(&format!("{field}.namespaceSelector"), &pods.namespace_selector);
+    let pods = reporter.selector(&format!("{field}.podSelector"), &pods.pod_selector);
+    Some((namespaces?, pods?))
 }
 
 pub(crate) fn parse_cluster_policy(policy: &ClusterNetworkPolicy, problems: &mut Vec<Problem>) -> ParsedClusterPolicy {
@@ -159,7 +136,7 @@ fn parse_subject(reporter: &mut Reporter<'_>, subject: &crate::crd::Subject) -> 
         (Some(namespaces), None) => {
             reporter.selector("spec.subject.namespaces", namespaces).map(|namespaces| ParsedSubject { namespaces, pods: Selector::everything() })
         }
-        (None, Some(pods)) => reporter.namespaced_pod("spec.subject.pods", pods).map(|(namespaces, pods)| ParsedSubject { namespaces, pods }),
+        (None, Some(pods)) => namespaced_pod(reporter, "spec.subject.pods", pods).map(|(namespaces, pods)| ParsedSubject { namespaces, pods }),
         _ => {
             reporter.report("spec.subject", "exactly one of namespaces and pods must be set");
             None
@@ -303,7 +280,7 @@ fn parse_peer(reporter: &mut Reporter<'_>, field: &str, peer: &PeerFields<'_>) -
         return Some(vec![ParsedPeer::Pods { namespaces: Some(namespaces), pods: Selector::everything() }]);
     }
     if let Some(pods) = peer.pods {
-        let (namespaces, pods) = reporter.namespaced_pod(&format!("{field}.pods"), pods)?;
+        let (namespaces, pods) = namespaced_pod(reporter, &format!("{field}.pods"), pods)?;
         return Some(vec![ParsedPeer::Pods { namespaces: Some(namespaces), pods }]);
     }
     let networks = peer.networks?;

@@ -63,17 +63,19 @@ pub(crate) enum ParsedPort {
     Named(u8, String),
 }
 
-struct Reporter<'a> {
-    object: String,
-    problems: &'a mut Vec<Problem>,
+/// Reports problems of one object, by field.
+pub(crate) struct Reporter<'a> {
+    pub object: String,
+    pub problems: &'a mut Vec<Problem>,
 }
 
 impl Reporter<'_> {
-    fn report(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub fn report(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem::new(self.object.clone(), field, message));
     }
 
-    fn selector(&mut self, field: &str, selector: &LabelSelector) -> Option<Selector> {
+    /// A selector, or `None` after reporting why it is invalid.
+    pub fn selector(&mut self, field: &str, selector: &LabelSelector) -> Option<Selector> {
         match Selector::parse(selector) {
             Ok(selector) => Some(selector),
             Err(errors) => {
