@@ -71,7 +71,7 @@ enum Task {
         /// Fewer, shorter runs (about two minutes).
         #[arg(long)]
         quick: bool,
-        /// Only these parts (comma-separated: datapath, scale, flood, flood6, crr, control, attach); the partial
+        /// Only these parts (comma-separated: datapath, scale, tiers, flood, flood6, crr, control, attach); the partial
         /// report goes to target/bench/only/, never over bench/REPORT.md.
         #[arg(long, value_name = "PARTS")]
         only: Option<String>,
