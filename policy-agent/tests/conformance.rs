@@ -2087,7 +2087,7 @@ fn cnp_admin_deny_egress(c: &mut Cluster) {
     let mut r = c.reach();
     r.deny("x/*", "y/*");
     c.check(&r, 80, TCP);
-    c.check(&r, 53, UDP);
+    c.check(&r, 81, UDP);
 }
 
 fn cnp_admin_accept_over_isolation(c: &mut Cluster) {

@@ -231,6 +231,9 @@ fn require_root(what: &str) -> Result<()> {
 fn test(filter: Option<&str>) -> Result<()> {
     setup::run()?;
     require_root("the privileged test suites")?;
+    // The simulated nodes' kube-proxy (iptables NAT) and its conntrack table, read by the
+    // Service cases.
+    setup::ensure_debian_packages(TEST_PACKAGES)?;
     let filter: Vec<&str> = filter.into_iter().collect();
     // Unit tests, layout tests and the proptest oracle: no privileges needed.
     run(cargo().args(["test", "--"]).args(&filter))?;
@@ -253,6 +256,9 @@ fn test(filter: Option<&str>) -> Result<()> {
     }
     Ok(())
 }
+
+/// Debian packages the privileged suites use, with a command each provides.
+const TEST_PACKAGES: &[(&str, &str)] = &[("iptables", "iptables-legacy-restore"), ("conntrack", "conntrack")];
 
 /// Integration test files of policy-agent whose tests are `#[ignore]`d in a plain `cargo test`
 /// because they need root.
