@@ -313,10 +313,10 @@ impl Loaded {
         if compile::isolated(&self.contents, 1000 + n, Direction::Ingress) != Some(true) {
             return Class::NotJudged;
         }
-        match compile::lookup(&self.contents, 1000 + n, Direction::Ingress, peer, proto::TCP, port) {
+        match compile::decision(&self.contents, 1000 + n, Direction::Ingress, peer, proto::TCP, port) {
             None => Class::Miss,
-            Some((cookie, _)) if self.denies(cookie) => Class::Deny(cookie),
-            Some((cookie, _)) => Class::Allow(cookie),
+            Some(hit) if !hit.allows => Class::Deny(hit.cookie),
+            Some(hit) => Class::Allow(hit.cookie),
         }
     }
 
