@@ -582,12 +582,6 @@ fn scale_section(s: &mut String, sc: &scale::Results) {
 fn tiers_section(s: &mut String, t: &tiers::Results) {
     let _ = writeln!(s, "## 1c. ClusterNetworkPolicy tiers: a new flow with and without (BPF_PROG_TEST_RUN)\n");
     let _ = writeln!(s, "`testbed::synthetic::synthetic_cluster({}, {})` compiled for `node-1` by `policy_agent::compile::compile` and `render` twice: with its NetworkPolicies only, and with the same plus {} ClusterNetworkPolicies ({}). Each result is loaded into a classifier of its own; both are loaded at once and timed in the same run. The measured packets are picked by the userspace model from the compiled entries, one per case, and each case sends the same packet (peer, pod, port) through both classifiers: the first TCP SYN of a flow (a new source port per call, so a conntrack miss every time; allowed ones are inserted), {} calls per case and configuration with repeat = 1, each next to the empty program on the same frame, in {} chunks in which the cases and the two configurations take turns (the two swap order every chunk). The table shows the median call minus the median of the empty program's calls interleaved with it (the per-call floor was {} ns), IPv4 `to_pod` (ingress).\n", thousands(t.pods), thousands(t.policies), t.cluster_policies.len(), t.cluster_policies.join(", "), thousands(t.calls), t.rounds, ns(t.floor_ns));
-    if !t.deny_honoured {
-        let _ = writeln!(s, "**The classifier of this run does not drop on deny entries** (it reads only the entry's cookie): the Deny cases were allowed and timed as allows (a hit and a conntrack insert). Their lookups are the ones a deny-aware classifier does; its drop skips the insert and adds the drop's event, as the NetworkPolicy drop row shows.\n");
-    }
-    if t.deny_overlay > 0 {
-        let _ = writeln!(s, "`render` in this tree wrote no deny entries: the bench added the compiler's {} deny entries (with their lookup-mask bits, and the judged flag for directions only a tier applies to) itself.\n", thousands(t.deny_overlay));
-    }
     let _ = writeln!(s, "The lookup mask is the endpoint's ingress `lookups` byte (bits 0-3: the peer's exact, port-block, protocol and any-protocol entries; 4-7 the same for the wildcard identity): the lookups a new flow may cost.\n");
     let _ = writeln!(s, "| Case | without tiers: verdict | mask | ns | with tiers: verdict (rule) | mask | ns | with / without |\n|---|---|---|---|---|---|---|---|");
     for case in t.cases() {

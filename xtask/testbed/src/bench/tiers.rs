@@ -14,16 +14,16 @@ use std::{collections::BTreeMap, net::{IpAddr, Ipv4Addr}, sync::Arc};
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use policy_agent::{
-    compile::{self, Compiled, EndpointSlot, MapContents, MapOp, PodRef, RuleAction, Tier},
+    compile::{self, Compiled, EndpointSlot, MapContents, MapOp, PodRef, Tier},
     crd::ClusterNetworkPolicy,
     datapath::{Datapath, Hook, MapSizes, Maps, PinLayout},
     state::{ClusterState, Object},
 };
 use policy_common::{
     Direction,
-    endpoint::{EndpointInfo, FLAG_EGRESS_ISOLATED, FLAG_INGRESS_ISOLATED},
+    endpoint::EndpointInfo,
     event::{CONFIG_EVENTS_DENIED, Config},
-    policy::{COOKIE_DEFAULT_ALLOW, COOKIE_ISOLATED, PREFIX_ANY_PROTOCOL, PREFIX_PROTOCOL, PolicyKey, PolicyValue, lookup},
+    policy::{COOKIE_DEFAULT_ALLOW, COOKIE_ISOLATED},
     proto,
 };
 use serde::{Deserialize, Serialize};
@@ -87,11 +87,6 @@ pub struct Results {
     pub calls: usize,
     pub rounds: usize,
     pub floor_ns: f64,
-    /// Whether the loaded classifier drops on a deny entry (false: it still reads only the
-    /// cookie, and a deny hit is measured as the allow it then is).
-    pub deny_honoured: bool,
-    /// Deny entries the bench added because `render` did not write them (0 once it does).
-    pub deny_overlay: usize,
     pub without: Counts,
     pub with: Counts,
     pub rows: Vec<Row>,
@@ -182,43 +177,6 @@ fn slots(compiled: &Compiled) -> BTreeMap<PodRef, EndpointSlot> {
     compiled.endpoints.keys().zip(1u32..).map(|(pod, n)| (pod.clone(), EndpointSlot { ifindex: 1000 + n, id: n })).collect()
 }
 
-/// The prefix length and key fields of a compiled rule key, as `render` writes them.
-fn entry_key(rule: &compile::RuleKey, endpoint: u32) -> (u32, PolicyKey) {
-    let (len, protocol, port) = match (rule.protocol, rule.port) {
-        (None, _) => (PREFIX_ANY_PROTOCOL, 0, 0),
-        (Some(protocol), None) => (PREFIX_PROTOCOL, protocol, 0),
-        (Some(protocol), Some(block)) => (block.lpm_prefix_len(), protocol, block.first()),
-    };
-    (len, PolicyKey::new(endpoint, rule.peer, rule.direction, protocol, port))
-}
-
-/// `render`, plus what it may not write yet in this tree: the deny entries (with their
-/// lookup-mask bits) and the judged flag of a direction only a tier applies to. (The
-/// kernel judges a direction on its isolated flag; a tiered direction that no
-/// NetworkPolicy isolates carries the wildcard default-allow entry, so the flag changes no
-/// verdict there.) Idempotent once `render` does it itself; returns the entries it added.
-fn render(compiled: &Compiled, slots: &BTreeMap<PodRef, EndpointSlot>) -> (MapContents, usize) {
-    let mut contents = compile::render(compiled, slots, false);
-    let mut added = 0;
-    for (pod, endpoint) in &compiled.endpoints {
-        let Some(slot) = slots.get(pod) else { continue };
-        let Some(info) = contents.endpoints.get_mut(&slot.ifindex) else { continue };
-        for (rule, cookie) in &endpoint.denies {
-            let (len, key) = entry_key(rule, slot.id);
-            if contents.policy.insert((len, key), PolicyValue::deny(*cookie)).is_none() {
-                added += 1;
-            }
-            info.lookups[rule.direction as usize] |= lookup::bit(len, rule.peer);
-        }
-        for (direction, flag) in [(Direction::Ingress, FLAG_INGRESS_ISOLATED), (Direction::Egress, FLAG_EGRESS_ISOLATED)] {
-            if endpoint.judged(direction) {
-                info.flags |= flag;
-            }
-        }
-    }
-    (contents, added)
-}
-
 fn counts(compiled: &Compiled, contents: &MapContents, compile_ms: f64) -> Counts {
     let deny = contents.policy.values().filter(|v| !v.allows()).count();
     Counts {
@@ -275,12 +233,12 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn new(state: &ClusterState, bpffs: &std::path::Path, conntrack: u32) -> (Self, Counts, usize) {
+    fn new(state: &ClusterState, bpffs: &std::path::Path, conntrack: u32) -> (Self, Counts) {
         let started = std::time::Instant::now();
         let compiled = compile::compile(state, &node());
         let compile_ms = started.elapsed().as_secs_f64() * 1e3;
         let slots = slots(&compiled);
-        let (contents, added) = render(&compiled, &slots);
+        let contents = compile::render(&compiled, &slots, false);
         let counts = counts(&compiled, &contents, compile_ms);
         let sizes = MapSizes { addresses: Some(contents.ipcache.len() as u32 + 1024), policy: Some(contents.policy.len() as u32 + 1024), conntrack: Some(conntrack) };
         let mut dp = Datapath::load_with_sizes(PinLayout::new(bpffs), sizes).expect("load classifier");
@@ -289,7 +247,7 @@ impl Loaded {
         for op in compile::diff(&MapContents::default(), &contents).ordered_ops() {
             maps.write(&op).expect("map write");
         }
-        (Self { compiled, contents, dp, maps }, counts, added)
+        (Self { compiled, contents, dp, maps }, counts)
     }
 
     fn prog(&self) -> &SchedClassifier {
@@ -318,10 +276,6 @@ impl Loaded {
             Some(hit) if !hit.allows => Class::Deny(hit.cookie),
             Some(hit) => Class::Allow(hit.cookie),
         }
-    }
-
-    fn denies(&self, cookie: u32) -> bool {
-        cookie == COOKIE_ISOLATED || self.compiled.cookies.get(&cookie).is_some_and(|r| r.action() == RuleAction::Deny)
     }
 
     fn tier_of(&self, cookie: u32) -> Option<Tier> {
@@ -391,7 +345,7 @@ fn find(without: &Loaded, with: &Loaded, peers: &[Ipv4Addr], name: &'static str,
 fn cases(without: &Loaded, with: &Loaded) -> Vec<Case> {
     let peers = peers(&with.compiled, 3);
     let tier = |c| with.tier_of(c);
-    let np_allow = |c| !with.denies(c) && tier(c).is_none() && c > COOKIE_ISOLATED;
+    let np_allow = |c| tier(c).is_none() && c > COOKIE_ISOLATED;
     let specs: [(&'static str, Want<'_>); 6] = [
         ("allowed by a NetworkPolicy", &|a, b| matches!((a, b), (Class::Allow(x), Class::Allow(y)) if x == y && np_allow(y))),
         ("no rule allows (isolated)", &|a, b| a == Class::Miss && matches!(b, Class::Miss | Class::Deny(COOKIE_ISOLATED))),
@@ -423,22 +377,11 @@ fn timed(prog: &SchedClassifier, floor: &EmptyProgram, data: &[u8], expect: u32)
     (result.duration.as_nanos() as f64, floor_ns)
 }
 
-fn expected(class: Class, deny_honoured: bool) -> u32 {
+fn expected(class: Class) -> u32 {
     match class {
         Class::NotJudged | Class::Allow(_) => TC_ACT_OK,
-        Class::Miss => TC_ACT_SHOT,
-        Class::Deny(_) if deny_honoured => TC_ACT_SHOT,
-        Class::Deny(_) => TC_ACT_OK,
+        Class::Miss | Class::Deny(_) => TC_ACT_SHOT,
     }
-}
-
-/// Whether the classifier drops on a deny entry: one Admin Deny packet, on a source port no
-/// measured call uses.
-fn probe_deny(with: &mut Loaded, cases: &[Case]) -> bool {
-    let Some(case) = cases.iter().find(|c| matches!(with.class(&c.pod, c.peer.into(), c.port), Class::Deny(x) if x != COOKIE_ISOLATED)) else { return false };
-    with.measure_on(&case.pod);
-    let pod = Ipv4Addr::from(with.endpoint(&case.pod).ipv4);
-    verdict_of(with.prog(), &frame(case, pod, 65_000)) == TC_ACT_SHOT
 }
 
 /// Samples of one (case, configuration): per-call ns and the floor's.
@@ -451,7 +394,7 @@ struct Samples {
 /// Every case in both configurations, in `rounds` chunks taking turns; the source port
 /// counts up per call, so each call is a new flow (allowed ones stay in conntrack, which
 /// is sized for them).
-fn measure(cfg: &Settings, configs: &mut [&mut Loaded; 2], floor: &EmptyProgram, cases: &[Case], deny_honoured: bool) -> Vec<[Samples; 2]> {
+fn measure(cfg: &Settings, configs: &mut [&mut Loaded; 2], floor: &EmptyProgram, cases: &[Case]) -> Vec<[Samples; 2]> {
     let mut out: Vec<[Samples; 2]> = cases.iter().map(|_| Default::default()).collect();
     let chunk = cfg.calls.div_ceil(cfg.rounds.max(1));
     for round in 0..cfg.rounds.max(1) {
@@ -464,7 +407,7 @@ fn measure(cfg: &Settings, configs: &mut [&mut Loaded; 2], floor: &EmptyProgram,
             for (loaded, s) in pairs {
                 loaded.measure_on(&case.pod);
                 let pod = Ipv4Addr::from(loaded.endpoint(&case.pod).ipv4);
-                let expect = expected(loaded.class(&case.pod, case.peer.into(), case.port), deny_honoured);
+                let expect = expected(loaded.class(&case.pod, case.peer.into(), case.port));
                 let prog = loaded.prog();
                 // One untimed call per chunk: the endpoint entry just written, warm again.
                 verdict_of(prog, &frame(case, pod, 64_000 + round as u16));
@@ -486,27 +429,21 @@ pub fn run(cfg: &Settings, bpffs: [&std::path::Path; 2]) -> Results {
     add_unselected_pods(&mut base);
     // Allowed new flows stay tracked: room for every case's calls.
     let conntrack = ((8 * cfg.calls + 4096) as u32).next_power_of_two();
-    let (mut without, without_counts, _) = Loaded::new(&base, bpffs[0], conntrack);
-    let (mut with, with_counts, deny_overlay) = Loaded::new(&with_tiers(base, &policies), bpffs[1], conntrack);
+    let (mut without, without_counts) = Loaded::new(&base, bpffs[0], conntrack);
+    let (mut with, with_counts) = Loaded::new(&with_tiers(base, &policies), bpffs[1], conntrack);
     log(format!(
-        "tiers: {} pods, {} policies, {} ClusterNetworkPolicies; policy entries without tiers {} allow, with {} allow + {} deny ({deny_overlay} deny entries added by the bench, not by render)",
+        "tiers: {} pods, {} policies, {} ClusterNetworkPolicies; policy entries without tiers {} allow, with {} allow + {} deny",
         cfg.pods, cfg.policies, policies.len(), without_counts.allow, with_counts.allow, with_counts.deny
     ));
     let cases = cases(&without, &with);
-    let deny_honoured = probe_deny(&mut with, &cases);
-    if !deny_honoured {
-        log("tiers: this classifier does not drop on deny entries yet: the Admin/Baseline Deny cases are measured as the allows they are here");
-    }
     let floor = EmptyProgram::load().expect("load the empty program");
-    let samples = measure(cfg, &mut [&mut without, &mut with], &floor, &cases, deny_honoured);
+    let samples = measure(cfg, &mut [&mut without, &mut with], &floor, &cases);
     let mut results = Results {
         pods: cfg.pods,
         policies: cfg.policies,
         cluster_policies: policies.iter().map(|p| format!("{} ({}, {})", p.metadata.name.as_deref().unwrap_or(""), p.spec.tier, p.spec.priority)).collect(),
         calls: cfg.calls,
         rounds: cfg.rounds,
-        deny_honoured,
-        deny_overlay,
         without: without_counts,
         with: with_counts,
         ..Results::default()
@@ -515,10 +452,7 @@ pub fn run(cfg: &Settings, bpffs: [&std::path::Path; 2]) -> Results {
     for (case, pair) in cases.iter().zip(samples) {
         for ((loaded, config), s) in [(&without, WITHOUT), (&with, WITH)].into_iter().zip(pair) {
             let class = loaded.class(&case.pod, case.peer.into(), case.port);
-            let (mut verdict, rule) = loaded.describe(class);
-            if matches!(class, Class::Deny(_)) && !deny_honoured {
-                verdict = "allowed (deny not honoured)".into();
-            }
+            let (verdict, rule) = loaded.describe(class);
             let ns = median(&s.ns);
             let floor_ns = median(&s.floor);
             floors.extend(s.floor);
