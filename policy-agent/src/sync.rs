@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use aya::maps::MapError;
 use policy_common::endpoint;
 use policy_common::identity;
-use policy_common::policy::{PREFIX_ANY_PROTOCOL, PREFIX_PROTOCOL, PolicyKey};
+use policy_common::policy::{PREFIX_ANY_PROTOCOL, PREFIX_PROTOCOL, PolicyKey, PortPrefix};
 
 use crate::{
     AgentError,
@@ -206,21 +206,19 @@ fn endpoint_of(op: &MapOp) -> Option<EndpointRef> {
 
 /// A policy entry's protocol and port block: `(None, _)` every protocol, `(Some(p), None)`
 /// every port of `p`, else the port's top `bits` bits.
-fn entry_spec((prefix_len, key): (u32, PolicyKey)) -> (Option<u8>, Option<(u16, u32)>) {
+fn entry_spec((prefix_len, key): (u32, PolicyKey)) -> (Option<u8>, Option<PortPrefix>) {
     match prefix_len {
         0..=PREFIX_ANY_PROTOCOL => (None, None),
         PREFIX_PROTOCOL => (Some(key.protocol()), None),
-        _ => (Some(key.protocol()), Some((key.port(), prefix_len - PREFIX_PROTOCOL))),
+        _ => (Some(key.protocol()), Some(PortPrefix { port: key.port(), bits: (prefix_len - PREFIX_PROTOCOL) as u8 })),
     }
 }
 
-fn spec_contains(outer: (Option<u8>, Option<(u16, u32)>), inner: (Option<u8>, Option<(u16, u32)>)) -> bool {
+fn spec_contains(outer: (Option<u8>, Option<PortPrefix>), inner: (Option<u8>, Option<PortPrefix>)) -> bool {
     match (outer, inner) {
         ((None, _), _) => true,
         ((Some(p), None), (Some(q), _)) => p == q,
-        ((Some(p), Some((port, bits))), (Some(q), Some((inner_port, inner_bits)))) => {
-            p == q && bits <= inner_bits && (bits == 0 || (port ^ inner_port) >> (16 - bits) == 0)
-        }
+        ((Some(p), Some(block)), (Some(q), Some(inner_block))) => p == q && block.contains(&inner_block),
         _ => false,
     }
 }

@@ -173,6 +173,11 @@ impl PortPrefix {
         PREFIX_PROTOCOL + self.bits as u32
     }
 
+    /// Whether every port of `inner` lies in this block.
+    pub const fn contains(&self, inner: &PortPrefix) -> bool {
+        self.bits <= inner.bits && (self.bits == 0 || (self.port ^ inner.port) >> (16 - self.bits) == 0)
+    }
+
     pub const fn first(&self) -> u16 {
         self.port
     }

@@ -105,7 +105,7 @@ pub(crate) fn contains(outer: &RuleKey, inner: &RuleKey) -> bool {
     let port = match (outer.port, inner.port) {
         (None, _) => true,
         (Some(_), None) => false,
-        (Some(o), Some(i)) => o.bits <= i.bits && (o.bits == 0 || (o.port ^ i.port) >> (16 - o.bits) == 0),
+        (Some(o), Some(i)) => o.contains(&i),
     };
     outer.direction == inner.direction && peer && protocol && port
 }
