@@ -4,7 +4,7 @@
 //! stays flat however many pods there are: whole addresses (/32, /128: pods, the node) in a
 //! hash map, looked up first since they are the most specific, and the other prefixes
 //! (ipBlock CIDRs and excepts, usually few) in an LPM trie. IPv4 and IPv6 share each map; the
-//! leading family byte keeps them apart, so an LPM prefix length is `FAMILY_BITS` plus the
+//! leading family word keeps them apart, so an LPM prefix length is `FAMILY_BITS` plus the
 //! address prefix length.
 
 use bytemuck::{Pod, Zeroable};
@@ -22,28 +22,27 @@ pub const MAX_PREFIXES: u32 = 16_384;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
 pub struct IpcacheKey {
-    family: u8,
-    _pad: [u8; 3],
+    /// The family in a whole word (every prefix covers it): the key is then 4-byte aligned,
+    /// so the classifier builds it with word stores instead of byte loops. On little-endian
+    /// machines its bytes are those of the earlier family byte and three zero bytes.
+    family: u32,
     addr: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<IpcacheKey>() == 20);
 
 impl IpcacheKey {
     pub const fn v4(addr: [u8; 4]) -> Self {
-        let mut a = [0u8; 16];
-        a[0] = addr[0];
-        a[1] = addr[1];
-        a[2] = addr[2];
-        a[3] = addr[3];
-        Self { family: family::IPV4, _pad: [0; 3], addr: a }
+        // The address, then twelve zero bytes, as one value: no byte-wise zeroing.
+        let addr = ((u32::from_be_bytes(addr) as u128) << 96).to_be_bytes();
+        Self { family: family::IPV4 as u32, addr }
     }
 
     pub const fn v6(addr: [u8; 16]) -> Self {
-        Self { family: family::IPV6, _pad: [0; 3], addr }
+        Self { family: family::IPV6 as u32, addr }
     }
 
     pub const fn family(&self) -> u8 {
-        self.family
+        self.family as u8
     }
 
     /// The address bytes; for IPv4 only the first four are meaningful.
@@ -58,7 +57,7 @@ impl IpcacheKey {
 
     /// Whether an entry of this prefix length is a whole address (it goes to the hash map).
     pub const fn is_address(&self, lpm_prefix_len: u32) -> bool {
-        let bits = if self.family == crate::family::IPV4 { 32 } else { 128 };
+        let bits = if self.family() == crate::family::IPV4 { 32 } else { 128 };
         lpm_prefix_len == FAMILY_BITS + bits
     }
 }
@@ -72,3 +71,24 @@ pub struct IpcacheValue {
 const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 4);
 
 crate::user_pod!(IpcacheKey, IpcacheValue);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes the kernel hashes and the trie compares: the family, three zero bytes, the
+    /// address, zeros. Pinned maps written by an agent with the earlier byte layout match.
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn ipcache_key_bytes() {
+        let v4 = IpcacheKey::v4([198, 18, 0, 7]);
+        let mut want = [0u8; 20];
+        want[0] = family::IPV4;
+        want[4..8].copy_from_slice(&[198, 18, 0, 7]);
+        assert_eq!(bytemuck::bytes_of(&v4), &want);
+        assert_eq!(v4.addr()[..4], [198, 18, 0, 7]);
+        let v6 = IpcacheKey::v6([0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]);
+        assert_eq!(bytemuck::bytes_of(&v6)[..4], [family::IPV6, 0, 0, 0]);
+        assert_eq!(v6.family(), family::IPV6);
+    }
+}

@@ -266,6 +266,9 @@ impl ApiServer {
         if !args.iter().any(|a| a.starts_with("--kubeconfig")) {
             cmd.arg("--kubeconfig").arg(&self.admin_kubeconfig);
         }
+        // kubectl caches discovery per host and port under $HOME: each server gets a cache
+        // of its own, so an earlier server on the same port cannot decide what a name means.
+        cmd.arg("--cache-dir").arg(self.dir.join("kubectl-cache"));
         cmd.args(args).output().unwrap_or_else(|e| panic!("spawn kubectl {args:?}: {e}"))
     }
 
