@@ -3,6 +3,7 @@
 
 use std::{fmt::Write as _, path::{Path, PathBuf}};
 
+use policy_agent::datapath::map_name;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -436,7 +437,7 @@ fn flood_goals(r: &Results, fl: &flood::Results) -> Vec<Goal> {
 /// 1. The classifier per packet (BPF_PROG_TEST_RUN).
 fn datapath_section(s: &mut String, dp: &datapath::Results) {
     let _ = writeln!(s, "## 1. Datapath: per-packet cost (BPF_PROG_TEST_RUN)\n");
-    let _ = writeln!(s, "The real classifier (`to_pod`, a pod isolated for ingress) on crafted 64-byte TCP frames (IPv6: 74 bytes). At each size N the maps hold N identities, each with an IPv4 and an IPv6 address in `ADDRESSES_V1` (2N entries), N exact-port allow entries in `POLICY_V3` (spread over 64 endpoints and 1,000 ports; the pod's lookup mask lists exact entries for its peers and the node's any-protocol entry, as the compiler writes it for such a pod) and N live `CONNTRACK_V2` entries; the measured peer is entry N/2. Flow-log settings are the agent's defaults (events for drops, at most 1,000 per second per CPU).\n");
+    let _ = writeln!(s, "The real classifier (`to_pod`, a pod isolated for ingress) on crafted 64-byte TCP frames (IPv6: 74 bytes). At each size N the maps hold N identities, each with an IPv4 and an IPv6 address in `{}` (2N entries), N exact-port allow entries in `{}` (spread over 64 endpoints and 1,000 ports; the pod's lookup mask lists exact entries for its peers and the node's any-protocol entry, as the compiler writes it for such a pod) and N live `{}` entries; the measured peer is entry N/2. Flow-log settings are the agent's defaults (events for drops, at most 1,000 per second per CPU).\n", map_name::ADDRESSES, map_name::POLICY, map_name::CONNTRACK);
     let _ = writeln!(s, "* **established**: a packet of a tracked flow (conntrack hit); **denied**: a new flow no entry allows (an address lookup and two policy lookups: the peer's exact entry and the wildcard identity's any-protocol entry; dropped, never tracked); **not isolated**: the pod has no policy (one endpoint lookup). These three keep no state between runs, so TEST_RUN repeats the same packet {} times, {} times per path; the kernel reports the mean per run and the table shows the median of those means.", thousands(dp.repeat as usize), dp.runs);
     let _ = writeln!(s, "* **new allowed**: the first packet of an allowed flow (ipcache lookup, policy lookup, conntrack insert). TEST_RUN would turn it into an established flow after one run, so it is measured per call instead: {} distinct SYNs (a new source port each) with repeat = 1, interleaved with an empty-program call and an established-packet call timed the same way; the table shows the median single run minus the median empty-program single run. The created conntrack entries are removed before the next size.", thousands(dp.new_flow_calls));
     let _ = writeln!(s, "* The floor, an empty SCHED_CLS program (`r0 = 0; exit`, loaded with the raw bpf(2) syscall) run on the same frames, was {} ns per run with repeat and {} ns per single call (timer included); it is subtracted in the same mode.", ns(dp.floor_repeat_ns), ns(dp.floor_per_call_ns));
