@@ -70,16 +70,13 @@ pub enum Kind {
 }
 
 /// A flow tuple: addresses (IPv4 in the first four bytes) and ports in host order.
-/// Aligned, addresses first, so that LLVM may copy the addresses into map keys by words (no
-/// gain measured on its own; the committed benchmark run measured this layout).
 #[derive(Clone, Copy)]
-#[repr(C, align(8))]
 pub struct Tuple {
+    pub protocol: u8,
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub sport: u16,
     pub dport: u16,
-    pub protocol: u8,
 }
 
 pub struct Packet {
@@ -126,7 +123,7 @@ fn bytes_at<const N: usize>(ctx: &TcContext, offset: usize, limit: usize) -> Res
     Ok(unsafe { *ptr_at::<[u8; N]>(ctx, offset, limit)? })
 }
 
-const EMPTY_TUPLE: Tuple = Tuple { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, protocol: 0 };
+const EMPTY_TUPLE: Tuple = Tuple { protocol: 0, src: [0; 16], dst: [0; 16], sport: 0, dport: 0 };
 
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Packet, ParseError> {
