@@ -14,7 +14,7 @@ use policy_common::{Direction, event::Config};
 
 use crate::{
     AgentError,
-    compile::{Compiled, EndpointPolicy, EndpointSlot, IdentityAllocator, NodeContext, PodRef, compile_with, ipcache_prefix, render},
+    compile::{Check, CheckPoint, Compiled, EndpointPolicy, EndpointSlot, IdentityAllocator, IncrementalCompiler, NodeContext, PodRef, ipcache_prefix, render},
     datapath::{self, DEFAULT_BPFFS, Datapath, Hook, MapSizes, PinLayout},
     flowlog::{self, FlowLogMode},
     metrics::{self, AgentView, Directory, EndpointStatus, MapFill, SharedView},
@@ -105,6 +105,11 @@ pub struct RunArgs {
     /// How long a CNI ADD waits for a pass to enforce its pod (the watch may not know it yet).
     #[arg(long, default_value = "15000", value_name = "MS")]
     pub cni_timeout_ms: u64,
+    /// How often a compile is repeated in full, after its pass, to check the incremental
+    /// compiler (a difference is logged, counted in `policy_incremental_mismatches_total`
+    /// and recompiled afresh). 0: every compile (the test suites use it).
+    #[arg(long, default_value = "60000", value_name = "MS")]
+    pub incremental_check_ms: u64,
 }
 
 fn parse_service_cidr(text: &str) -> Result<IpPrefix, String> {
@@ -177,7 +182,11 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         compilation: None,
         routes: Vec::new(),
         settled: false,
-        identities,
+        compiler: IncrementalCompiler::new(identities),
+        // The first compile starts from empty caches, so it is the full compile already.
+        last_check: (args.incremental_check_ms > 0).then(Instant::now),
+        check_every: Duration::from_millis(args.incremental_check_ms),
+        pending_check: None,
         uplinks: Uplinks { wanted: args.uplink.clone(), attached: BTreeMap::new() },
         service_ranges: args.service_cidr.clone(),
         service_nets: None,
@@ -277,8 +286,13 @@ struct Agent {
     /// The last pass left every pod placed, written and attached: with unchanged inputs
     /// there is nothing to do.
     settled: bool,
-    /// Identity numbers across compiles.
-    identities: IdentityAllocator,
+    /// The compiler, with identity numbers and its caches across compiles.
+    compiler: IncrementalCompiler,
+    /// When the incremental compile was last checked against the full one, and the check
+    /// that waits for the end of the pass.
+    last_check: Option<Instant>,
+    check_every: Duration,
+    pending_check: Option<PendingCheck>,
     /// Where deferred egress towards Services leaves the node.
     uplinks: Uplinks,
     /// `--service-cidr`, and what `SERVICE_NETS_V1` holds (those and the Services' addresses).
@@ -286,6 +300,14 @@ struct Agent {
     service_nets: Option<BTreeSet<IpPrefix>>,
     /// The CNI plugin's requests, and the pod addresses they reported.
     cni: crate::cni::CniEndpoint,
+}
+
+/// A compile to repeat in full once its pass is done.
+struct PendingCheck {
+    point: CheckPoint,
+    state: crate::state::ClusterState,
+    node: NodeContext,
+    at: Instant,
 }
 
 /// The node's interfaces towards other nodes, where `to_pod` judges deferred packets that
@@ -400,6 +422,13 @@ impl Agent {
         let outcome = PassOutcome { errors, programs, failures: report.failures.len(), ipcache_failures: ipcache_failures(&report), elapsed };
         self.publish(&compilation, &placements, &outcome);
         self.compilation = Some(compilation);
+        if self.run_pending_check() {
+            // The caches are gone: one more pass compiles afresh, itself not checked again.
+            self.compilation = None;
+            let check_every = std::mem::replace(&mut self.check_every, Duration::MAX);
+            self.reconcile(source);
+            self.check_every = check_every;
+        }
     }
 
     /// A pass that changed nothing (inputs unchanged, or unreadable).
@@ -557,7 +586,7 @@ impl Agent {
     fn compile(&mut self, source: &Source, generation: u64, node_ips: Vec<IpAddr>) -> Compilation {
         let snapshot = self.cni.apply(source.snapshot());
         let node = NodeContext { name: self.node.clone(), ips: node_ips.clone() };
-        let compiled = compile_with(&snapshot.state, &node, &mut self.identities, Instant::now());
+        let compiled = self.compile_incrementally(&snapshot.state, &node);
         let problems = compiled.problems.iter().map(ToString::to_string).chain(snapshot.errors.iter().cloned()).collect();
         let pods_by_ip = snapshot
             .state
@@ -569,6 +598,31 @@ impl Agent {
         let coverage = crate::coverage::report_compiled(&snapshot.state, [(self.node.as_str(), &compiled)]).per_namespace();
         let service_nets = crate::services::deferred_nets(&snapshot.state, &self.service_ranges);
         Compilation { generation, node_ips, compiled, changed_at: snapshot.changed_at, problems, pods_by_ip, coverage, service_nets }
+    }
+
+    /// Compiles incrementally. At most every `--incremental-check-ms` the compile is
+    /// also queued for a full one, which runs after the pass has enforced it.
+    fn compile_incrementally(&mut self, state: &crate::state::ClusterState, node: &NodeContext) -> Compiled {
+        let now = Instant::now();
+        if self.last_check.is_none_or(|at| now.duration_since(at) >= self.check_every) {
+            self.last_check = Some(now);
+            self.pending_check = Some(PendingCheck { point: self.compiler.checkpoint(), state: state.clone(), node: node.clone(), at: now });
+        }
+        self.compiler.compile(state, node, now)
+    }
+
+    /// Runs the queued full compile and compares; returns whether the incremental one differed.
+    fn run_pending_check(&mut self) -> bool {
+        let (Some(check), Some(compilation)) = (self.pending_check.take(), &self.compilation) else { return false };
+        let outcome = self.compiler.check(check.point, &check.state, &check.node, check.at, &compilation.compiled);
+        let mut view = metrics::write(&self.view);
+        view.incremental_checks += 1;
+        if outcome == Check::Matched {
+            return false;
+        }
+        view.incremental_mismatches += 1;
+        tracing::error!("the incremental compile differed from the full one; recompiling afresh");
+        true
     }
 
     /// Whether every interface this agent attached still has the index it had (a veth

@@ -80,6 +80,7 @@ impl AgentNode {
     fn start(&mut self) {
         let mut args: Vec<&std::ffi::OsStr> = vec!["--manifests".as_ref(), self.dir.as_os_str(), "--node".as_ref(), NODE_NAME.as_ref()];
         args.extend(["--bpffs".as_ref(), self.bpffs.path.as_os_str(), "--flow-log".as_ref(), "off".as_ref(), "--resync-ms".as_ref(), self.resync_ms.as_ref()]);
+        args.extend::<[&std::ffi::OsStr; 2]>(["--incremental-check-ms".as_ref(), "0".as_ref()]);
         args.extend(self.extra_args.iter().map(|a| std::ffi::OsStr::new(*a)));
         match &self.cni_socket {
             Some(socket) => args.extend(["--cni-socket".as_ref(), socket.as_os_str()]),
@@ -326,6 +327,9 @@ fn status_and_metrics_report_correct_numbers() {
     assert_eq!(metric(&metrics, "policy_map_entries{map=\"POLICY_V3\"}"), policy_entries);
     assert_eq!(metric(&metrics, "policy_endpoints{state=\"attached\"}"), 3);
     assert!(metric(&metrics, "policy_identities") >= 3);
+    // Every compile was repeated in full (`--incremental-check-ms 0`), and none differed.
+    assert!(metric(&metrics, "policy_incremental_checks_total") >= 1, "{metrics}");
+    assert_eq!(metric(&metrics, "policy_incremental_mismatches_total"), 0, "{metrics}");
 
     // At rest (nothing changes, resync every 200 ms) the agent neither compiles nor syncs.
     let syncs = n.status()["syncs"].as_u64();

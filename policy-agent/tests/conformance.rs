@@ -223,6 +223,8 @@ impl Cluster {
             "off".into(),
             "--resync-ms".into(),
             "200".into(),
+            "--incremental-check-ms".into(),
+            "0".into(),
             "--service-cidr".into(),
             SERVICE_CIDR.into(),
         ];
@@ -370,6 +372,7 @@ impl Cluster {
             .unwrap_or_else(|_| Err(std::io::Error::other("status thread panicked")));
             match answer.map(|body| serde_json::from_str::<serde_json::Value>(&body)) {
                 Ok(Ok(v)) if v["passes"].is_u64() => {
+                    assert_eq!(v["incremental_mismatches"].as_u64(), Some(0), "node {node}: the incremental compile differed from the full one");
                     if !errors.is_empty() {
                         eprintln!("note: /status failed {} time(s) before answering: {errors:?}", errors.len());
                     }

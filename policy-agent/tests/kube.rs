@@ -277,6 +277,8 @@ impl KubeNode {
             "off".as_ref(),
             "--resync-ms".as_ref(),
             "200".as_ref(),
+            "--incremental-check-ms".as_ref(),
+            "0".as_ref(),
         ];
         self.agent = Some(AgentRun::start(AGENT.as_ref(), &self.node.ns, &args, METRICS, &self.log));
     }

@@ -5,6 +5,7 @@
 //! tests.
 
 mod cluster_policy;
+mod incremental;
 mod maps;
 mod policy;
 mod tiers;
@@ -25,6 +26,7 @@ pub use maps::{
     EndpointSlot, Hit, MapContents, MapOp, MapUpdates, Verdict, decision, diff, ipcache_lookup, ipcache_prefix, isolated, lookup, render, verdict,
 };
 pub use cluster_policy::{RuleAction, Tier};
+pub use incremental::{Check, CheckPoint, IncrementalCompiler, Reuse};
 use cluster_policy::{ParsedClusterPolicy, parse_cluster_policy};
 use policy::{ParsedPeer, ParsedPolicy, ParsedPort, ParsedRule, parse_policy};
 
@@ -205,41 +207,55 @@ pub fn compile(state: &ClusterState, node: &NodeContext) -> Compiled {
 }
 
 /// [`compile`] with identity numbers kept across compiles by `allocator` (at time `now`).
+/// The reference for [`IncrementalCompiler`], which must give the same result.
 pub fn compile_with(state: &ClusterState, node: &NodeContext, allocator: &mut IdentityAllocator, now: std::time::Instant) -> Compiled {
     allocator.set_time(now);
     let mut problems = Vec::new();
     let policies: Vec<ParsedPolicy> = state.policies.values().map(|p| parse_policy(p, &mut problems)).collect();
     let cluster_policies = parse_cluster_policies(state, &mut problems);
+    let policies: Vec<&ParsedPolicy> = policies.iter().collect();
     let inputs = PolicyInputs::collect(&policies, &cluster_policies);
-    let table = resolve::resolve_identities(
-        state,
-        &node.name,
-        &node.ips,
-        &IdentityInputs { blocks: &inputs.blocks, egress_named_ports: &inputs.egress_named_ports },
-        allocator,
-        &mut problems,
-    );
-    let cookies = allocate_cookies(&policies, &cluster_policies);
+    let table = resolve::resolve_identities(state, &node.name, &node.ips, &inputs.identity_inputs(), allocator, &mut problems);
+    let peer_sets: Vec<PolicyPeers> = policies.iter().map(|p| resolve_policy_peers(p, &table)).collect();
+    let parts = Parts { policies: &policies, peer_sets: peer_sets.iter().collect(), cluster_policies: &cluster_policies, inputs: &inputs, table: &table };
+    assemble(state, node, &parts, problems)
+}
+
+/// The parsed policies with their resolved peers and identities: what endpoints are built from.
+struct Parts<'a> {
+    /// In name order.
+    policies: &'a [&'a ParsedPolicy],
+    /// The peers of `policies[i]`.
+    peer_sets: Vec<&'a PolicyPeers>,
+    /// In evaluation order.
+    cluster_policies: &'a [ParsedClusterPolicy],
+    inputs: &'a PolicyInputs,
+    table: &'a IdentityTable,
+}
+
+/// Cookies, endpoints and problems from the parts.
+fn assemble(state: &ClusterState, node: &NodeContext, parts: &Parts<'_>, mut problems: Vec<Problem>) -> Compiled {
+    let cookies = allocate_cookies(parts.policies, parts.cluster_policies);
     let endpoints = {
         let sources = RuleSources {
-            policies: &policies,
-            by_namespace: policies_by_namespace(&policies),
-            peer_sets: resolve_all_peers(&policies, &table),
-            cluster_policies: &cluster_policies,
-            cluster_peer_sets: resolve_cluster_peers(&cluster_policies, &table),
+            policies: parts.policies,
+            by_namespace: policies_by_namespace(parts.policies),
+            peer_sets: &parts.peer_sets,
+            cluster_policies: parts.cluster_policies,
+            cluster_peer_sets: resolve_cluster_peers(parts.cluster_policies, parts.table),
             cookies: &cookies,
-            table: &table,
-            ingress_named_ports: &inputs.ingress_named_ports,
+            table: parts.table,
+            ingress_named_ports: &parts.inputs.ingress_named_ports,
         };
         compile_endpoints(state, node, &sources)
     };
-    report_equal_priorities(&cluster_policies, &endpoints, &mut problems);
+    report_equal_priorities(parts.cluster_policies, &endpoints, &mut problems);
     problems.sort();
     problems.dedup();
     Compiled {
-        ipcache: table.ipcache,
+        ipcache: parts.table.ipcache.clone(),
         endpoints,
-        identities: table.info,
+        identities: parts.table.info.clone(),
         cookies: cookies.into_iter().map(|(rule, cookie)| (cookie, rule)).collect(),
         problems,
     }
@@ -256,7 +272,7 @@ struct PolicyInputs {
 }
 
 impl PolicyInputs {
-    fn collect(policies: &[ParsedPolicy], cluster_policies: &[ParsedClusterPolicy]) -> Self {
+    fn collect(policies: &[&ParsedPolicy], cluster_policies: &[ParsedClusterPolicy]) -> Self {
         let mut blocks = BTreeSet::new();
         let mut egress_named_ports = BTreeSet::new();
         let mut ingress_named_ports = BTreeSet::new();
@@ -281,6 +297,10 @@ impl PolicyInputs {
             }
         }
         Self { blocks: blocks.into_iter().collect(), egress_named_ports, ingress_named_ports }
+    }
+
+    fn identity_inputs(&self) -> IdentityInputs<'_> {
+        IdentityInputs { blocks: &self.blocks, egress_named_ports: &self.egress_named_ports }
     }
 }
 
@@ -335,7 +355,7 @@ fn cluster_rule_ref(policy: &ParsedClusterPolicy, direction: Direction, rule: &c
 }
 
 /// A cookie for every rule of every valid policy, stable across runs (a hash of the rule's name).
-fn allocate_cookies(policies: &[ParsedPolicy], cluster_policies: &[ParsedClusterPolicy]) -> BTreeMap<RuleRef, u32> {
+fn allocate_cookies(policies: &[&ParsedPolicy], cluster_policies: &[ParsedClusterPolicy]) -> BTreeMap<RuleRef, u32> {
     let directions = [Direction::Ingress, Direction::Egress];
     let mut rule_refs: BTreeSet<RuleRef> = policies
         .iter()
@@ -360,27 +380,24 @@ fn allocate_cookies(policies: &[ParsedPolicy], cluster_policies: &[ParsedCluster
     numbers.into_iter().map(|(rule, cookie)| (rule.clone(), cookie)).collect()
 }
 
-/// The peers of each rule, per policy (same order as `policies`), keyed by direction and
-/// rule index. Peers do not depend on the selected pod, so each rule is resolved once.
-fn resolve_all_peers(policies: &[ParsedPolicy], table: &IdentityTable) -> Vec<BTreeMap<(Direction, usize), PeerSet>> {
-    let namespace_labels = &table.namespace_labels;
-    policies
-        .iter()
-        .map(|policy| {
-            let mut sets = BTreeMap::new();
-            for direction in [Direction::Ingress, Direction::Egress] {
-                for rule in policy.rules(direction).into_iter().flatten() {
-                    let peers = resolve_peers(&policy.name.namespace, rule.peers.as_deref(), table, namespace_labels);
-                    sets.insert((direction, rule.index), peers);
-                }
-            }
-            sets
-        })
-        .collect()
+/// The peers of each rule of one policy, by direction and rule index.
+type PolicyPeers = BTreeMap<(Direction, usize), PeerSet>;
+
+/// The peers of each rule of `policy`. Peers do not depend on the selected pod, so each rule
+/// is resolved once.
+fn resolve_policy_peers(policy: &ParsedPolicy, table: &IdentityTable) -> PolicyPeers {
+    let mut sets = BTreeMap::new();
+    for direction in [Direction::Ingress, Direction::Egress] {
+        for rule in policy.rules(direction).into_iter().flatten() {
+            let peers = resolve_peers(&policy.name.namespace, rule.peers.as_deref(), table, &table.namespace_labels);
+            sets.insert((direction, rule.index), peers);
+        }
+    }
+    sets
 }
 
-/// [`resolve_all_peers`] for ClusterNetworkPolicies (their peers always name namespaces).
-fn resolve_cluster_peers(policies: &[ParsedClusterPolicy], table: &IdentityTable) -> Vec<BTreeMap<(Direction, usize), PeerSet>> {
+/// [`resolve_policy_peers`] for every ClusterNetworkPolicy (their peers always name namespaces).
+fn resolve_cluster_peers(policies: &[ParsedClusterPolicy], table: &IdentityTable) -> Vec<PolicyPeers> {
     policies
         .iter()
         .map(|policy| {
@@ -394,7 +411,7 @@ fn resolve_cluster_peers(policies: &[ParsedClusterPolicy], table: &IdentityTable
 }
 
 /// Indices into `policies`, by the policy's namespace.
-fn policies_by_namespace(policies: &[ParsedPolicy]) -> BTreeMap<&str, Vec<usize>> {
+fn policies_by_namespace<'a>(policies: &[&'a ParsedPolicy]) -> BTreeMap<&'a str, Vec<usize>> {
     let mut by_namespace: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (index, policy) in policies.iter().enumerate() {
         by_namespace.entry(policy.name.namespace.as_str()).or_default().push(index);
@@ -404,12 +421,12 @@ fn policies_by_namespace(policies: &[ParsedPolicy]) -> BTreeMap<&str, Vec<usize>
 
 /// What every endpoint's rules are built from.
 struct RuleSources<'a> {
-    policies: &'a [ParsedPolicy],
+    policies: &'a [&'a ParsedPolicy],
     by_namespace: BTreeMap<&'a str, Vec<usize>>,
-    peer_sets: Vec<BTreeMap<(Direction, usize), PeerSet>>,
+    peer_sets: &'a [&'a PolicyPeers],
     /// In evaluation order.
     cluster_policies: &'a [ParsedClusterPolicy],
-    cluster_peer_sets: Vec<BTreeMap<(Direction, usize), PeerSet>>,
+    cluster_peer_sets: Vec<PolicyPeers>,
     cookies: &'a BTreeMap<RuleRef, u32>,
     table: &'a IdentityTable,
     ingress_named_ports: &'a BTreeSet<(String, u8)>,
@@ -472,7 +489,7 @@ fn endpoint_rules(sources: &RuleSources<'_>, (namespace, labels, own_ports): &En
         .filter(|index| sources.policies[**index].selector.as_ref().is_some_and(|s| s.matches(labels)));
     let mut endpoint = EndpointPolicy::default();
     for &index in selecting {
-        let policy = &sources.policies[index];
+        let policy = sources.policies[index];
         for direction in [Direction::Ingress, Direction::Egress] {
             let Some(rules) = policy.rules(direction) else { continue };
             let (isolated, isolating) = match direction {

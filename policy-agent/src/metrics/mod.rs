@@ -123,6 +123,9 @@ pub struct AgentView {
     #[serde(skip)]
     pub conntrack: Option<MapFill>,
     pub sync_failures: u64,
+    /// Incremental compiles checked against a full one, and those that differed.
+    pub incremental_checks: u64,
+    pub incremental_mismatches: u64,
     #[serde(skip)]
     pub sync_duration: Histogram,
     #[serde(skip)]
@@ -162,6 +165,8 @@ impl AgentView {
             skipped_passes: 0,
             conntrack: None,
             sync_failures: 0,
+            incremental_checks: 0,
+            incremental_mismatches: 0,
             sync_duration: Histogram::new(LATENCY_BUCKETS),
             enforcement_latency: Histogram::new(LATENCY_BUCKETS),
             directory: Directory::default(),

@@ -166,7 +166,14 @@ fn encode_sync_state(encoder: &mut DescriptorEncoder, view: &AgentView) -> fmt::
     gauges(encoder, "policy_endpoints", "Local pods, by whether the classifier is attached.", None, endpoints)?;
     gauge(encoder, "policy_problems", "Objects or fields that could not be applied.", view.problems.len())?;
     counter(encoder, "policy_syncs", "Passes of the sync loop that compiled or wrote the maps.", view.syncs)?;
-    counter(encoder, "policy_sync_failures", "Map writes that failed.", view.sync_failures)
+    counter(encoder, "policy_sync_failures", "Map writes that failed.", view.sync_failures)?;
+    counter(encoder, "policy_incremental_checks", "Incremental compiles checked against a full compile.", view.incremental_checks)?;
+    counter(
+        encoder,
+        "policy_incremental_mismatches",
+        "Incremental compiles that differed from the full compile (the full result was enforced).",
+        view.incremental_mismatches,
+    )
 }
 
 fn encode_histogram(encoder: &mut DescriptorEncoder, name: &str, help: &str, histogram: &Histogram) -> fmt::Result {
@@ -304,7 +311,8 @@ mod tests {
     }
 
     /// The names the hand-written exposition rendered before prometheus-client (read off its
-    /// output), plus the verdict counters it rendered when the counters map was there.
+    /// output), plus the verdict counters it rendered when the counters map was there, plus
+    /// the incremental compile's checks.
     const NAMES_BEFORE: &[&str] = &[
         "policy_verdicts_total",
         "policy_map_entries",
@@ -314,6 +322,8 @@ mod tests {
         "policy_problems",
         "policy_syncs_total",
         "policy_sync_failures_total",
+        "policy_incremental_checks_total",
+        "policy_incremental_mismatches_total",
         "policy_sync_duration_seconds_bucket",
         "policy_sync_duration_seconds_sum",
         "policy_sync_duration_seconds_count",

@@ -342,9 +342,12 @@ impl AgentRun {
 
     /// The agent's `/status`; a few tries, then a panic with the agent's log (an empty status
     /// would let a test pass or fail for the wrong reason).
+    /// The agent's /status. Every read also checks that no incremental compile has differed
+    /// from the full one (the suites run the agent with `--incremental-check-ms 0`).
     pub fn status(&self) -> serde_json::Value {
         for _ in 0..5 {
-            if let Some(value) = self.get("/status").and_then(|body| serde_json::from_str(&body).ok()) {
+            if let Some(value) = self.get("/status").and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok()) {
+                assert_eq!(value["incremental_mismatches"].as_u64(), Some(0), "the incremental compile differed; log:\n{}", self.log_text());
                 return value;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));

@@ -237,3 +237,63 @@ fn monitoring_from_namespace(p: usize) -> NetworkPolicySpec {
         ..NetworkPolicySpec::default()
     }
 }
+
+/// The kinds of change the control-plane benchmarks time, each as the state after it.
+/// `state` is a [`synthetic_cluster`] of at least 200 pods and 6 policies; unchanged objects
+/// keep their `Arc`s, as the agent's stores keep them.
+pub fn synthetic_changes(state: &ClusterState) -> Vec<(&'static str, ClusterState)> {
+    use policy_agent::state::{NamespacedName, Object, PodRef};
+    use std::sync::Arc;
+    let pods = state.pods.len();
+    let policies = state.policies.len();
+    let namespaces = state.namespaces.len().max(1);
+    let with = |change: &dyn Fn(&mut ClusterState)| {
+        let mut changed = state.clone();
+        change(&mut changed);
+        changed
+    };
+    let relabel = |i: usize, app: &'static str| {
+        move |s: &mut ClusterState| {
+            let mut pod = synthetic_pod(i);
+            pod.metadata.labels.get_or_insert_default().insert("app".to_owned(), app.to_owned());
+            s.insert(Object::Pod(Arc::new(pod)));
+        }
+    };
+    // Pod 1 is app-1, api, v1 like pod 7 but for its app; pod `pods` would start a namespace.
+    let new_pod = |s: &mut ClusterState| {
+        let mut pod = synthetic_pod(pods);
+        pod.metadata.namespace = Some("ns-0".to_owned());
+        pod.metadata.labels = synthetic_pod(pods % PODS_PER_NAMESPACE).metadata.labels;
+        s.insert(Object::Pod(Arc::new(pod)));
+    };
+    let new_policy = |spec: NetworkPolicySpec| {
+        move |s: &mut ClusterState| {
+            let metadata = ObjectMeta { name: Some("policy-new".to_owned()), namespace: Some("ns-0".to_owned()), ..ObjectMeta::default() };
+            s.insert(Object::NetworkPolicy(Arc::new(NetworkPolicy { metadata, spec: Some(spec.clone()) })));
+        }
+    };
+    let pod_ref = |i: usize| PodRef::new(format!("ns-{}", i / PODS_PER_NAMESPACE), format!("pod-{i}"));
+    vec![
+        ("new policy", with(&new_policy(db_from_api("app-1")))),
+        ("new policy with a new ipBlock", with(&new_policy(with_new_block(egress_to_external_range(policies))))),
+        ("policy removed", with(&|s| drop(s.policies.remove(&NamespacedName::new(format!("ns-{}", 1 % namespaces), "policy-1"))))),
+        ("label change to a label set in use", with(&relabel(1, "app-7"))),
+        ("label change to a new label set", with(&relabel(1, "app-elsewhere"))),
+        ("new pod", with(&new_pod)),
+        ("pod deleted", with(&|s| drop(s.pods.remove(&pod_ref(pods / 2))))),
+        ("namespace relabel", with(&|s| {
+            let (name, mut namespace) = synthetic_namespace(1);
+            namespace.metadata.labels.get_or_insert_default().insert("team".to_owned(), "team-new".to_owned());
+            s.namespaces.insert(name, Arc::new(namespace));
+        })),
+    ]
+}
+
+/// The spec with its ipBlock moved to a range no synthetic policy uses (198.19.255.0/24).
+fn with_new_block(mut spec: NetworkPolicySpec) -> NetworkPolicySpec {
+    let blocks = spec.egress.iter_mut().flatten().flat_map(|rule| rule.to.iter_mut().flatten()).filter_map(|peer| peer.ip_block.as_mut());
+    for block in blocks {
+        *block = IPBlock { cidr: "198.19.255.0/24".to_owned(), except: None };
+    }
+    spec
+}

@@ -13,12 +13,13 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{log, median, percentile, proc_status_kib};
-use policy_agent::compile::{MapContents, compile, diff, render, sequential_slots};
+use policy_agent::compile::{IdentityAllocator, IncrementalCompiler, MapContents, NodeContext, compile, diff, render, sequential_slots};
+use policy_agent::state::ClusterState;
 
 use crate::{
     AgentRun, Bpffs, NODE_V4, Node,
     probe::Servers,
-    synthetic::{synthetic_cluster, synthetic_node},
+    synthetic::{synthetic_changes, synthetic_cluster, synthetic_node},
 };
 
 // --- Compile -------------------------------------------------------------------------------
@@ -41,6 +42,50 @@ pub struct CompileResult {
     pub ipcache_entries: usize,
     pub local_endpoints: usize,
     pub policy_entries: usize,
+    /// One change each, compiled by the agent's incremental compiler.
+    #[serde(default)]
+    pub changes: Vec<ChangeCompile>,
+}
+
+/// The incremental compile of one kind of change (median of [`CHANGE_RUNS`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChangeCompile {
+    pub kind: String,
+    pub ms: f64,
+    /// What it redid: "addresses", "identities" or "peers of N policies".
+    pub redone: String,
+}
+
+const CHANGE_RUNS: usize = 7;
+
+/// Times each of [`synthetic_changes`] through an [`IncrementalCompiler`] primed with
+/// `state`, going back to `state` (untimed) after each run.
+pub fn change_compiles(state: &ClusterState, node: &NodeContext) -> Vec<ChangeCompile> {
+    let now = Instant::now();
+    let mut compiler = IncrementalCompiler::new(IdentityAllocator::default());
+    compiler.compile(state, node, now);
+    let mut out = Vec::new();
+    for (kind, changed) in synthetic_changes(state) {
+        let mut times = Vec::new();
+        let mut reuse = compiler.last_reuse();
+        for _ in 0..CHANGE_RUNS {
+            let start = Instant::now();
+            let compiled = compiler.compile(&changed, node, now);
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+            reuse = compiler.last_reuse();
+            drop(compiled);
+            compiler.compile(state, node, now);
+        }
+        let redone = if reuse.identities_resolved {
+            "identities and every policy's peers".to_owned()
+        } else if reuse.addresses_updated {
+            "pod addresses".to_owned()
+        } else {
+            format!("peers of {} policies", reuse.peers_resolved)
+        };
+        out.push(ChangeCompile { kind: kind.to_owned(), ms: median(&times), redone });
+    }
+    out
 }
 
 /// Runs in the child: compiles `runs` times and prints one JSON line.
@@ -84,6 +129,7 @@ pub fn compile_child(pods: usize, policies: usize, runs: usize) {
         ipcache_entries: contents.ipcache.len(),
         local_endpoints: contents.endpoints.len(),
         policy_entries: contents.policy.len(),
+        changes: change_compiles(&state, &node),
     };
     println!("{}", serde_json::to_string(&result).expect("json"));
 }

@@ -48,4 +48,8 @@ fn main() {
         compiled.cookies.len(),
         compiled.problems.len()
     );
+    println!("one change, compiled incrementally (median of 7):");
+    for change in testbed::bench::control::change_compiles(&state, &node) {
+        println!("  {:40} {:7.1} ms   redone: {}", change.kind, change.ms, change.redone);
+    }
 }

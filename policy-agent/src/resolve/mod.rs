@@ -27,6 +27,9 @@ use policy_common::proto;
 
 use crate::state::{ClusterState, PodRef, Problem, pod_ref};
 
+mod update;
+pub use update::{changed_pods, update_pod_addresses};
+
 pub type Labels = BTreeMap<String, String>;
 
 // ---------------------------------------------------------------------------------------
@@ -585,12 +588,7 @@ impl PodClaims<'_, '_> {
         let mut pod_keys = Vec::new();
         for (pod_ref, pod, ips) in live {
             let group = self.group_index.get(&group_of(pod_ref, pod)).copied().unwrap_or_default();
-            let named_ports: BTreeMap<(String, u8), u16> = self
-                .inputs
-                .egress_named_ports
-                .iter()
-                .filter_map(|(name, protocol)| resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port)))
-                .collect();
+            let named_ports = egress_named_ports_of(pod, self.inputs);
             for ip in ips {
                 let taken_by = if self.node_addresses.contains(&ip) {
                     Some(format!("{ip} is an address of node {}; treated as the node", self.node_name))
@@ -609,6 +607,15 @@ impl PodClaims<'_, '_> {
         }
         (pod_keys, claimed)
     }
+}
+
+/// The resolutions of the egress rules' named ports on `pod`: part of its identity.
+fn egress_named_ports_of(pod: &Pod, inputs: &IdentityInputs<'_>) -> BTreeMap<(String, u8), u16> {
+    inputs
+        .egress_named_ports
+        .iter()
+        .filter_map(|(name, protocol)| resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port)))
+        .collect()
 }
 
 /// Keys for every cidr and except prefix, for addresses that are neither pods nor the
