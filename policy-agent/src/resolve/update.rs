@@ -16,10 +16,11 @@ use crate::state::{ClusterState, PodRef};
 const MAX_CHANGED_PODS: usize = 64;
 
 /// Updates `table` (resolved for `old`, without problems) to `new`, whose pods alone
-/// changed (`changed`, from [`changed_pods`]), if no identity appears, disappears or changes members beyond addresses: every
-/// changed address keeps to one pod, away from the node's addresses and from the ipBlocks'
-/// host prefixes; every key a changed pod gets already has a number; every key it leaves
-/// keeps an address. Returns false, with `table` untouched, when that does not hold.
+/// changed (`changed`, from [`changed_pods`]), if no identity appears, disappears or changes
+/// beyond its addresses: every changed address keeps to one pod, away from the node's
+/// addresses and from the ipBlocks' host prefixes; every key a changed pod gets already has
+/// a number; every key it leaves keeps an address. Returns false, with `table` untouched,
+/// when that does not hold.
 pub fn update_pod_addresses(
     table: &mut IdentityTable,
     (old, new): (&ClusterState, &ClusterState),

@@ -196,7 +196,8 @@ pub fn start_node(bin: &Path) -> Result<()> {
 
 /// Kubelet on the node address (apiserver → kubelet with the client certificate, no anonymous
 /// access), cgroupfs like containerd, no swap check, no disk-pressure evictions of test pods,
-/// no oom_score_adj below ours (root here lacks CAP_SYS_RESOURCE).
+/// no image garbage collection (the node is offline: an image it collects on a full disk
+/// cannot be pulled back), no oom_score_adj below ours (root here lacks CAP_SYS_RESOURCE).
 fn kubelet_config() -> String {
     format!(
         r#"apiVersion: kubelet.config.k8s.io/v1beta1
@@ -219,6 +220,8 @@ authentication:
     clientCAFile: {ca}
 authorization:
   mode: AlwaysAllow
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
 evictionHard:
   memory.available: "1Mi"
   nodefs.available: "1%"
