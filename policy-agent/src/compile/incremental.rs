@@ -50,11 +50,11 @@ impl CachedIdentities {
         if !self.same_inputs_but_pods(state, node, inputs) {
             return Update::Failed;
         }
-        if same_objects(&self.state.pods, &state.pods) {
-            return Update::Unchanged;
-        }
         let changed: Vec<PodRef> = {
             let changed = resolve::changed_pods(&self.state, state);
+            if changed.is_empty() {
+                return Update::Unchanged;
+            }
             let node_of = (node.name.as_str(), node.ips.as_slice());
             let states = (&self.state, state);
             if !self.problems.is_empty()

@@ -32,7 +32,7 @@ use policy::{ParsedPeer, ParsedPolicy, ParsedPort, ParsedRule, parse_policy};
 
 use crate::resolve::{
     self, IdentityInputs, IdentityTable, Labels, fnv1a64, node_name, pod_ips,
-    pod_labels, resolve_named_port,
+    pod_labels,
 };
 pub use crate::resolve::{IdentityAllocator, IdentityInfo, IpPrefix};
 use crate::state::ClusterState;
@@ -472,11 +472,7 @@ fn endpoint_addresses(pod: &Pod) -> Option<(Option<Ipv4Addr>, Option<Ipv6Addr>)>
 }
 
 fn endpoint_shape(pod_ref: &PodRef, pod: &Pod, ingress_named_ports: &BTreeSet<(String, u8)>) -> EndpointShape {
-    let own_ports = ingress_named_ports
-        .iter()
-        .filter_map(|(name, protocol)| resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port)))
-        .collect();
-    (pod_ref.namespace.clone(), pod_labels(pod), own_ports)
+    (pod_ref.namespace.clone(), pod_labels(pod), resolve::resolve_named_ports(pod, ingress_named_ports))
 }
 
 /// The isolation and allow entries of an endpoint of this shape (addresses not filled in).

@@ -588,7 +588,7 @@ impl PodClaims<'_, '_> {
         let mut pod_keys = Vec::new();
         for (pod_ref, pod, ips) in live {
             let group = self.group_index.get(&group_of(pod_ref, pod)).copied().unwrap_or_default();
-            let named_ports = egress_named_ports_of(pod, self.inputs);
+            let named_ports = resolve_named_ports(pod, self.inputs.egress_named_ports);
             for ip in ips {
                 let taken_by = if self.node_addresses.contains(&ip) {
                     Some(format!("{ip} is an address of node {}; treated as the node", self.node_name))
@@ -609,13 +609,9 @@ impl PodClaims<'_, '_> {
     }
 }
 
-/// The resolutions of the egress rules' named ports on `pod`: part of its identity.
-fn egress_named_ports_of(pod: &Pod, inputs: &IdentityInputs<'_>) -> BTreeMap<(String, u8), u16> {
-    inputs
-        .egress_named_ports
-        .iter()
-        .filter_map(|(name, protocol)| resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port)))
-        .collect()
+/// What each of `names` (name, protocol) resolves to on `pod`; names it lacks are left out.
+pub fn resolve_named_ports(pod: &Pod, names: &BTreeSet<(String, u8)>) -> BTreeMap<(String, u8), u16> {
+    names.iter().filter_map(|(name, protocol)| resolve_named_port(pod, name, *protocol).map(|port| ((name.clone(), *protocol), port))).collect()
 }
 
 /// Keys for every cidr and except prefix, for addresses that are neither pods nor the

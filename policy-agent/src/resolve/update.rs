@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::{
     GroupData, IdentityAllocator, IdentityInputs, IdentityKey, IdentityTable, IpPrefix, blocks_matching, canonical_bytes,
-    egress_named_ports_of, group_of, is_live_pod, node_addresses, pod_ips,
+    group_of, is_live_pod, node_addresses, pod_ips, resolve_named_ports,
 };
 use crate::state::{ClusterState, PodRef};
 
@@ -29,13 +29,17 @@ pub fn update_pod_addresses(
     inputs: &IdentityInputs<'_>,
     allocator: &IdentityAllocator,
 ) -> bool {
-    if changed.len() > MAX_CHANGED_PODS || !same_node_addresses(old, new, node, changed) {
+    if changed.len() > MAX_CHANGED_PODS {
+        return false;
+    }
+    let mut problems = Vec::new();
+    let node_now = node_addresses(new, node.0, node.1, &mut problems);
+    if !problems.is_empty() || !node_addresses_kept((old, new), &node_now, node, changed) {
         return false;
     }
     let Some(removed) = removed_addresses(table, old, changed) else { return false };
     let Some(added) = added_addresses(table, new, changed, inputs, allocator) else { return false };
-    let excluded = node_addresses(new, node.0, node.1, &mut Vec::new()).into_iter().chain(host_prefixes(inputs));
-    let excluded: BTreeSet<IpAddr> = excluded.collect();
+    let excluded: BTreeSet<IpAddr> = node_now.into_iter().chain(host_prefixes(inputs)).collect();
     if removed.keys().chain(added.keys()).any(|ip| excluded.contains(ip)) || !keeps_every_key(table, &removed, &added) {
         return false;
     }
@@ -71,14 +75,16 @@ pub fn changed_pods<'s>(old: &'s ClusterState, new: &'s ClusterState) -> BTreeSe
     }
 }
 
-/// Whether the node's addresses are the same (they only move when a pod of this node does).
-fn same_node_addresses(old: &ClusterState, new: &ClusterState, (name, ips): (&str, &[IpAddr]), changed: &BTreeSet<&PodRef>) -> bool {
+/// Whether the node had `node_now` as its addresses before (they only move when a pod of
+/// this node changes; problems of the old state were cached, and there were none).
+fn node_addresses_kept(
+    (old, new): (&ClusterState, &ClusterState),
+    node_now: &BTreeSet<IpAddr>,
+    (name, ips): (&str, &[IpAddr]),
+    changed: &BTreeSet<&PodRef>,
+) -> bool {
     let on_node = |state: &ClusterState| changed.iter().any(|pod| state.pods.get(*pod).is_some_and(|p| super::node_name_is(p, name)));
-    if !on_node(old) && !on_node(new) {
-        return true;
-    }
-    let mut problems = Vec::new();
-    node_addresses(old, name, ips, &mut problems) == node_addresses(new, name, ips, &mut problems) && problems.is_empty()
+    (!on_node(old) && !on_node(new)) || node_addresses(old, name, ips, &mut Vec::new()) == *node_now
 }
 
 /// The addresses the changed pods had, with their identities; `None` if one was not theirs.
@@ -116,7 +122,7 @@ fn added_addresses<'s>(
         }
         let (namespace, pod_labels) = group_of(pod_ref, pod);
         let groups = [GroupData { namespace, pod_labels, namespace_labels: new.namespace_labels(namespace) }];
-        let named_ports = egress_named_ports_of(pod, inputs);
+        let named_ports = resolve_named_ports(pod, inputs.egress_named_ports);
         for ip in ips {
             let taken = table.pod_addresses.get(&ip).is_some_and(|(owner, _)| !changed.contains(owner));
             let key = IdentityKey::Pod { group: 0, blocks: blocks_matching(inputs.blocks, ip), named_ports: named_ports.clone() };

@@ -636,19 +636,17 @@ fn compile_section(s: &mut String, compile: &[control::CompileResult]) {
 
 /// 4. One change compiled by the agent's incremental compiler, per configuration.
 fn changes_section(s: &mut String, compile: &[control::CompileResult]) {
-    let Some(largest) = compile.iter().filter(|c| !c.changes.is_empty()).max_by_key(|c| (c.pods, c.policies)) else { return };
+    let measured: Vec<&control::CompileResult> = compile.iter().filter(|c| !c.changes.is_empty()).collect();
+    let Some(largest) = measured.iter().max_by_key(|c| (c.pods, c.policies)) else { return };
     let _ = writeln!(s, "### One change, compiled incrementally\n");
     let _ = writeln!(s, "The agent's `IncrementalCompiler`, primed with the configuration above, compiles the state after one change (median of 7; the state before is compiled back, untimed, between runs). Compile only: rendering the maps, the diff and the writes come after. \"Redone\" is what the change made it compute again; a change that makes or removes an identity (a new label set, a namespace relabel, a new ipBlock) resolves every identity and peer, as the full compile does.\n");
-    let header: Vec<String> = compile.iter().filter(|c| !c.changes.is_empty()).map(|c| format!("{} pods, {} policies", thousands(c.pods), thousands(c.policies))).collect();
+    let header: Vec<String> = measured.iter().map(|c| format!("{} pods, {} policies", thousands(c.pods), thousands(c.policies))).collect();
     let _ = writeln!(s, "| Change | {} | redone ({} pods, {} policies) |", header.join(" | "), thousands(largest.pods), thousands(largest.policies));
     let _ = writeln!(s, "|---|{}---|", "---|".repeat(header.len()));
-    let _ = writeln!(s, "| (full compile) | {} | everything |", compile.iter().filter(|c| !c.changes.is_empty()).map(|c| format!("{:.1} ms", c.compile_ms)).collect::<Vec<_>>().join(" | "));
+    let full: Vec<String> = measured.iter().map(|c| format!("{:.1} ms", c.compile_ms)).collect();
+    let _ = writeln!(s, "| (full compile) | {} | everything |", full.join(" | "));
     for (row, change) in largest.changes.iter().enumerate() {
-        let cells: Vec<String> = compile
-            .iter()
-            .filter(|c| !c.changes.is_empty())
-            .map(|c| c.changes.get(row).map_or_else(|| "-".to_owned(), |x| format!("{:.1} ms", x.ms)))
-            .collect();
+        let cells: Vec<String> = measured.iter().map(|c| c.changes.get(row).map_or_else(|| "-".to_owned(), |x| format!("{:.1} ms", x.ms))).collect();
         let _ = writeln!(s, "| {} | {} | {} |", change.kind, cells.join(" | "), change.redone);
     }
     let _ = writeln!(s);
