@@ -20,8 +20,9 @@ use crate::{
     metrics::{self, AgentView, Directory, EndpointStatus, MapFill, SharedView},
     netif,
     resolve::IpPrefix,
+    state::ClusterState,
     sync::{EndpointRef, SyncReport, Syncer},
-    watch::{ClusterArgs, KubeSource, ManifestSource, Source},
+    watch::{ClusterArgs, KubeSource, ManifestSource, Snapshot, Source},
 };
 
 #[derive(clap::Args, Debug)]
@@ -305,7 +306,7 @@ struct Agent {
 /// A compile to repeat in full once its pass is done.
 struct PendingCheck {
     point: CheckPoint,
-    state: crate::state::ClusterState,
+    state: ClusterState,
     node: NodeContext,
     at: Instant,
 }
@@ -334,11 +335,30 @@ struct Compilation {
     compiled: Compiled,
     changed_at: SystemTime,
     problems: Vec<String>,
-    pods_by_ip: BTreeMap<IpAddr, String>,
+    /// Shared with the flow log's directory, and with the next compilation if no pod changed.
+    pods_by_ip: Arc<BTreeMap<IpAddr, String>>,
     /// This node's pods per namespace and isolation, for the loopback metrics.
     coverage: Vec<metrics::NamespaceCoverage>,
     /// Where egress is judged after kube-proxy's translation.
     service_nets: BTreeSet<IpPrefix>,
+}
+
+impl Compilation {
+    /// Adds what only /status, /metrics and the flow log need: done after the maps are
+    /// written, so it does not delay enforcement.
+    fn describe(&mut self, state: &ClusterState, node: &str, previous: Option<&Compilation>, pods_unchanged: bool) {
+        self.coverage = crate::coverage::report_compiled(state, [(node, &self.compiled)]).per_namespace();
+        self.pods_by_ip = match previous {
+            Some(previous) if pods_unchanged => Arc::clone(&previous.pods_by_ip),
+            _ => pods_by_ip(state),
+        };
+    }
+}
+
+/// The names of the live pods' addresses.
+fn pods_by_ip(state: &ClusterState) -> Arc<BTreeMap<IpAddr, String>> {
+    let live = state.pods.iter().filter(|(_, p)| crate::resolve::is_live_pod(p));
+    Arc::new(live.flat_map(|(r, p)| crate::resolve::pod_ips(p, &mut Vec::new()).into_iter().map(move |ip| (ip, r.to_string()))).collect())
 }
 
 /// A pod's link that the agent set down to close it, and the routes that went with it.
@@ -391,13 +411,24 @@ impl Agent {
             }
         };
         let generation = source.generation();
-        let current = self.compilation.take().filter(|c| c.generation == generation && c.node_ips == host.node_ips);
+        // A compilation that is out of date is dropped after the pass, off the path to enforcement.
+        let (current, previous) = match self.compilation.take() {
+            Some(c) if c.generation == generation && c.node_ips == host.node_ips => (Some(c), None),
+            other => (None, other),
+        };
         if current.is_some() && self.settled && host.routes == self.routes && self.interfaces_unchanged() {
             self.compilation = current;
             self.record_idle_pass(false);
             return;
         }
-        let compilation = current.unwrap_or_else(|| self.compile(source, generation, host.node_ips.clone()));
+        let (mut compilation, snapshot) = match current {
+            Some(compilation) => (compilation, None),
+            None => {
+                let (compilation, snapshot) = self.compile(source, generation, host.node_ips.clone());
+                (compilation, Some(snapshot))
+            }
+        };
+        let compiled_at = Instant::now();
         self.write_service_nets(&compilation.service_nets);
         let compiled = &compilation.compiled;
         let placements = self.place(compiled, &host);
@@ -407,6 +438,7 @@ impl Agent {
         self.attach_uplinks(&uplinks);
         let slots: BTreeMap<PodRef, EndpointSlot> = placements.iter().filter_map(|(pod, p)| Some((pod.clone(), p.slot?))).collect();
         let (report, flushed) = self.write_maps(compiled, &slots);
+        let written_at = Instant::now();
         let mut errors = failures_by_pod(&report, &slots);
         let failed: BTreeSet<PodRef> = errors.keys().cloned().collect();
         let programs = self.attach_placed(compiled, &placements, &failed, &mut errors);
@@ -414,14 +446,28 @@ impl Agent {
 
         let elapsed = started.elapsed();
         if report.applied > 0 || !report.failures.is_empty() {
-            tracing::info!(writes = report.applied, failures = report.failures.len(), conntrack_flushed = flushed, ms = elapsed.as_secs_f64() * 1e3, "maps synced");
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            tracing::info!(
+                writes = report.applied,
+                failures = report.failures.len(),
+                conntrack_flushed = flushed,
+                ms = ms(elapsed),
+                compile_ms = ms(compiled_at - started),
+                write_ms = ms(written_at - compiled_at),
+                "maps synced"
+            );
         }
         self.settled = errors.is_empty()
             && self.service_nets.as_ref() == Some(&compilation.service_nets)
             && placements.values().all(|p| p.slot.is_some() && p.interface.as_ref().is_some_and(|(n, i)| self.attached.get(n) == Some(i)));
         let outcome = PassOutcome { errors, programs, failures: report.failures.len(), ipcache_failures: ipcache_failures(&report), elapsed };
+        if let Some(snapshot) = snapshot {
+            compilation.describe(&snapshot.state, &self.node, previous.as_ref(), self.compiler.last_reuse().pods_unchanged());
+        }
         self.publish(&compilation, &placements, &outcome);
         self.compilation = Some(compilation);
+        drop(previous);
+        crate::alloc::return_freed_memory();
         if self.run_pending_check() {
             // The caches are gone: one more pass compiles afresh, itself not checked again.
             self.compilation = None;
@@ -582,27 +628,35 @@ impl Agent {
         }
     }
 
-    /// Compiles a fresh snapshot of the source.
-    fn compile(&mut self, source: &Source, generation: u64, node_ips: Vec<IpAddr>) -> Compilation {
+    /// Compiles a fresh snapshot of the source (without the views [`Compilation::describe`]
+    /// adds once the maps are written); returns the snapshot too.
+    fn compile(&mut self, source: &Source, generation: u64, node_ips: Vec<IpAddr>) -> (Compilation, Snapshot) {
+        let started = Instant::now();
         let snapshot = self.cni.apply(source.snapshot());
         let node = NodeContext { name: self.node.clone(), ips: node_ips.clone() };
+        let snapshot_at = Instant::now();
         let compiled = self.compile_incrementally(&snapshot.state, &node);
+        let compiled_at = Instant::now();
         let problems = compiled.problems.iter().map(ToString::to_string).chain(snapshot.errors.iter().cloned()).collect();
-        let pods_by_ip = snapshot
-            .state
-            .pods
-            .iter()
-            .filter(|(_, p)| crate::resolve::is_live_pod(p))
-            .flat_map(|(r, p)| crate::resolve::pod_ips(p, &mut Vec::new()).into_iter().map(move |ip| (ip, r.to_string())))
-            .collect();
-        let coverage = crate::coverage::report_compiled(&snapshot.state, [(self.node.as_str(), &compiled)]).per_namespace();
         let service_nets = crate::services::deferred_nets(&snapshot.state, &self.service_ranges);
-        Compilation { generation, node_ips, compiled, changed_at: snapshot.changed_at, problems, pods_by_ip, coverage, service_nets }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        tracing::debug!(snapshot_ms = ms(snapshot_at - started), compile_ms = ms(compiled_at - snapshot_at), "compiled");
+        let compilation = Compilation {
+            generation,
+            node_ips,
+            compiled,
+            changed_at: snapshot.changed_at,
+            problems,
+            pods_by_ip: Arc::default(),
+            coverage: Vec::new(),
+            service_nets,
+        };
+        (compilation, snapshot)
     }
 
     /// Compiles incrementally. At most every `--incremental-check-ms` the compile is
     /// also queued for a full one, which runs after the pass has enforced it.
-    fn compile_incrementally(&mut self, state: &crate::state::ClusterState, node: &NodeContext) -> Compiled {
+    fn compile_incrementally(&mut self, state: &ClusterState, node: &NodeContext) -> Compiled {
         let now = Instant::now();
         if self.last_check.is_none_or(|at| now.duration_since(at) >= self.check_every) {
             self.last_check = Some(now);
@@ -786,7 +840,7 @@ fn directory(compilation: &Compilation, placements: &BTreeMap<PodRef, Placement>
     // The reserved cookies the compiler writes without a rule behind them.
     let reserved = [policy_common::policy::COOKIE_NODE, policy_common::policy::COOKIE_DEFAULT_ALLOW, policy_common::policy::COOKIE_ISOLATED];
     Directory {
-        pods_by_ip: compilation.pods_by_ip.clone(),
+        pods_by_ip: Arc::clone(&compilation.pods_by_ip),
         pods_by_endpoint,
         isolated_by,
         cookies: compiled.cookies.keys().chain(&reserved).map(|c| (*c, compiled.describe_cookie(*c))).collect(),

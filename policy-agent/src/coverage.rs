@@ -188,18 +188,17 @@ fn pending_pods(state: &ClusterState, enforced: &BTreeSet<PodRef>) -> Vec<String
 
 /// Every namespace with an object, a pod or a policy; counts from `pods`.
 fn namespaces(state: &ClusterState, pods: &[PodCoverage]) -> Vec<NamespaceCoverage> {
-    let mut by_name: BTreeMap<String, NamespaceCoverage> = BTreeMap::new();
+    let mut by_name: BTreeMap<&str, NamespaceCoverage> = BTreeMap::new();
     let names = state
         .namespaces
         .keys()
-        .cloned()
-        .chain(state.pods.keys().map(|p| p.namespace.clone()))
-        .chain(state.policies.keys().map(|p| p.namespace.clone()));
+        .chain(state.pods.keys().map(|p| &p.namespace))
+        .chain(state.policies.keys().map(|p| &p.namespace));
     for name in names {
-        by_name.entry(name.clone()).or_insert_with(|| NamespaceCoverage { namespace: name, ..NamespaceCoverage::default() });
+        by_name.entry(name).or_insert_with(|| NamespaceCoverage { namespace: name.clone(), ..NamespaceCoverage::default() });
     }
     for pod in pods {
-        let Some(entry) = by_name.get_mut(&pod.namespace) else { continue };
+        let Some(entry) = by_name.get_mut(pod.namespace.as_str()) else { continue };
         entry.pods += 1;
         for (counts, coverage) in [(&mut entry.ingress, &pod.ingress), (&mut entry.egress, &pod.egress)] {
             match coverage.state {
@@ -210,7 +209,7 @@ fn namespaces(state: &ClusterState, pods: &[PodCoverage]) -> Vec<NamespaceCovera
         }
     }
     for (policy_ref, policy) in &state.policies {
-        let Some(entry) = by_name.get_mut(&policy_ref.namespace) else { continue };
+        let Some(entry) = by_name.get_mut(policy_ref.namespace.as_str()) else { continue };
         for direction in [Direction::Ingress, Direction::Egress] {
             if is_default_deny(policy, direction) {
                 let counts = if direction == Direction::Ingress { &mut entry.ingress } else { &mut entry.egress };

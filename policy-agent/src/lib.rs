@@ -4,6 +4,7 @@
 //! `sync` (diff and write the BPF maps) -> `datapath` (load, pin, attach the classifier).
 
 pub mod agent;
+pub mod alloc;
 pub mod cni;
 pub mod compile;
 pub mod conntrack;

@@ -107,6 +107,7 @@ fn invoked_as_cni_plugin() -> bool {
 }
 
 fn main() -> ExitCode {
+    policy_agent::alloc::commit_on_use();
     if invoked_as_plugin() {
         return plugin_main();
     }

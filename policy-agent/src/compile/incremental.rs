@@ -97,6 +97,14 @@ pub struct Reuse {
     pub peers_resolved: usize,
 }
 
+impl Reuse {
+    /// Whether the compile's pods were the objects of the one before (both compiles were of
+    /// this compiler, and its caches were not dropped in between).
+    pub fn pods_unchanged(&self) -> bool {
+        !self.identities_resolved && !self.addresses_updated
+    }
+}
+
 /// The allocator before a compile, to repeat that compile in full.
 pub struct CheckPoint {
     allocator: IdentityAllocator,
@@ -390,6 +398,25 @@ mod tests {
         state.insert(pod(6, 1));
         assert_eq!(compiler.compile(&state, &node, now), compile_with(&state, &node, &mut reference, now));
         assert!(compiler.last_reuse().addresses_updated, "{:?}", compiler.last_reuse());
+    }
+
+    #[test]
+    fn the_pods_are_unchanged_only_when_every_pod_is_the_same_object() {
+        let mut state = ClusterState::from_objects([namespace(0, 0), pod(0, 1), policy(0, 0)]);
+        let node = NodeContext { name: "n1".into(), ips: vec![] };
+        let mut compiler = IncrementalCompiler::new(IdentityAllocator::default());
+        let now = Instant::now();
+        compiler.compile(&state, &node, now);
+        assert!(!compiler.last_reuse().pods_unchanged(), "the first compile");
+        state.insert(policy(1, 1));
+        compiler.compile(&state, &node, now);
+        assert!(compiler.last_reuse().pods_unchanged(), "a policy change");
+        state.insert(pod(0, 1)); // the same pod, as a new object
+        compiler.compile(&state, &node, now);
+        assert!(!compiler.last_reuse().pods_unchanged(), "a pod re-sent");
+        state.insert(pod(1, 2));
+        compiler.compile(&state, &node, now);
+        assert!(!compiler.last_reuse().pods_unchanged(), "a new pod");
     }
 
     #[test]

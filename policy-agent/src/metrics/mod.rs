@@ -142,7 +142,8 @@ pub struct AgentView {
 /// Names for what the datapath reports in numbers.
 #[derive(Clone, Debug, Default)]
 pub struct Directory {
-    pub pods_by_ip: BTreeMap<IpAddr, String>,
+    /// Shared with the agent's compilation (it has an entry for every pod address of the cluster).
+    pub pods_by_ip: std::sync::Arc<BTreeMap<IpAddr, String>>,
     pub pods_by_endpoint: BTreeMap<u32, String>,
     pub cookies: BTreeMap<u32, String>,
     /// The policies isolating an endpoint in a direction (ClusterNetworkPolicies too): what

@@ -281,7 +281,7 @@ mod tests {
         view.enforcement_latency.observe(Duration::from_millis(40));
         view.enforcement_latency.observe(Duration::from_secs(20));
         view.directory.pods_by_endpoint = [(1, "e2e/a".to_owned()), (2, "e2e/b".to_owned())].into();
-        view.directory.pods_by_ip = [("10.0.0.1".parse().unwrap(), "e2e/a".to_owned())].into();
+        view.directory.pods_by_ip = std::sync::Arc::new([("10.0.0.1".parse().unwrap(), "e2e/a".to_owned())].into());
         view.directory.isolated_by = [((2, Direction::Ingress), "e2e/deny-b".to_owned())].into();
         view.coverage = vec![NamespaceCoverage {
             namespace: "e2e".into(),

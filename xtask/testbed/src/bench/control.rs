@@ -259,14 +259,22 @@ pub struct Latency {
 pub struct LatencyResults {
     pub background_pods: usize,
     pub background_policies: usize,
+    /// The connect timeout while waiting for a drop.
     pub probe_timeout_ms: u64,
+    /// The connect timeout while waiting for an allow.
+    #[serde(default)]
+    pub allow_probe_timeout_ms: u64,
     pub rows: Vec<Latency>,
     /// The agent's own histogram (change seen to maps written): mean over the run.
     pub agent_reported_mean_ms: f64,
     pub agent_rss_kib: u64,
 }
 
+/// While waiting for a drop: a connect slower than this would be taken for one, and dated early.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(25);
+/// While waiting for an allow: a slow connect only delays the allow, and a short timeout
+/// keeps the wait for the next probe short (a connect over the veth takes well under 1 ms).
+const ALLOW_PROBE_TIMEOUT: Duration = Duration::from_millis(5);
 const GIVE_UP: Duration = Duration::from_secs(10);
 
 /// Probes `from -> to` until its reachability is `want`; the time since `start` when the
@@ -276,7 +284,7 @@ fn until(node: &Node, from: &str, to: SocketAddr, want: bool, start: Instant) ->
     ns.run(move || {
         while start.elapsed() < GIVE_UP {
             let began = start.elapsed();
-            let ok = std::net::TcpStream::connect_timeout(&to, PROBE_TIMEOUT).is_ok();
+            let ok = std::net::TcpStream::connect_timeout(&to, if want { ALLOW_PROBE_TIMEOUT } else { PROBE_TIMEOUT }).is_ok();
             if ok == want {
                 let at = if want { start.elapsed() } else { began };
                 return Some(at.as_secs_f64() * 1e3);
@@ -340,6 +348,7 @@ pub fn latency(agent: &Path, iterations: usize, background: (usize, usize)) -> L
         background_pods: background.0,
         background_policies: background.1,
         probe_timeout_ms: PROBE_TIMEOUT.as_millis() as u64,
+        allow_probe_timeout_ms: ALLOW_PROBE_TIMEOUT.as_millis() as u64,
         rows,
         agent_reported_mean_ms,
         agent_rss_kib,

@@ -69,6 +69,8 @@ fn guarded<T>(failures: &mut Vec<String>, part: &str, f: impl FnOnce() -> T) -> 
 }
 
 fn main() -> ExitCode {
+    // The compile child measures what the agent runs: its allocator, set up as it does.
+    policy_agent::alloc::commit_on_use();
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("compile-child") {
         let n = |i: usize| argv.get(i).and_then(|s| s.parse().ok()).unwrap_or(1);

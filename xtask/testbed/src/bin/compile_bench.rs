@@ -7,6 +7,7 @@ use testbed::synthetic::{synthetic_cluster, synthetic_node};
 use policy_agent::compile::{MapContents, compile, diff, render, sequential_slots};
 
 fn main() {
+    policy_agent::alloc::commit_on_use();
     let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>());
     let pods = args.next().and_then(Result::ok).unwrap_or(10_000);
     let policies = args.next().and_then(Result::ok).unwrap_or(1_000);
