@@ -346,13 +346,16 @@ struct Compilation {
 impl Compilation {
     /// Adds what only /status, /metrics and the flow log need: done after the maps are
     /// written, so it does not delay enforcement.
-    fn describe(&mut self, state: &ClusterState, node: &str, previous: Option<&Compilation>, pods_unchanged: bool) {
+    /// `unchanged_pods_by_ip` is the previous pass's directory when no pod changed since.
+    fn describe(&mut self, state: &ClusterState, node: &str, unchanged_pods_by_ip: Option<&Arc<BTreeMap<IpAddr, String>>>) {
         self.coverage = crate::coverage::report_compiled(state, [(node, &self.compiled)]).per_namespace();
-        self.pods_by_ip = match previous {
-            Some(previous) if pods_unchanged => Arc::clone(&previous.pods_by_ip),
-            _ => pods_by_ip(state),
-        };
+        self.pods_by_ip = unchanged_pods_by_ip.map_or_else(|| pods_by_ip(state), Arc::clone);
     }
+}
+
+/// A duration in milliseconds, for log lines.
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// The names of the live pods' addresses.
@@ -446,14 +449,13 @@ impl Agent {
 
         let elapsed = started.elapsed();
         if report.applied > 0 || !report.failures.is_empty() {
-            let ms = |d: Duration| d.as_secs_f64() * 1e3;
             tracing::info!(
                 writes = report.applied,
                 failures = report.failures.len(),
                 conntrack_flushed = flushed,
-                ms = ms(elapsed),
-                compile_ms = ms(compiled_at - started),
-                write_ms = ms(written_at - compiled_at),
+                ms = millis(elapsed),
+                compile_ms = millis(compiled_at - started),
+                write_ms = millis(written_at - compiled_at),
                 "maps synced"
             );
         }
@@ -462,7 +464,8 @@ impl Agent {
             && placements.values().all(|p| p.slot.is_some() && p.interface.as_ref().is_some_and(|(n, i)| self.attached.get(n) == Some(i)));
         let outcome = PassOutcome { errors, programs, failures: report.failures.len(), ipcache_failures: ipcache_failures(&report), elapsed };
         if let Some(snapshot) = snapshot {
-            compilation.describe(&snapshot.state, &self.node, previous.as_ref(), self.compiler.last_reuse().pods_unchanged());
+            let unchanged = previous.as_ref().filter(|_| self.compiler.last_reuse().pods_unchanged()).map(|p| &p.pods_by_ip);
+            compilation.describe(&snapshot.state, &self.node, unchanged);
         }
         self.publish(&compilation, &placements, &outcome);
         self.compilation = Some(compilation);
@@ -639,8 +642,7 @@ impl Agent {
         let compiled_at = Instant::now();
         let problems = compiled.problems.iter().map(ToString::to_string).chain(snapshot.errors.iter().cloned()).collect();
         let service_nets = crate::services::deferred_nets(&snapshot.state, &self.service_ranges);
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        tracing::debug!(snapshot_ms = ms(snapshot_at - started), compile_ms = ms(compiled_at - snapshot_at), "compiled");
+        tracing::debug!(snapshot_ms = millis(snapshot_at - started), compile_ms = millis(compiled_at - snapshot_at), "compiled");
         let compilation = Compilation {
             generation,
             node_ips,
